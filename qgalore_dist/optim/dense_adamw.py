@@ -1,0 +1,62 @@
+"""AdamW for the dense (non-projected) parameters: embeddings, norms, lm_head, biases.
+
+Same rule and ordering as galore-torch's AdamW (bias-corrected step size, decoupled decay applied after the
+update) so the float reference mode matches it; moments fp32 or 8-bit blockwise (:mod:`..quant.state8`).
+Parameters may be stored in a narrower dtype than the compute dtype (bf16 storage, fp32 math on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.state8 import Blockwise8bit
+
+
+@dataclass
+class DenseState:
+    exp_avg: Blockwise8bit
+    exp_avg_sq: Blockwise8bit
+    step: int = 0
+
+    def nbytes(self) -> int:
+        return self.exp_avg.nbytes() + self.exp_avg_sq.nbytes()
+
+    def state_dict(self) -> dict:
+        tensors = {f"exp_avg.{k}": v for k, v in self.exp_avg.state_tensors().items()}
+        tensors.update({f"exp_avg_sq.{k}": v for k, v in self.exp_avg_sq.state_tensors().items()})
+        return {"tensors": tensors, "meta": {"step": self.step}}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step = int(d["meta"]["step"])
+        t = d["tensors"]
+        self.exp_avg.load_state_tensors({k[8:]: v for k, v in t.items() if k.startswith("exp_avg.")})
+        self.exp_avg_sq.load_state_tensors({k[11:]: v for k, v in t.items() if k.startswith("exp_avg_sq.")})
+
+
+def init_dense_state(p: torch.Tensor, state_bits: int = 32, block: int = 256, min_numel: int = 4096) -> DenseState:
+    shape = tuple(p.shape)
+    fdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+    return DenseState(Blockwise8bit(shape, True, block, min_numel, p.device, bits=state_bits, float_dtype=fdt),
+                      Blockwise8bit(shape, False, block, min_numel, p.device, bits=state_bits, float_dtype=fdt))
+
+
+def dense_adamw_step(p: torch.Tensor, grad: torch.Tensor, st: DenseState, lr: float, betas: tuple[float, float],
+                     eps: float, weight_decay: float) -> None:
+    """In-place AdamW step of parameter ``p`` (any shape) with gradient ``grad`` (same shape)."""
+    b1, b2 = betas
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+    g = grad.to(compute)
+    m = st.exp_avg.to_float(compute).mul_(b1).add_(g, alpha=1.0 - b1)
+    v = st.exp_avg_sq.to_float(compute).mul_(b2).addcmul_(g, g, value=1.0 - b2)
+    st.step += 1
+    step_size = lr * math.sqrt(1.0 - b2 ** st.step) / (1.0 - b1 ** st.step)
+    w = p.data.to(compute)
+    w.add_(m / v.sqrt().add_(eps), alpha=-step_size)  # galore-torch's op order: bit-equal in float mode
+    if weight_decay > 0:
+        w.add_(w, alpha=-lr * weight_decay)
+    p.data.copy_(w)
+    st.exp_avg.from_float(m)
+    st.exp_avg_sq.from_float(v)
