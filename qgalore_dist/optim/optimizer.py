@@ -7,6 +7,7 @@ the learning rate is read from ``param_groups`` at every step.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -86,14 +87,31 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         config: projected-matrix settings; ``config.lr`` / ``config.weight_decay`` are the defaults of both groups.
         dense_state_bits: 32 or 8 — dense AdamW moments.
         target_modules: which linears are projected.
-        stagger_refresh: spread later refreshes of different matrices over the interval (all refresh at step 0).
+        stagger_refresh: spread later refreshes of different matrices over the interval (all refresh at step 0),
+            so few SVDs fall on one step.
+        layerwise: consume each projected gradient inside backward: project it into a low-rank accumulator and
+            free it, so the full-model gradient never exists. A due refresh uses the gradient of the *first*
+            micro-batch of the accumulation window (the only full gradient ever held, one matrix at a time).
+            With ``grad_accum == 1`` and no clipping, the whole step runs inside backward and no accumulator exists.
+        grad_accum: micro-batches per optimizer step (only decides whether in-backward stepping is possible; the
+            caller scales each micro-batch loss by ``1 / grad_accum`` as usual).
+        grad_clip: max global norm (0 = off). The norm is ``√(‖dense grads‖² + Σ‖low-rank grads‖²)`` — the norm of
+            what the optimizer consumes, the same in every engine (the full gradient never exists in layer-wise
+            mode, so its norm cannot be used).
+
+    ``step()`` returns that global norm (before clipping), or None when nothing was measured.
     """
 
     def __init__(self, model: nn.Module, config: QGaLoreConfig, *, dense_state_bits: int = 32,
                  target_modules=DEFAULT_TARGET_MODULES, stagger_refresh: bool = False,
-                 dense_lr: float | None = None, dense_weight_decay: float | None = None):
+                 dense_lr: float | None = None, dense_weight_decay: float | None = None,
+                 layerwise: bool = False, grad_accum: int = 1, grad_clip: float = 0.0):
         if dense_state_bits not in (8, 32):
             raise ValueError(f"dense_state_bits={dense_state_bits!r} is invalid: allowed: 8 or 32")
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum={grad_accum!r} is invalid: must be a positive integer")
+        if grad_clip < 0:
+            raise ValueError(f"grad_clip={grad_clip!r} is invalid: must be >= 0 (0 = off)")
         self.config = config
         self.rule = LowRankAdamW(config)
         self.matrices = collect_projected(model, config, target_modules)
@@ -125,6 +143,15 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             n: init_dense_state(p, dense_state_bits, config.state_block_size, config.state_min_numel)
             for n, p in self.dense_named}
         self.dense_state_bits = dense_state_bits
+        self.grad_accum = grad_accum
+        self.grad_clip = float(grad_clip)
+        self.layerwise = layerwise
+        self.accum: dict[str, torch.Tensor] = {}  # low-rank gradients of the current window
+        self.phase_times = {"svd": 0.0, "projection": 0.0, "optimizer": 0.0, "requantize": 0.0}
+        self._hooks = []
+        if layerwise:
+            for pm in self.matrices:
+                self._install_sink(pm)
 
     # --- groups ---------------------------------------------------------------------------------------------
     def _group(self, kind: str) -> dict:
@@ -133,32 +160,92 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                 return g
         raise KeyError(kind)
 
-    # --- the step -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _rule(self) -> tuple[LowRankAdamW, float]:
+        """The rule with the projected group's current lr / weight decay (schedulers edit param_groups)."""
         pg = self._group("projected")
         lr, wd = pg["lr"], pg["weight_decay"]
         rule = self.rule
-        if wd != rule.config.weight_decay or lr != rule.config.lr:
-            rule = LowRankAdamW(rule.config.replace(weight_decay=wd, lr=lr))
+        if wd != rule.config.weight_decay:
+            rule = self.rule = LowRankAdamW(rule.config.replace(weight_decay=wd))
+        return rule, lr
+
+    # --- timed phases ---------------------------------------------------------------------------------------
+    def _timed(self, phase: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.phase_times[phase] += time.perf_counter() - t0
+        return out
+
+    def _project_into_window(self, pm: ProjectedMatrix, grad: torch.Tensor) -> torch.Tensor:
+        """Refresh (first micro-batch of the window only) and project one gradient; returns R."""
+        st = self.mstate[pm.name]
+        if pm.name not in self.accum and self.rule.needs_refresh(st):
+            self._timed("svd", self.rule.refresh, st, grad)
+        return self._timed("projection", self.rule.project, st, grad)
+
+    def _apply(self, pm: ProjectedMatrix, lowrank_grad: torch.Tensor, rule: LowRankAdamW, lr: float) -> None:
+        st = self.mstate[pm.name]
+        n, step_size = self._timed("optimizer", rule.normalise, st, lowrank_grad, lr)
+        self._timed("requantize", rule.apply_rows, st, pm.weight(), n, step_size, lr)
+
+    # --- layer-wise: gradients consumed inside backward -----------------------------------------------------
+    def _install_sink(self, pm: ProjectedMatrix) -> None:
+        if pm.quantized:
+            pm.module.weight_grad_sink = lambda g, pm=pm: self._consume(pm, g)
+        else:
+            def hook(p, pm=pm):
+                g, p.grad = p.grad, None
+                self._consume(pm, g)
+            self._hooks.append(pm.module.weight.register_post_accumulate_grad_hook(hook))
+
+    @torch.no_grad()
+    def _consume(self, pm: ProjectedMatrix, grad: torch.Tensor) -> None:
+        r = self._project_into_window(pm, grad)
+        if self.grad_accum == 1 and self.grad_clip == 0:
+            rule, lr = self._rule()
+            self._apply(pm, r, rule, lr)  # the whole step inside backward: no accumulator
+            return
+        acc = self.accum.get(pm.name)
+        if acc is None:
+            self.accum[pm.name] = r
+        else:
+            acc.add_(r)
+
+    # --- the step -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        rule, lr = self._rule()
+        if not self.layerwise:  # full gradients were accumulated by backward: project them now
+            for pm in self.matrices:
+                g = pm.grad()
+                if g is not None:
+                    self.accum[pm.name] = self._project_into_window(pm, g)
+                    pm.clear_grad()
+        dense = [(n, p) for n, p in self.dense_named if p.grad is not None]
+        norm = None
+        coef = 1.0
+        if self.grad_clip > 0:
+            sq = sum(float(r.double().pow(2).sum()) for r in self.accum.values())
+            sq += sum(float(p.grad.double().pow(2).sum()) for _, p in dense)
+            norm = sq ** 0.5
+            coef = min(1.0, self.grad_clip / (norm + 1e-6))
         for pm in self.matrices:
-            g = pm.grad()
-            if g is None:
-                continue
-            rule.step(self.mstate[pm.name], pm.weight(), g, lr)
-        if self.dense_named:
+            r = self.accum.pop(pm.name, None)
+            if r is not None:
+                self._apply(pm, r.mul_(coef) if coef < 1.0 else r, rule, lr)
+        if dense:
             dg = self._group("dense")
-            for n, p in self.dense_named:
-                if p.grad is not None:
-                    dense_adamw_step(p, p.grad, self.dense_state[n], dg["lr"], self.config.betas, self.config.eps,
-                                     dg["weight_decay"])
-        return loss
+            for n, p in dense:
+                g = p.grad if coef == 1.0 else p.grad * coef
+                dense_adamw_step(p, g, self.dense_state[n], dg["lr"], self.config.betas, self.config.eps,
+                                 dg["weight_decay"])
+        return norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self.accum.clear()
         for pm in self.matrices:
             pm.clear_grad()
         for _, p in self.dense_named:
