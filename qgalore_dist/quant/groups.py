@@ -47,3 +47,22 @@ def expand_scales(scales: torch.Tensor, cols: int, group_size: int) -> torch.Ten
     """[m, G] group scales -> [m, cols] per-element scales."""
     g = min(group_size, cols) if cols > 0 else group_size
     return scales.repeat_interleave(g, dim=1)[:, :cols]
+
+
+def apply_group_scales(x: torch.Tensor, scales: torch.Tensor, group_size: int, divide: bool = False) -> torch.Tensor:
+    """x [m, n] times (or divided by) its group scales [m, G], without materialising per-element scales.
+
+    Full groups go through a [m, G_full, g] view (broadcast multiply); the short tail group, if any, is scaled
+    on its own. Returns a new tensor of x's dtype.
+    """
+    m, n = x.shape
+    g = min(group_size, n) if n > 0 else group_size
+    full = n // g
+    out = torch.empty_like(x)
+    op = torch.div if divide else torch.mul
+    if full:
+        head = x[:, : full * g].reshape(m, full, g)
+        op(head, scales[:, :full].unsqueeze(-1).to(x.dtype), out=out[:, : full * g].view(m, full, g))
+    if full * g < n:
+        op(x[:, full * g:], scales[:, full:full + 1].to(x.dtype), out=out[:, full * g:])
+    return out

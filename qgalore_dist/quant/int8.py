@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .groups import expand_scales, group_absmax
+from .groups import apply_group_scales, group_absmax
 from .rng import uniform_rows
 
 
@@ -40,11 +40,11 @@ def quantize_rows(w: torch.Tensor, group_size: int, bits: int = 8, key: tuple[in
     w32 = w.float()
     scales = group_absmax(w32, group_size) / qmax
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    x = w32 / expand_scales(safe, n, group_size)
+    x = apply_group_scales(w32, safe, group_size, divide=True)
     if key is None:
-        q = torch.round(x)
+        q = x.round_()
     else:
-        q = torch.floor(x + uniform_rows(row_offset, m, n, key, device=w.device))
+        q = x.add_(uniform_rows(row_offset, m, n, key, device=w.device)).floor_()
     codes = q.clamp_(-qmax, qmax).to(torch.int8)
     return codes, scales
 
@@ -53,8 +53,7 @@ def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, group_size: int,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """codes int8 [m, n] × scales [m, G] -> [m, n] in ``dtype`` (multiplied in fp32 unless dtype is wider)."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    w = codes.to(compute) * expand_scales(scales.to(compute), codes.shape[1], group_size)
-    return w.to(dtype)
+    return apply_group_scales(codes.to(compute), scales, group_size).to(dtype)
 
 
 @dataclass

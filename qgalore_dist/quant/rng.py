@@ -5,7 +5,8 @@ same element, and every replica of a weight must round identically, with no RNG 
 uniform is a pure hash of (seed, step, parameter name, global element index) — like Philox, but written with
 plain int64 tensor ops so it runs identically on CPU and GPU.
 
-All arithmetic stays below 2**63: values are kept in [0, 2**32) and multiplied by odd constants < 2**31.
+The per-element hash runs in int32 with wrap-around multiplies (checked at import); the per-key mixing runs on
+Python integers.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import zlib
 import torch
 
 _M32 = 0xFFFFFFFF
-# odd multipliers < 2**31 (so x * C < 2**63 for x < 2**32: no int64 overflow on any backend)
+# odd multipliers < 2**31 (valid int32 scalars)
 _C1 = 0x45D9F3B5
 _C2 = 0x2C1B3C6D
 _C3 = 0x297A2D39
 _GOLDEN = 0x1E3779B9
+
+_MAX_INDEX = 1 << 31
 
 # salts separating the streams drawn for one (seed, step, name)
 SALT_INIT = 0x1A17    # initial quantisation of a weight
@@ -27,15 +30,38 @@ SALT_UPDATE = 0x5EED  # stochastic rounding after an optimizer step
 SALT_RSVD = 0x05BD    # randomized-SVD sketch
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """Avalanche a uint32 held in int64 (a fmix32-style finaliser with our own constants)."""
-    x = x ^ (x >> 16)
+def _signed32(k: int) -> int:
+    """A uint32 as the int32 with the same bits."""
+    k &= _M32
+    return k - (1 << 32) if k >= (1 << 31) else k
+
+
+def _mix32(x: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
+    """Keyed avalanche of an int32 tensor, in place: two multiply-xorshift rounds.
+
+    int32 multiplies wrap modulo 2**32 on every torch backend (two's complement SIMD multiplies), and right
+    shifts are arithmetic, so each shift is masked to make it logical. In place, 32-bit and only two rounds
+    because this runs over every weight element at every step (each pass is a trip through memory on CPU);
+    stochastic rounding needs uniform, independent-looking bits, not a cryptographic hash — the tests check
+    uniformity and cross-key correlation. :func:`_self_check` verifies the wrap-around at import.
+    """
+    x ^= _signed32(k1)
+    x *= _C1
+    x ^= (x >> 16) & 0xFFFF
+    x ^= _signed32(k2)
+    x *= _C2
+    x ^= (x >> 15) & 0x1FFFF
+    return x
+
+
+def _mix32_exact(i: int, k1: int, k2: int) -> int:
+    """The same hash on Python integers (reference for :func:`_self_check`)."""
+    x = (i ^ k1) & _M32
     x = (x * _C1) & _M32
-    x = x ^ (x >> 15)
+    x ^= x >> 16
+    x ^= k2 & _M32
     x = (x * _C2) & _M32
-    x = x ^ (x >> 16)
-    x = (x * _C3) & _M32
-    x = x ^ (x >> 15)
+    x ^= x >> 15
     return x
 
 
@@ -67,16 +93,13 @@ def stream_key(seed: int, step: int, name: str, salt: int = 0) -> tuple[int, int
 
 
 def uniform_from_index(index: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
-    """U[0, 1) float32 per element of ``index`` (int64, any shape), a pure function of (index, key).
+    """U[0, 1) float32 per element of ``index`` (integer tensor, values < 2**31), a pure function of (index, key).
 
     24 random bits per draw: the float32 mantissa, so every value is exactly representable and < 1.
     """
-    k1, k2 = key
-    lo = index & _M32
-    hi = (index >> 32) & _M32
-    h = _mix32(lo ^ k1)
-    h = _mix32(h ^ hi ^ k2)
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    h = _mix32(index.to(torch.int32, copy=True), key[0], key[1])
+    # arithmetic shift keeps the top 24 bits as a signed value in [-2**23, 2**23): shift to [0, 2**24) in float
+    return (h >> 8).to(torch.float32).add_(float(1 << 23)).mul_(1.0 / (1 << 24))
 
 
 def uniform_rows(row_offset: int, rows: int, cols: int, key: tuple[int, int],
@@ -86,9 +109,14 @@ def uniform_rows(row_offset: int, rows: int, cols: int, key: tuple[int, int],
     Returns float32 of shape [rows, cols]; element (i, j) is keyed by global index ``(row_offset + i) * cols + j``
     so a row shard draws exactly what the whole matrix draws for those rows.
     """
-    r = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device).unsqueeze(1)
-    c = torch.arange(cols, dtype=torch.int64, device=device).unsqueeze(0)
-    return uniform_from_index(r * cols + c, key)
+    start, stop = row_offset * cols, (row_offset + rows) * cols
+    if stop > _MAX_INDEX:
+        raise ValueError(f"stochastic-rounding stream covers matrices of < 2**31 elements; rows up to {row_offset + rows}"
+                         f" x {cols} columns is larger")
+    idx = torch.arange(start, stop, dtype=torch.int32, device=device).reshape(rows, cols)
+    h = _mix32(idx, key[0], key[1])
+    # arithmetic shift keeps the top 24 bits as a signed value in [-2**23, 2**23): shift to [0, 2**24) in float
+    return (h >> 8).to(torch.float32).add_(float(1 << 23)).mul_(1.0 / (1 << 24))
 
 
 def normal_rows(row_offset: int, rows: int, cols: int, key: tuple[int, int],
@@ -98,3 +126,16 @@ def normal_rows(row_offset: int, rows: int, cols: int, key: tuple[int, int],
     u2 = uniform_rows(row_offset, rows, cols, (key[1], key[0]), device)
     u1 = u1 + (0.5 / (1 << 24))  # keep log() finite: u1 in (0, 1)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * torch.pi) * u2)
+
+
+def _self_check() -> None:
+    idx = torch.tensor([0, 1, 2, 12345, 2**31 - 1], dtype=torch.int32)
+    k1, k2 = 0xDEADBEEF, 0x9E3779B9
+    got = _mix32(idx.clone(), k1, k2).tolist()
+    want = [_signed32(_mix32_exact(int(i), k1, k2)) for i in idx.tolist()]
+    if got != want:  # pragma: no cover - would mean int32 multiply does not wrap on this build
+        raise RuntimeError("qgalore_dist: int32 hash self-check failed; stochastic rounding would not be "
+                           "reproducible on this torch build")
+
+
+_self_check()
