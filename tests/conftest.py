@@ -1,0 +1,103 @@
+"""Shared pytest configuration for qgalore_dist.
+
+* Hypothesis profiles: ``ci`` (no deadline, derandomized: identical examples every run) and ``dev``
+  (no deadline, random). Selected by ``HYPOTHESIS_PROFILE``, else ``ci`` when ``CI`` is set, else ``dev``.
+* ``load_galore_adamw()`` / the ``galore_adamw`` fixture: the test oracle ``galore_torch.adamw.AdamW``
+  imported *without* running ``galore_torch/__init__.py`` (which imports bitsandbytes, not installed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+# --------------------------------------------------------------------------------------------------
+# Hypothesis profiles
+# --------------------------------------------------------------------------------------------------
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - hypothesis is a [test] extra
+    settings = None
+
+if settings is not None:
+    settings.register_profile(
+        "ci",
+        deadline=None,
+        derandomize=True,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.register_profile("dev", deadline=None)
+
+    def _is_ci() -> bool:
+        return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+    _profile = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _is_ci() else "dev")
+    settings.load_profile(_profile)
+
+
+def pytest_report_header(config):
+    if settings is None:
+        return None
+    return f"hypothesis profile: {settings.get_current_profile_name()}"
+
+
+# --------------------------------------------------------------------------------------------------
+# GaLore oracle loader
+# --------------------------------------------------------------------------------------------------
+_GALORE_PKG = "galore_torch"
+
+
+def _galore_package_dir() -> Path | None:
+    """Directory of the installed ``galore_torch`` package, found without importing it."""
+    mod = sys.modules.get(_GALORE_PKG)
+    if mod is not None and getattr(mod, "__path__", None):
+        return Path(list(mod.__path__)[0])
+    try:
+        spec = importlib.util.find_spec(_GALORE_PKG)  # top-level: does not execute __init__.py
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    for entry in sys.path:  # fallback: plain scan of sys.path (site-packages)
+        candidate = Path(entry or ".") / _GALORE_PKG
+        if (candidate / "adamw.py").is_file():
+            return candidate
+    return None
+
+
+def load_galore_adamw():
+    """Return ``galore_torch.adamw.AdamW`` (GaLoreAdamW) without executing ``galore_torch/__init__.py``.
+
+    A bare package module is registered under ``galore_torch`` with the installed ``__path__`` so that
+    ``galore_torch.adamw``'s relative import of ``.galore_projector`` resolves. Calls ``pytest.skip`` when
+    galore-torch is not installed.
+    """
+    pkg_dir = _galore_package_dir()
+    if pkg_dir is None or not (pkg_dir / "adamw.py").is_file():
+        pytest.skip("galore-torch (test oracle) is not installed: pip install --no-deps galore-torch==1.0")
+    adamw_mod = sys.modules.get(f"{_GALORE_PKG}.adamw")
+    if adamw_mod is None:
+        pkg = sys.modules.get(_GALORE_PKG)
+        if pkg is None:
+            pkg = types.ModuleType(_GALORE_PKG)
+            pkg.__path__ = [str(pkg_dir)]
+            pkg.__file__ = None
+            pkg.__package__ = _GALORE_PKG
+            pkg.__spec__ = importlib.util.spec_from_loader(_GALORE_PKG, loader=None, is_package=True)
+            pkg.__spec__.submodule_search_locations = [str(pkg_dir)]
+            sys.modules[_GALORE_PKG] = pkg
+        adamw_mod = importlib.import_module(f"{_GALORE_PKG}.adamw")
+    return adamw_mod.AdamW
+
+
+@pytest.fixture(scope="session")
+def galore_adamw():
+    """The GaLoreAdamW class (``galore_torch.adamw.AdamW``); skips if galore-torch is missing."""
+    return load_galore_adamw()
