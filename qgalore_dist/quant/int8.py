@@ -38,7 +38,7 @@ def quantize_rows(w: torch.Tensor, group_size: int, bits: int = 8, key: tuple[in
     qmax = qmax_for_bits(bits)
     m, n = w.shape
     w32 = w.float()
-    scales = group_absmax(w32, group_size) / qmax
+    scales = group_absmax(w32, group_size) * (1.0 / qmax)  # a multiply, as the compiled kernel does: same bits
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     x = apply_group_scales(w32, safe, group_size, divide=True)
     if key is None:
