@@ -22,7 +22,10 @@ from ..config import QGaLoreConfig
 from ..projection.gate import RefreshGate, RefreshRecord
 from ..projection.projector import (Side, apply_rotation, basis_shape, compute_basis, lowrank_shape,
                                     project, project_back, projection_side, rotation, subspace_similarity)
+from ..projection.random_proj import RANDOM_PROJECTIONS, RandomBasis
+from ..projection.vlorp import check_rank_fits, from_granular, granular_rows, granular_shape, to_granular
 from ..quant.int4 import Int4Matrix
+from ..quant.fused import fused_update_requantize_
 from ..quant.int8 import Int8Weight
 from ..quant.rng import SALT_RSVD, SALT_UPDATE, stream_key
 from ..quant.state8 import Blockwise8bit
@@ -37,8 +40,10 @@ def effective_rank(shape: tuple[int, int], rank: int) -> int:
 class MatrixState:
     """Everything one projected matrix carries besides its weight.
 
-    basis: fp32 Q [r, n] / P [m, r] in reference mode, :class:`Int4Matrix` when quantised, None before the first
-    refresh. exp_avg / exp_avg_sq: low-rank shaped (:func:`lowrank_shape`), 8-bit or fp32.
+    basis: fp32 Q [r, n'] / P [m', r] in reference mode, :class:`Int4Matrix` when quantised, a
+    :class:`RandomBasis` (regenerated, never stored) for random projections, None before the first refresh —
+    ``(m', n') = proj_shape``, the VLoRP-reshaped gradient shape (= (m, n) at granularity 1).
+    exp_avg / exp_avg_sq: low-rank shaped (``lowrank_shape(*proj_shape, rank, side)``), 8-bit or fp32.
     """
 
     name: str
@@ -52,36 +57,49 @@ class MatrixState:
     step: int = 0
     refresh_offset: int = 0
     history: list[RefreshRecord] = field(default_factory=list)
+    granularity: float = 1.0
+
+    @property
+    def proj_shape(self) -> tuple[int, int]:
+        """Shape of the gradient as projected: (m·c, n/c) right, (m/c, n·c) left (:mod:`..projection.vlorp`)."""
+        return granular_shape(*self.shape, self.side, self.granularity, self.name)
+
+    @property
+    def device(self) -> torch.device:
+        return (self.exp_avg.codes if self.exp_avg.quantized else self.exp_avg.data).device
 
     def basis_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.basis is None:
             raise RuntimeError(f"{self.name}: no projection basis yet (refresh first)")
-        if isinstance(self.basis, Int4Matrix):
+        if isinstance(self.basis, (Int4Matrix, RandomBasis)):
             return self.basis.dequantize(dtype)
         return self.basis.to(dtype)
 
     def state_bytes(self) -> dict[str, int]:
         basis = 0
-        if isinstance(self.basis, Int4Matrix):
+        if isinstance(self.basis, (Int4Matrix, RandomBasis)):
             basis = self.basis.nbytes()
         elif self.basis is not None:
             basis = self.basis.numel() * self.basis.element_size()
-        return {"projector": basis, "moments": self.exp_avg.nbytes() + self.exp_avg_sq.nbytes()}
+        second = 0 if self.exp_avg_sq is None else self.exp_avg_sq.nbytes()  # None: ProjFactor (factored)
+        return {"projector": basis, "moments": self.exp_avg.nbytes() + second}
 
     # --- checkpointing: tensors and plain values, keyed by field -------------------------------------------
     def state_dict(self) -> dict:
         tensors: dict[str, torch.Tensor] = {}
         for k, v in self.exp_avg.state_tensors().items():
             tensors[f"exp_avg.{k}"] = v
-        for k, v in self.exp_avg_sq.state_tensors().items():
+        for k, v in ({} if self.exp_avg_sq is None else self.exp_avg_sq.state_tensors()).items():
             tensors[f"exp_avg_sq.{k}"] = v
         if isinstance(self.basis, Int4Matrix):
             tensors["basis.packed"] = self.basis.packed
             tensors["basis.scales"] = self.basis.scales
-        elif self.basis is not None:
+        elif self.basis is not None and not isinstance(self.basis, RandomBasis):
             tensors["basis"] = self.basis
         meta = {"step": self.step, "gate": self.gate.state_dict(), "shape": list(self.shape), "rank": self.rank,
-                "side": self.side, "refresh_offset": self.refresh_offset}
+                "side": self.side, "refresh_offset": self.refresh_offset, "granularity": self.granularity}
+        if isinstance(self.basis, RandomBasis):
+            meta["random_basis"] = self.basis.meta()  # three integers instead of the matrix
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, d: dict, proj_group_size: int) -> None:
@@ -89,15 +107,23 @@ class MatrixState:
         if tuple(meta["shape"]) != self.shape or meta["rank"] != self.rank or meta["side"] != self.side:
             raise ValueError(f"{self.name}: checkpoint holds shape {tuple(meta['shape'])} rank {meta['rank']} "
                              f"side {meta['side']}, this run has {self.shape} rank {self.rank} side {self.side}")
+        if float(meta.get("granularity", 1.0)) != self.granularity:
+            raise ValueError(f"{self.name}: checkpoint was written at granularity {meta.get('granularity', 1.0)}, "
+                             f"this run uses {self.granularity}")
         self.step = int(meta["step"])
         self.refresh_offset = int(meta.get("refresh_offset", 0))
         self.gate.load_state_dict(meta["gate"])
         self.exp_avg.load_state_tensors({k[len("exp_avg."):]: v for k, v in tensors.items()
                                          if k.startswith("exp_avg.")})
-        self.exp_avg_sq.load_state_tensors({k[len("exp_avg_sq."):]: v for k, v in tensors.items()
-                                            if k.startswith("exp_avg_sq.")})
-        if "basis.packed" in tensors:
-            shape = basis_shape(*self.shape, self.rank, self.side)
+        if self.exp_avg_sq is not None:
+            self.exp_avg_sq.load_state_tensors({k[len("exp_avg_sq."):]: v for k, v in tensors.items()
+                                                if k.startswith("exp_avg_sq.")})
+        if "random_basis" in meta:
+            self.basis = RandomBasis.from_meta(meta["random_basis"], self.name,
+                                               basis_shape(*self.proj_shape, self.rank, self.side), self.rank,
+                                               self.device)
+        elif "basis.packed" in tensors:
+            shape = basis_shape(*self.proj_shape, self.rank, self.side)
             self.basis = Int4Matrix(tensors["basis.packed"].clone(), tensors["basis.scales"].clone(), shape,
                                     proj_group_size)
         elif "basis" in tensors:
@@ -112,34 +138,61 @@ class LowRankAdamW:
 
     # --- state ---------------------------------------------------------------------------------------------
     def init_state(self, name: str, shape: tuple[int, int], device: torch.device | str = "cpu",
-                   refresh_offset: int = 0, dtype: torch.dtype = torch.float32) -> MatrixState:
+                   refresh_offset: int = 0, dtype: torch.dtype = torch.float32,
+                   granularity: float | None = None) -> MatrixState:
         """Fresh state for a [m, n] matrix. ``refresh_offset`` staggers this matrix's refreshes after step 0;
-        ``dtype`` is the float type of unquantised moments (fp64 only for fp64 parity runs)."""
+        ``dtype`` is the float type of unquantised moments (fp64 only for fp64 parity runs); ``granularity``
+        overrides ``config.granularity`` for this matrix (the driver passes 1 for fallback matrices)."""
+        m, n, side, rank, gran, lr_shape = self._layout(name, shape, granularity)
+        fdt = torch.float64 if dtype == torch.float64 else torch.float32
+        return MatrixState(name, (m, n), side, rank, self._new_gate(), self._moment(lr_shape, True, device, fdt),
+                           self._moment(lr_shape, False, device, fdt), refresh_offset=refresh_offset,
+                           granularity=gran)
+
+    def _layout(self, name: str, shape: tuple[int, ...], granularity: float | None
+                ) -> tuple[int, int, Side, int, float, tuple[int, int]]:
+        """(m, n, side, rank, granularity, low-rank shape) of a matrix; a clear error when it cannot take ``c``."""
         if len(shape) != 2:
             raise ValueError(f"{name}: low-rank projection needs a 2-D weight, got shape {tuple(shape)}")
         c = self.config
         m, n = int(shape[0]), int(shape[1])
         side = projection_side(m, n, c.proj_type)
-        rank = effective_rank((m, n), c.rank)
-        lr_shape = lowrank_shape(m, n, rank, side)
-        state_bits = c.state_bits if c.quantize else 32
-        fdt = torch.float64 if dtype == torch.float64 else torch.float32
-        mk = lambda signed: Blockwise8bit(lr_shape, signed, c.state_block_size, c.state_min_numel, device,
-                                          bits=state_bits, float_dtype=fdt)
-        gate = RefreshGate(interval=c.update_proj_gap, threshold=c.similarity_threshold, queue_size=c.queue_size,
-                           gamma=c.gamma_proj, max_interval=c.max_proj_gap, adaptive=c.gate)
-        return MatrixState(name, (m, n), side, rank, gate, mk(True), mk(False), refresh_offset=refresh_offset)
+        gran = float(c.granularity if granularity is None else granularity)
+        if gran == 1.0:
+            rank = effective_rank((m, n), c.rank)  # GaLore: clamp to min(m, n) (the driver warns)
+            pshape = (m, n)
+        else:
+            rank = c.rank
+            pshape = check_rank_fits(m, n, side, gran, rank, name)
+        return m, n, side, rank, gran, lowrank_shape(*pshape, rank, side)
+
+    def _moment(self, shape: tuple[int, ...], signed: bool, device: torch.device | str,
+                fdt: torch.dtype) -> Blockwise8bit:
+        c = self.config
+        return Blockwise8bit(shape, signed, c.state_block_size, c.state_min_numel, device,
+                             bits=c.state_bits if c.quantize else 32, float_dtype=fdt)
+
+    def _new_gate(self) -> RefreshGate:
+        c = self.config
+        # random projections: a fixed gap — two independent draws are dissimilar whatever the gradient does
+        return RefreshGate(interval=c.update_proj_gap, threshold=c.similarity_threshold, queue_size=c.queue_size,
+                           gamma=c.gamma_proj, max_interval=c.max_proj_gap,
+                           adaptive=c.gate and c.projection not in RANDOM_PROJECTIONS)
 
     # --- phase 0: refresh (owner only) ---------------------------------------------------------------------
     def needs_refresh(self, st: MatrixState) -> bool:
         return st.basis is None or st.gate.due(st.step)
 
-    def refresh(self, st: MatrixState, grad: torch.Tensor) -> float | None:
+    def refresh(self, st: MatrixState, grad: torch.Tensor | None) -> float | None:
         """Recompute the basis from the full gradient [m, n]; update the gate; optionally rotate moments.
 
-        Returns the similarity to the previous basis (None on the first refresh).
+        Returns the similarity to the previous basis (None on the first refresh, and always for random
+        projections, which need no gradient: see :meth:`_resample`).
         """
         c = self.config
+        if c.projection in RANDOM_PROJECTIONS:
+            return self._resample(st, grad)
+        grad = to_granular(grad, st.proj_shape)
         gen = None
         if c.projection == "rsvd":
             gen = torch.Generator(device="cpu")
@@ -151,7 +204,7 @@ class LowRankAdamW:
         if st.basis is not None:
             old = st.basis_float(new.dtype)
             similarity = subspace_similarity(old, new, st.side, c.similarity)
-            if c.moments_on_refresh == "rotate":
+            if self._rotates_moments():
                 self._rotate_moments(st, old, new)
         if c.quantize and c.proj_bits == 4:
             st.basis = Int4Matrix.quantize(new, c.proj_group_size)
@@ -161,6 +214,32 @@ class LowRankAdamW:
         st.gate.record(st.step, similarity, offset=st.refresh_offset if first else 0)
         st.history.append(RefreshRecord(st.step, st.name, similarity, st.gate.interval))
         return similarity
+
+    def _resample(self, st: MatrixState, grad: torch.Tensor | None) -> None:
+        """Random projection: draw the basis keyed by (seed, this step, name) — a pure function of the step, so
+        every micro-batch of a window, every rank and a resumed run see the same draw. The gate stays at a fixed
+        gap and no similarity is computed (independent draws overlap by about r/n' whatever the gradient does).
+
+        Moment rotation uses the same ``T`` as for SVD bases (``Q_old Q_newᵀ`` right, ``P_newᵀ P_old`` left): it
+        re-projects the back-projected old moment ``M_old Q_old`` exactly as a gradient is projected, so carried
+        moments and new gradients share coordinates and scale; with ``E[Q_newᵀ Q_new] = I`` the back-projection
+        of the carried moment is unbiased for ``M_old Q_old``. (The least-squares ``M_old Q_old pinv(Q_new)`` is
+        ≈ r/n' times smaller, because ``Q_new Q_newᵀ ≈ (n'/r)·I`` for a random basis: it would mix two scales.)
+        """
+        c = self.config
+        device = grad.device if grad is not None else st.device
+        new = RandomBasis(c.projection, c.seed, st.step, st.name, basis_shape(*st.proj_shape, st.rank, st.side),
+                          st.rank, str(device))
+        if st.basis is not None and self._rotates_moments():
+            self._rotate_moments(st, st.basis_float(), new.dequantize())
+        st.basis = new
+        first = st.gate.count == 0
+        st.gate.record(st.step, None, offset=st.refresh_offset if first else 0)
+        st.history.append(RefreshRecord(st.step, st.name, None, st.gate.interval))
+        return None
+
+    def _rotates_moments(self) -> bool:
+        return self.config.moments_on_refresh == "rotate"
 
     def _rotate_moments(self, st: MatrixState, old: torch.Tensor, new: torch.Tensor) -> None:
         """Carry the first moment into the new basis (Flora); the second moment must stay non-negative, so it is
@@ -175,9 +254,10 @@ class LowRankAdamW:
 
     # --- phase 1: project (any rank holding the basis) -----------------------------------------------------
     def project(self, st: MatrixState, grad: torch.Tensor) -> torch.Tensor:
-        """[m, n] gradient -> low-rank gradient R of shape :func:`lowrank_shape` (same dtype as grad)."""
-        return project(grad, st.basis_float(grad.dtype if grad.dtype == torch.float64 else torch.float32),
-                       st.side)
+        """[m, n] gradient -> low-rank gradient R (same dtype as grad) of the VLoRP-reshaped gradient: right
+        [m·c, r], left [r, n·c] (= :func:`lowrank_shape` at c = 1)."""
+        return project(to_granular(grad, st.proj_shape),
+                       st.basis_float(grad.dtype if grad.dtype == torch.float64 else torch.float32), st.side)
 
     # --- phase 2: moments (owner) ---------------------------------------------------------------------------
     def normalise(self, st: MatrixState, lowrank_grad: torch.Tensor, lr: float) -> tuple[torch.Tensor, float]:
@@ -196,6 +276,23 @@ class LowRankAdamW:
         return n, step_size
 
     # --- phase 3: apply to rows (any rank holding rows of the weight) ---------------------------------------
+    def update_of_rows(self, st: MatrixState, n: torch.Tensor, dtype: torch.dtype, row_offset: int, rows: int,
+                       basis_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``scale · project_back(N)`` for rows ``[row_offset, row_offset + rows)``: [rows, n_cols] in ``dtype``.
+
+        With granularity c the back-projection yields the matching rows of the reshaped update
+        (:func:`granular_rows`), reshaped back to weight rows. ``basis_rows`` (left projection): the shard's rows of
+        the reshaped P.
+        """
+        g_off, g_rows = granular_rows(row_offset, rows, st.shape[0], st.proj_shape[0])
+        if st.side == "left" and basis_rows is None and isinstance(st.basis, RandomBasis):
+            basis_rows = st.basis.rows(g_off, g_rows, dtype)  # draw only this shard's rows of P
+        if st.side == "left" and basis_rows is not None:
+            out = project_back(n.to(dtype), basis_rows.to(dtype), st.side, self.config.scale, 0, g_rows)
+        else:
+            out = project_back(n.to(dtype), st.basis_float(dtype), st.side, self.config.scale, g_off, g_rows)
+        return from_granular(out, rows, st.shape[1])
+
     def update_rows(self, st: MatrixState, w_rows: torch.Tensor, n: torch.Tensor, step_size: float, lr: float,
                     row_offset: int = 0, basis_rows: torch.Tensor | None = None) -> torch.Tensor:
         """New float value of weight rows ``[row_offset, row_offset + rows)``.
@@ -203,25 +300,29 @@ class LowRankAdamW:
         w_rows: [rows, n_cols] float. n: the whole low-rank N (right: [m, r]; left: [r, n]). basis_rows: for left
         projection, the shard's rows of P (defaults to the whole P sliced at ``row_offset``).
         """
-        rows = w_rows.shape[0]
-        if st.side == "left" and basis_rows is not None:
-            update = project_back(n, basis_rows.to(w_rows.dtype), st.side, self.config.scale, 0, rows)
-        else:
-            update = project_back(n, st.basis_float(w_rows.dtype), st.side, self.config.scale, row_offset, rows)
-        w = w_rows.add(update.to(w_rows.dtype), alpha=-step_size)
+        update = self.update_of_rows(st, n, w_rows.dtype, row_offset, w_rows.shape[0], basis_rows)
+        w = w_rows.add(update, alpha=-step_size)
         if self.config.weight_decay > 0:
             w.add_(w, alpha=-lr * self.config.weight_decay)
         return w
 
     def apply_rows(self, st: MatrixState, weight: Int8Weight | torch.Tensor, n: torch.Tensor, step_size: float,
                    lr: float, row_offset: int = 0, basis_rows: torch.Tensor | None = None,
-                   compute_dtype: torch.dtype = torch.float32) -> None:
+                   compute_dtype: torch.dtype | None = None) -> None:
         """Update weight rows in place: a float tensor (reference mode) or an :class:`Int8Weight` (re-quantised
-        with stochastic rounding keyed by (seed, step, name, global index), so shards and replicas agree)."""
+        with stochastic rounding keyed by (seed, step, name, global index), so shards and replicas agree).
+        ``compute_dtype`` defaults to fp64 for an fp64 N (parity runs), else fp32."""
+        if compute_dtype is None:
+            compute_dtype = torch.float64 if n.dtype == torch.float64 else torch.float32
         if isinstance(weight, Int8Weight):
+            c = self.config
+            key = stream_key(c.seed, st.step, st.name, SALT_UPDATE) if c.stochastic_round else None
+            if c.fused and key is not None and compute_dtype == torch.float32:
+                update = self.update_of_rows(st, n, torch.float32, row_offset, weight.codes.shape[0], basis_rows)
+                fused_update_requantize_(weight.codes, weight.scales, update, step_size, -lr * c.weight_decay, key,
+                                         row_offset, weight.group_size)
+                return
             w = self.update_rows(st, weight.dequantize(compute_dtype), n, step_size, lr, row_offset, basis_rows)
-            key = stream_key(self.config.seed, st.step, st.name, SALT_UPDATE) if self.config.stochastic_round \
-                else None
             weight.requantize_(w, key, row_offset)
         else:
             w = self.update_rows(st, weight.data, n, step_size, lr, row_offset, basis_rows)

@@ -1,8 +1,8 @@
 """``QGaLoreOptimizer``: a ``torch.optim.Optimizer`` for one process, over a whole model.
 
-It drives the per-matrix rule (:class:`LowRankAdamW`) for every projected matrix and :func:`dense_adamw_step`
-for everything else. Works with ``torch.optim.lr_scheduler`` and ``transformers.Trainer(optimizers=(opt, sched))``:
-the learning rate is read from ``param_groups`` at every step.
+It drives the per-matrix rule (:class:`LowRankAdamW`, or :class:`ProjFactor` with ``config.optimizer="projfactor"``)
+for every projected matrix and :func:`dense_adamw_step` for everything else. Works with ``torch.optim.lr_scheduler``
+and ``transformers.Trainer(optimizers=(opt, sched))``: the learning rate is read from ``param_groups`` at every step.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from torch import nn
 from ..config import QGaLoreConfig
 from ..nn.convert import DEFAULT_TARGET_MODULES, find_target_linears
 from ..nn.int8_linear import QGaLoreLinear
+from ..projection.vlorp import resolve_granularity
 from ..quant.int8 import Int8Weight
 from .dense_adamw import DenseState, dense_adamw_step, init_dense_state
 from .lowrank_adamw import LowRankAdamW, MatrixState, effective_rank
+from .projfactor import make_rule
 
 
 @dataclass
@@ -113,7 +115,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         if grad_clip < 0:
             raise ValueError(f"grad_clip={grad_clip!r} is invalid: must be >= 0 (0 = off)")
         self.config = config
-        self.rule = LowRankAdamW(config)
+        self.rule = make_rule(config)
         self.matrices = collect_projected(model, config, target_modules)
         projected_ids = {id(pm.tensor()) for pm in self.matrices}
         self.dense_named = [(n, p) for n, p in model.named_parameters()
@@ -127,8 +129,11 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                        "weight_decay": config.weight_decay})
         super().__init__(groups, {"lr": config.lr, "weight_decay": config.weight_decay})
 
-        clamped = [f"{pm.name} {pm.shape}" for pm in self.matrices
-                   if effective_rank(pm.shape, config.rank) < config.rank]
+        # VLoRP granularity per matrix: an error, or c=1 with one warning (granularity_fallback), where c does not fit
+        self.granularity = resolve_granularity({pm.name: pm.shape for pm in self.matrices}, config.granularity,
+                                               config.rank, config.proj_type, config.granularity_fallback)
+        clamped = [f"{pm.name} {pm.shape}" for pm in self.matrices  # c != 1 never clamps: the rank must fit
+                   if self.granularity[pm.name] == 1.0 and effective_rank(pm.shape, config.rank) < config.rank]
         if clamped:
             warnings.warn(f"rank {config.rank} exceeds min(m, n) of {len(clamped)} matrices; clamped for: "
                           + ", ".join(clamped), stacklevel=2)
@@ -138,7 +143,8 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             offset = (i * gap) // len(self.matrices) if stagger_refresh else 0
             t = pm.tensor()
             self.mstate[pm.name] = self.rule.init_state(pm.name, pm.shape, t.device, offset,
-                                                        t.dtype if t.is_floating_point() else torch.float32)
+                                                        t.dtype if t.is_floating_point() else torch.float32,
+                                                        granularity=self.granularity[pm.name])
         self.dense_state: dict[str, DenseState] = {
             n: init_dense_state(p, dense_state_bits, config.state_block_size, config.state_min_numel)
             for n, p in self.dense_named}
@@ -166,7 +172,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         lr, wd = pg["lr"], pg["weight_decay"]
         rule = self.rule
         if wd != rule.config.weight_decay:
-            rule = self.rule = LowRankAdamW(rule.config.replace(weight_decay=wd))
+            rule = self.rule = type(rule)(rule.config.replace(weight_decay=wd))
         return rule, lr
 
     # --- timed phases ---------------------------------------------------------------------------------------
