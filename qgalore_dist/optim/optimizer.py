@@ -141,10 +141,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         self.mstate: dict[str, MatrixState] = {}
         for i, pm in enumerate(self.matrices):
             offset = (i * gap) // len(self.matrices) if stagger_refresh else 0
-            t = pm.tensor()
-            self.mstate[pm.name] = self.rule.init_state(pm.name, pm.shape, t.device, offset,
-                                                        t.dtype if t.is_floating_point() else torch.float32,
-                                                        granularity=self.granularity[pm.name])
+            self.mstate[pm.name] = self._init_matrix_state(pm, offset)
         self.dense_state: dict[str, DenseState] = {
             n: init_dense_state(p, dense_state_bits, config.state_block_size, config.state_min_numel)
             for n, p in self.dense_named}
@@ -155,9 +152,23 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         self.accum: dict[str, torch.Tensor] = {}  # low-rank gradients of the current window
         self.phase_times = {"svd": 0.0, "projection": 0.0, "optimizer": 0.0, "requantize": 0.0}
         self._hooks = []
+        # the whole step runs inside backward: nothing has to wait for the accumulation boundary or a global norm
+        self.in_backward = layerwise and grad_accum == 1 and self.grad_clip == 0
         if layerwise:
             for pm in self.matrices:
                 self._install_sink(pm)
+        if self.in_backward:  # dense gradients too (a 7B model's embedding + head gradients are 1 GB in fp32)
+            for n, p in self.dense_named:
+                self._hooks.append(p.register_post_accumulate_grad_hook(
+                    lambda p, n=n: self._dense_in_backward(n, p)))
+
+    def _init_matrix_state(self, pm: ProjectedMatrix, refresh_offset: int) -> MatrixState:
+        """Fresh state of one projected matrix (a distributed engine overrides this to allocate moments only for
+        the matrices its rank owns)."""
+        t = pm.tensor()
+        return self.rule.init_state(pm.name, pm.shape, t.device, refresh_offset,
+                                    t.dtype if t.is_floating_point() else torch.float32,
+                                    granularity=self.granularity[pm.name])
 
     # --- groups ---------------------------------------------------------------------------------------------
     def _group(self, kind: str) -> dict:
@@ -205,9 +216,16 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             self._hooks.append(pm.module.weight.register_post_accumulate_grad_hook(hook))
 
     @torch.no_grad()
+    def _dense_in_backward(self, name: str, p: torch.Tensor) -> None:
+        dg = self._group("dense")
+        dense_adamw_step(p, p.grad, self.dense_state[name], dg["lr"], self.config.betas, self.config.eps,
+                         dg["weight_decay"])
+        p.grad = None
+
+    @torch.no_grad()
     def _consume(self, pm: ProjectedMatrix, grad: torch.Tensor) -> None:
         r = self._project_into_window(pm, grad)
-        if self.grad_accum == 1 and self.grad_clip == 0:
+        if self.in_backward:
             rule, lr = self._rule()
             self._apply(pm, r, rule, lr)  # the whole step inside backward: no accumulator
             return
