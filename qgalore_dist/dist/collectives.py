@@ -193,8 +193,9 @@ class Collectives:
         return len(ts) == 1 and ts[0].is_contiguous() and ts[0].device == self.device
 
     def _pack(self, ts: list[torch.Tensor]) -> torch.Tensor:
+        """One flat 1-D buffer of ``ts`` (a view of a lone contiguous tensor: gloo's gathers need 1-D)."""
         if self._direct(ts):
-            return ts[0]
+            return ts[0].reshape(-1)
         flat = torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=self.device)
         off = 0
         for t in ts:
