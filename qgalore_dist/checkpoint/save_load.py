@@ -1,0 +1,351 @@
+"""Atomic, self-verifying training checkpoints.
+
+Layout of ``<save-dir>/step_000010/``::
+
+    model.safetensors      model.state_dict(): INT8 codes + scales of projected weights, dense weights
+    optimizer.safetensors  every tensor of optimizer.state_dict(), under dotted keys
+    optimizer.json         the rest of optimizer.state_dict() (numbers, strings, nesting), tensors as references
+    tokenizer/             the tokenizer (so a checkpoint exports on its own)
+    trainer.json           format + version, step, RNG states, data position, scheduler, run arguments,
+                           model config, and the manifest: sha256 + size of every file, name/dtype/shape of
+                           every tensor
+
+A checkpoint is written to ``<dir>.tmp-<pid>`` and renamed into place only when complete, so a crash never
+leaves a half-written checkpoint under a real name and never damages an existing one. ``trainer.json`` is
+written last; loading checks every hash and tensor shape against it, so a truncated, edited or mixed-up
+checkpoint fails with one clear :class:`CheckpointError` instead of a mid-training surprise.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "Checkpoint",
+    "CheckpointError",
+    "capture_rng_state",
+    "checkpoint_name",
+    "flatten_state",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+    "unflatten_state",
+    "verify_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "qgalore_dist.checkpoint"
+CHECKPOINT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIM_TENSORS_FILE = "optimizer.safetensors"
+OPTIM_JSON_FILE = "optimizer.json"
+TRAINER_FILE = "trainer.json"
+TOKENIZER_DIR = "tokenizer"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupted, of another format, or does not fit the current run."""
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint taken after optimizer step ``step``: ``step_000010``."""
+    return f"step_{step:06d}"
+
+
+# ------------------------------------------------------------------------------------------ nested state codec
+_TENSOR, _ITEMS, _TUPLE = "__tensor__", "__dict_items__", "__tuple__"
+
+
+def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts / lists / tuples of tensors and plain values) into a JSON-able tree and a flat
+    ``{dotted key: tensor}`` dict for safetensors. Tensors become ``{"__tensor__": key}`` in the tree.
+
+    Dicts whose keys are not all plain strings (``torch.optim`` uses int parameter ids) are stored as
+    ``{"__dict_items__": [[key, value], ...]}`` so int keys come back as ints. Tensors are made contiguous
+    (safetensors refuses strided views) and tensors sharing storage are copied (safetensors refuses aliases).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen_storage: set[int] = set()
+
+    def enc(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            if path in tensors:
+                raise ValueError(f"state key {path!r} occurs twice (mixed int/str keys that print alike)")
+            t = x.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+            if ptr and ptr in seen_storage:
+                t = t.clone()
+            elif ptr:
+                seen_storage.add(ptr)
+            tensors[path] = t.contiguous()
+            return {_TENSOR: path}
+        if isinstance(x, Mapping):
+            keys = list(x.keys())
+            plain = all(isinstance(k, str) and not (k.startswith("__") and k.endswith("__")) for k in keys)
+            if plain:
+                return {k: enc(v, f"{path}.{k}" if path else k) for k, v in x.items()}
+            for k in keys:
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    raise TypeError(f"state key {k!r} at {path or '<root>'!r}: only str and int keys are storable")
+            return {_ITEMS: [[k, enc(v, f"{path}.{k}" if path else str(k))] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {_TUPLE: [enc(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"state value at {path or '<root>'!r} has unsupported type {type(x).__name__}")
+
+    return enc(obj, prefix), tensors
+
+
+def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(tree, dict):
+        if set(tree) == {_TENSOR}:
+            key = tree[_TENSOR]
+            if key not in tensors:
+                raise CheckpointError(f"optimizer state refers to tensor {key!r}, which the tensor file lacks")
+            return tensors[key]
+        if set(tree) == {_ITEMS}:
+            return {k: unflatten_state(v, tensors) for k, v in tree[_ITEMS]}
+        if set(tree) == {_TUPLE}:
+            return tuple(unflatten_state(v, tensors) for v in tree[_TUPLE])
+        return {k: unflatten_state(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    return tree
+
+
+# ------------------------------------------------------------------------------------------------- RNG states
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every global random state training may consume: torch CPU, every CUDA device, Python's ``random``."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"torch_cpu": _b64(torch.get_rng_state()),
+                             "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured (CUDA only where both sides have devices)."""
+    torch.set_rng_state(_unb64(state["torch_cpu"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = [_unb64(s) for s in state["cuda"]]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# -------------------------------------------------------------------------------------------------- manifest
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensor_index(path: Path) -> dict[str, dict[str, Any]]:
+    """Names, dtypes and shapes from a safetensors header (no tensor data read)."""
+    out = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for name in fh.keys():
+            sl = fh.get_slice(name)
+            out[name] = {"dtype": sl.get_dtype(), "shape": list(sl.get_shape())}
+    return out
+
+
+def _build_manifest(root: Path) -> dict[str, Any]:
+    files = {}
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        rel = p.relative_to(root).as_posix()
+        if rel == TRAINER_FILE:
+            continue
+        entry: dict[str, Any] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        if p.suffix == ".safetensors":
+            entry["tensors"] = _tensor_index(p)
+        files[rel] = entry
+    return {"files": files}
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush file contents and directory entries, so the rename that publishes the checkpoint is durable."""
+    for p in [*sorted(q for q in root.rglob("*") if q.is_file()), *sorted(q for q in root.rglob("*") if q.is_dir()),
+              root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:  # some file systems do not support fsync on directories
+            pass
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------------ save
+def save_checkpoint(save_dir: str | os.PathLike[str], step: int, *, model_state: Mapping[str, torch.Tensor],
+                    optimizer_state: Mapping[str, Any], trainer_state: Mapping[str, Any],
+                    tokenizer: Any = None) -> Path:
+    """Write ``<save_dir>/step_<step>/`` atomically and return its path.
+
+    ``trainer_state`` is stored in ``trainer.json`` together with the format tag, ``step`` and the manifest.
+    An existing checkpoint of the same step is replaced only after the new one is complete.
+    """
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    final = save_dir / checkpoint_name(step)
+    tmp = save_dir / f"{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _, model_tensors = flatten_state(dict(model_state))
+        save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": CHECKPOINT_FORMAT})
+        del model_tensors
+        tree, opt_tensors = flatten_state(dict(optimizer_state))
+        save_file(opt_tensors, str(tmp / OPTIM_TENSORS_FILE), metadata={"format": CHECKPOINT_FORMAT})
+        del opt_tensors
+        (tmp / OPTIM_JSON_FILE).write_text(json.dumps(tree), encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        record = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step),
+                  **dict(trainer_state), "manifest": _build_manifest(tmp)}
+        (tmp / TRAINER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        _fsync_tree(tmp)
+        if final.exists():
+            # Swap: the old checkpoint moves aside only once the new one is complete, and is deleted last
+            # (directories cannot be exchanged atomically; only a crash between these two renames leaves the
+            # step under `.old-<pid>` / `.tmp-<pid>` names, both complete).
+            old = save_dir / f"{final.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ------------------------------------------------------------------------------------------------------ load
+def list_checkpoints(save_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every published checkpoint in ``save_dir`` (``step_N`` with a ``trainer.json``),
+    ascending. Temporary ``.tmp-<pid>`` directories of interrupted saves are ignored."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    out = []
+    for p in save_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / TRAINER_FILE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(save_dir: str | os.PathLike[str]) -> Path | None:
+    found = list_checkpoints(save_dir)
+    return found[-1][1] if found else None
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check format, version, every file's size and sha256 and every tensor's name/dtype/shape against the
+    manifest; return the parsed ``trainer.json``. Raises :class:`CheckpointError` naming the first problem."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint {root} does not exist or is not a directory")
+    tfile = root / TRAINER_FILE
+    if not tfile.is_file():
+        raise CheckpointError(f"checkpoint {root} has no {TRAINER_FILE} (incomplete or not a checkpoint)")
+    try:
+        record = json.loads(tfile.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is unreadable ({exc})") from exc
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is not a {CHECKPOINT_FORMAT} record")
+    if record.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {root}: format version {record.get('version')!r} is not supported "
+                              f"(this build reads version {CHECKPOINT_VERSION})")
+    files = (record.get("manifest") or {}).get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files or OPTIM_TENSORS_FILE not in files:
+        raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has no valid manifest")
+    for rel, entry in files.items():
+        p = root / rel
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {root} is corrupted: {rel} is missing")
+        if p.stat().st_size != entry.get("bytes"):
+            raise CheckpointError(f"checkpoint {root} is corrupted: {rel} has {p.stat().st_size} bytes, the "
+                                  f"manifest says {entry.get('bytes')}")
+        if _sha256(p) != entry.get("sha256"):
+            raise CheckpointError(f"checkpoint {root} is corrupted: {rel} does not match its sha256")
+        if "tensors" in entry:
+            try:
+                index = _tensor_index(p)
+            except Exception as exc:  # safetensors raises its own error types on malformed headers
+                raise CheckpointError(f"checkpoint {root} is corrupted: {rel} is not readable ({exc})") from exc
+            if index != entry["tensors"]:
+                raise CheckpointError(f"checkpoint {root} is corrupted: tensors in {rel} differ from the manifest")
+    return record
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint read into memory."""
+
+    path: Path
+    trainer: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer["step"])
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        p = self.path / TOKENIZER_DIR
+        return p if p.is_dir() else None
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
+    """Verify (:func:`verify_checkpoint`) and read a checkpoint; tensors land on ``device``."""
+    root = Path(ckpt_dir)
+    trainer = verify_checkpoint(root)
+    dev = str(device)
+    model_state = load_file(str(root / MODEL_FILE), device=dev)
+    opt_tensors = load_file(str(root / OPTIM_TENSORS_FILE), device=dev)
+    try:
+        tree = json.loads((root / OPTIM_JSON_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {root}: {OPTIM_JSON_FILE} is unreadable ({exc})") from exc
+    return Checkpoint(root, trainer, model_state, unflatten_state(tree, opt_tensors))

@@ -1,0 +1,36 @@
+"""Training: the ``launch/pretrain.py`` command line, the engine-agnostic loop, LR schedules and metrics.
+
+Typical use (what ``python launch/pretrain.py ...`` does)::
+
+    from qgalore_dist.train import main
+    main(["--model", "llama_20m", "--optimizer", "qgalore", "--max-steps", "200"])
+"""
+
+from .cli import OPTIMIZERS, TrainArgs, UsageError, build_parser, main, parse_args
+from .loop import DenseAdamW8bit, LocalEngine, TorchAdamW, TrainResult, evaluate, lm_loss, make_optimizer, train
+from .metrics import MetricsWriter, Progress, peak_memory_bytes, perplexity
+from .schedule import SCHEDULES, build_scheduler, lr_multiplier
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "DenseAdamW8bit",
+    "LocalEngine",
+    "MetricsWriter",
+    "Progress",
+    "TorchAdamW",
+    "TrainArgs",
+    "TrainResult",
+    "UsageError",
+    "build_parser",
+    "build_scheduler",
+    "evaluate",
+    "lm_loss",
+    "lr_multiplier",
+    "main",
+    "make_optimizer",
+    "parse_args",
+    "peak_memory_bytes",
+    "perplexity",
+    "train",
+]

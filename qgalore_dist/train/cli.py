@@ -1,0 +1,275 @@
+"""Command line of ``launch/pretrain.py``: flags, ``--config FILE`` merging, validation, one-line errors.
+
+Precedence: built-in defaults < ``--config`` JSON file (keys are the flag names with underscores) < flags given
+on the command line. Every user mistake — unknown model, missing data, malformed config file, bad flag value,
+corrupted or mismatched checkpoint — ends the run with exactly one ``error: ...`` line on stderr and exit code 2,
+before anything is written (so existing checkpoints are never touched by a failing run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
+
+from ..checkpoint.save_load import CheckpointError
+from ..data.corpus import DataError
+from ..models.build import ModelSpecError
+from ..nn.convert import DEFAULT_TARGET_MODULES
+
+__all__ = ["ENGINES", "OPTIMIZERS", "TrainArgs", "UsageError", "build_parser", "main", "parse_args"]
+
+ENGINES = ("local",)  # ddp / fsdp / deepspeed arrive with the distributed engines
+OPTIMIZERS = ("qgalore", "galore", "adamw", "adamw8bit")
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+class UsageError(ValueError):
+    """A bad command line, config file or flag combination (reported as one ``error:`` line, exit 2)."""
+
+
+def _opt(default: Any, help: str, *, type: Callable[[str], Any] | None = None,
+         choices: Sequence[str] | None = None, flag: bool = False, metavar: str | None = None) -> Any:
+    """A :class:`TrainArgs` field that is also a command-line flag (``metadata`` drives the parser)."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "flag": flag,
+                                            "metavar": metavar})
+
+
+@dataclass
+class TrainArgs:
+    """Every setting of a training run; one field per flag (``--update-proj-gap`` is ``update_proj_gap``)."""
+
+    # what to train on what
+    engine: str = _opt("local", "training engine (only 'local' — one process, one device — for now)", type=str)
+    model: str = _opt("llama_20m", "shipped config name (llama_tiny, llama_20m ... llama_7b), a config JSON path, "
+                      "or a local model directory", type=str)
+    tokenizer: str | None = _opt(None, "tokenizer directory or tokenizer.json (default: the model directory's "
+                                 "tokenizer, else a byte-level BPE of 8192 tokens trained once on the embedded "
+                                 "corpus)", type=str)
+    data: str | None = _opt(None, "text/JSONL file, folder, or token shards (.bin + sidecar, .safetensors); "
+                            "default: the embedded Shakespeare corpus", type=str)
+    optimizer: str = _opt("qgalore", "qgalore (INT8 weights), galore (float reference), adamw (torch), "
+                          "adamw8bit (dense AdamW, 8-bit state)", type=str, choices=OPTIMIZERS)
+    # Q-GaLore / GaLore
+    rank: int = _opt(128, "projection rank (qgalore/galore)", type=int)
+    update_proj_gap: int = _opt(200, "initial steps between subspace refreshes (qgalore/galore)", type=int)
+    scale: float = _opt(0.25, "scale of the low-rank update (qgalore/galore)", type=float)
+    projection: str = _opt("svd", "subspace from exact SVD or randomized SVD (qgalore/galore)", type=str,
+                           choices=("svd", "rsvd"))
+    no_gate: bool = _opt(False, "refresh at a fixed interval instead of lengthening it as subspaces converge",
+                         flag=True)
+    proj_gap_cap: int | None = _opt(None, "upper bound of the adaptive refresh interval (default: "
+                                    "max(5000, --update-proj-gap))", type=int)
+    target_modules: str = _opt(",".join(DEFAULT_TARGET_MODULES), "comma list of projected linear layers "
+                               "(last name component or full module name)", type=str)
+    # AdamW and schedule
+    lr: float = _opt(0.01, "peak learning rate", type=float)
+    weight_decay: float = _opt(0.0, "decoupled weight decay", type=float)
+    beta1: float = _opt(0.9, "Adam beta1", type=float)
+    beta2: float = _opt(0.999, "Adam beta2", type=float)
+    grad_clip: float = _opt(1.0, "max global gradient norm, 0 = off (qgalore/galore: norm of the dense and "
+                            "low-rank gradients the optimizer consumes)", type=float)
+    warmup_steps: int = _opt(20, "linear warm-up steps", type=int)
+    lr_schedule: str = _opt("cosine", "decay after warm-up", type=str, choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = _opt(0.1, "final lr as a fraction of --lr (cosine/linear)", type=float)
+    # batch and length
+    max_steps: int = _opt(200, "optimizer steps to train (total, counting resumed ones)", type=int)
+    batch_size: int = _opt(8, "micro-batch size (sequences per forward/backward)", type=int)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", type=int)
+    seq_len: int = _opt(128, "tokens per sequence", type=int)
+    seed: int = _opt(0, "seed of model init, data order and stochastic rounding", type=int)
+    # evaluation, checkpoints, telemetry
+    eval_every: int = _opt(50, "evaluate on the held-out split every N steps (0: only at the end)", type=int)
+    eval_batches: int = _opt(8, "held-out batches (of --batch-size sequences) per evaluation", type=int)
+    save_dir: str | None = _opt(None, "checkpoint root; checkpoints go to <save-dir>/step_NNNNNN/", type=str)
+    save_every: int = _opt(0, "checkpoint every N steps (0: only at the end); needs --save-dir", type=int)
+    resume: str | None = _opt(None, "checkpoint directory to resume from, or 'auto' (latest in --save-dir; "
+                              "starts fresh when there is none); settings come from this command line / "
+                              "--config, not from the checkpoint, so pass the original ones", type=str)
+    metrics_jsonl: str | None = _opt(None, "write one JSON object per step / evaluation to this file", type=str,
+                                     metavar="PATH")
+    log_every: int = _opt(10, "plain log line every N steps (when stderr is not a terminal)", type=int)
+    export: str | None = _opt(None, "after training, write a plain dequantised transformers model + tokenizer "
+                              "here", type=str, metavar="DIR")
+    # hardware
+    device: str | None = _opt(None, "cpu, cuda, cuda:N (default: cuda when available, else cpu)", type=str)
+    dtype: str | None = _opt(None, "compute dtype (default: float32 on CPU, bfloat16 on CUDA)", type=str,
+                             choices=DTYPES)
+    activation_checkpointing: bool = _opt(False, "recompute each decoder layer in backward (less activation "
+                                          "memory, ~30%% more compute)", flag=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def target_module_list(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+_FIELDS = {f.name: f for f in fields(TrainArgs)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <message>`` on stderr, exit 2, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+def fail(message: str) -> NoReturn:
+    """Print one ``error:`` line (newlines folded) on stderr and exit with status 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser; every option defaults to *absent* so explicit flags can be told apart from defaults."""
+    p = _Parser(prog="launch/pretrain.py", argument_default=argparse.SUPPRESS,
+                description="Pre-train a causal LM with Q-GaLore (INT8 weights, INT4 projectors, 8-bit low-rank "
+                            "state) or a baseline optimizer.",
+                epilog="Defaults run a short demo: llama_20m on the embedded corpus, 200 steps.")
+    p.add_argument("--config", metavar="FILE", help="JSON object of settings (flag names with underscores); "
+                   "flags given on the command line override it")
+    for f in fields(TrainArgs):
+        md = f.metadata
+        help_text = md["help"] if md["flag"] or f.default is None else f"{md['help']} (default: {f.default})"
+        if md["flag"]:
+            p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, type=md["type"], choices=md["choices"],
+                           metavar=md["metavar"], help=help_text)
+    return p
+
+
+def _coerce_file_value(name: str, value: Any, source: str) -> Any:
+    """Check a config-file value against the field's type (JSON types, no string parsing)."""
+    f = _FIELDS[name]
+    md = f.metadata
+    where = f"config file {source}: {name}"
+    if md["flag"]:
+        if not isinstance(value, bool):
+            raise UsageError(f"{where} must be true or false, got {value!r}")
+        return value
+    if value is None:
+        if f.default is not None:
+            raise UsageError(f"{where} must not be null")
+        return None
+    kind = md["type"]
+    if name == "target_modules" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UsageError(f"{where} must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{where} must be a number, got {value!r}")
+        value = float(value)
+    if kind is str and not isinstance(value, str):
+        raise UsageError(f"{where} must be a string, got {value!r}")
+    if md["choices"] and value not in md["choices"]:
+        raise UsageError(f"{where}={value!r} is invalid: allowed: {', '.join(md['choices'])}")
+    return value
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read ``--config``: a JSON object whose keys are :class:`TrainArgs` fields."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"config file {p}: cannot read it ({exc.strerror or exc})") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"config file {p}: malformed JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") \
+            from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {p}: expected a JSON object, got a {type(data).__name__}")
+    unknown = sorted(k for k in data if k not in _FIELDS)
+    if unknown:
+        hint = " (use underscores, e.g. max_steps)" if any("-" in k for k in unknown) else ""
+        raise UsageError(f"config file {p}: unknown setting(s) {', '.join(unknown)}{hint}")
+    return {k: _coerce_file_value(k, v, str(p)) for k, v in data.items()}
+
+
+def validate(args: TrainArgs) -> None:
+    """Range and combination checks that need no model or data (those fail later, still before any write)."""
+    if args.engine not in ENGINES:
+        raise UsageError(f"--engine {args.engine!r} is not available yet; allowed: {', '.join(ENGINES)}")
+    for name in ("rank", "update_proj_gap", "max_steps", "batch_size", "grad_accum", "seq_len", "eval_batches",
+                 "log_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"{_flag(name)} must be a positive integer, got {getattr(args, name)}")
+    for name in ("warmup_steps", "eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise UsageError(f"{_flag(name)} must lie in [0, 1), got {getattr(args, name)}")
+    if not args.weight_decay >= 0:
+        raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not args.grad_clip >= 0:
+        raise UsageError(f"--grad-clip must be >= 0 (0 = off), got {args.grad_clip}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise UsageError(f"--min-lr-ratio must lie in [0, 1], got {args.min_lr_ratio}")
+    if args.proj_gap_cap is not None and args.proj_gap_cap < args.update_proj_gap:
+        raise UsageError(f"--proj-gap-cap ({args.proj_gap_cap}) must be >= --update-proj-gap "
+                         f"({args.update_proj_gap})")
+    if not args.target_module_list:
+        raise UsageError("--target-modules is empty")
+    if args.save_every and not args.save_dir:
+        raise UsageError("--save-every needs --save-dir")
+    if args.resume == "auto" and not args.save_dir:
+        raise UsageError("--resume auto needs --save-dir (the latest checkpoint there is resumed)")
+    named_corpus = args.data is None or args.data in ("default", "shakespeare")
+    if not named_corpus and not Path(args.data).expanduser().exists():
+        raise UsageError(f"--data {args.data}: path does not exist")
+    if args.tokenizer is not None and not Path(args.tokenizer).expanduser().exists():
+        raise UsageError(f"--tokenizer {args.tokenizer}: path does not exist")
+    for name in ("save_dir", "export"):
+        value = getattr(args, name)
+        if value is not None and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+            raise UsageError(f"{_flag(name)} {value}: exists and is not a directory")
+    if args.metrics_jsonl is not None and Path(args.metrics_jsonl).expanduser().is_dir():
+        raise UsageError(f"--metrics-jsonl {args.metrics_jsonl}: is a directory")
+    if args.resume not in (None, "auto") and not Path(args.resume).expanduser().is_dir():
+        raise UsageError(f"--resume {args.resume}: checkpoint directory does not exist")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
+    """Defaults < ``--config`` file < command line; validated. Raises :class:`UsageError` (or exits 2 for a
+    syntax error such as an unknown flag or a non-number where a number is expected)."""
+    ns = vars(build_parser().parse_args(argv))
+    merged: dict[str, Any] = {}
+    config_path = ns.pop("config", None)
+    if config_path is not None:
+        merged.update(load_config_file(config_path))
+    merged.update(ns)
+    args = TrainArgs(**merged)
+    validate(args)
+    return args
+
+
+def main(argv: Sequence[str] | None = None):
+    """Entry point of ``launch/pretrain.py``: parse, train; returns the :class:`~.loop.TrainResult`.
+
+    User errors exit with status 2 after one ``error:`` line; genuine bugs keep their traceback.
+    """
+    from .loop import train  # deferred: loop imports TrainArgs / UsageError from this module
+
+    try:
+        args = parse_args(argv)
+        return train(args)
+    except (UsageError, ModelSpecError, DataError, CheckpointError) as exc:
+        fail(str(exc))

@@ -1,0 +1,537 @@
+"""The training loop, shared by every engine, and the single-device engine.
+
+``train(args)`` resolves the model, tokenizer and data, builds the optimizer through an *engine*, and runs
+steps of ``grad_accum`` micro-batches with periodic evaluation on the held-out split, checkpoints and metrics.
+The engine owns model/optimizer preparation, backward, the optimizer step and the state to checkpoint;
+:class:`LocalEngine` is one process on one device. The distributed engines (ddp / fsdp / deepspeed) implement
+the same methods and add their communication — the loop itself contains no engine-specific code.
+
+Loss: :class:`~qgalore_dist.data.TokenBatcher` yields labels already shifted, so the loss is plain token-level
+cross-entropy of the logits (computed in fp32) against them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint.export import export_model, quantized_modules
+from ..checkpoint.save_load import (CheckpointError, capture_rng_state, latest_checkpoint, list_checkpoints,
+                                    load_checkpoint, restore_rng_state, save_checkpoint, verify_checkpoint)
+from ..config import QGaLoreConfig
+from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
+from ..models import build_model, load_pretrained, param_count, resolve_model_config
+from ..nn import quantize_model
+from ..optim import QGaLoreOptimizer
+from ..optim.dense_adamw import dense_adamw_step, init_dense_state
+from .cli import TrainArgs, UsageError
+from .metrics import MetricsWriter, Progress, peak_memory_bytes, perplexity
+from .schedule import build_scheduler
+
+__all__ = ["DenseAdamW8bit", "LocalEngine", "TorchAdamW", "TrainResult", "evaluate", "lm_loss", "make_optimizer",
+           "qgalore_config", "train"]
+
+# Adam epsilon of every optimizer here: GaLore's / Q-GaLore's default, so baselines compare at equal settings.
+ADAM_EPS = 1e-6
+WEIGHT_GROUP_SIZE = 256  # INT8 weight group (DESIGN.md §5 reference setting)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+# ============================================================================================ optimizers
+def _global_norm(grads: Iterable[torch.Tensor]) -> float:
+    """√(Σ‖g‖²), accumulated in float64: the same definition QGaLoreOptimizer clips by."""
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+
+
+class TorchAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` whose ``step()`` clips with ``clip_grad_norm_`` (when ``grad_clip > 0``) and returns
+    the global gradient norm before clipping — the same contract as :class:`QGaLoreOptimizer`."""
+
+    def __init__(self, params: Iterable[nn.Parameter], *, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float, grad_clip: float = 0.0) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.grad_clip = float(grad_clip)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> float | None:  # type: ignore[override]
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = None
+        if params:
+            if self.grad_clip > 0:
+                norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+            else:
+                norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        super().step(closure)
+        return norm
+
+
+class DenseAdamW8bit(torch.optim.Optimizer):
+    """AdamW over every parameter with 8-bit blockwise moments (:mod:`qgalore_dist.optim.dense_adamw`).
+
+    The ``adamw8bit`` baseline: what Q-GaLore's dense side does, applied to the whole float model. State is keyed
+    by parameter name, like :class:`QGaLoreOptimizer`'s. ``step()`` clips by the global norm when
+    ``grad_clip > 0`` and returns the norm before clipping.
+    """
+
+    FORMAT = "qgalore_dist.dense_adamw8bit/1"
+
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, betas: tuple[float, float],
+                 eps: float, weight_decay: float, grad_clip: float = 0.0, state_bits: int = 8) -> None:
+        named = [(n, p) for n, p in named_params if p.requires_grad]
+        super().__init__([p for _, p in named], {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.grad_clip = float(grad_clip)
+        self.state_bits = state_bits
+        self._names = {id(p): n for n, p in named}
+        self.dense_state = {n: init_dense_state(p, state_bits) for n, p in named}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> float | None:  # type: ignore[override]
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not live:
+            return None
+        norm = _global_norm(p.grad for p in live)
+        coef = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad if coef == 1.0 else p.grad * coef
+                dense_adamw_step(p, g, self.dense_state[self._names[id(p)]], group["lr"], group["betas"],
+                                 group["eps"], group["weight_decay"])
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"format": self.FORMAT, "state_bits": self.state_bits,
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+                "params": {n: st.state_dict() for n, st in self.dense_state.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if state_dict.get("format") != self.FORMAT:
+            raise ValueError(f"not a {self.FORMAT} optimizer state")
+        if state_dict.get("state_bits") != self.state_bits:
+            raise ValueError(f"optimizer state has {state_dict.get('state_bits')}-bit moments, this run "
+                             f"{self.state_bits}-bit")
+        saved = state_dict["params"]
+        missing, extra = sorted(set(self.dense_state) - set(saved)), sorted(set(saved) - set(self.dense_state))
+        if missing or extra:
+            raise ValueError(f"optimizer state does not match the model: missing {missing[:3]}, unexpected "
+                             f"{extra[:3]}")
+        for n, st in self.dense_state.items():
+            st.load_state_dict(saved[n])
+        for g, sg in zip(self.param_groups, state_dict["param_groups"]):
+            g.update({k: v for k, v in sg.items() if k != "params"})
+
+
+def qgalore_config(args: TrainArgs) -> QGaLoreConfig:
+    """The projected-matrix settings of ``--optimizer qgalore|galore`` (galore: float reference mode)."""
+    try:
+        return QGaLoreConfig(
+            rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale, projection=args.projection,
+            quantize=args.optimizer == "qgalore", weight_group_size=WEIGHT_GROUP_SIZE, lr=args.lr,
+            betas=(args.beta1, args.beta2), eps=ADAM_EPS, weight_decay=args.weight_decay, gate=not args.no_gate,
+            max_proj_gap=args.proj_gap_cap if args.proj_gap_cap is not None else max(5000, args.update_proj_gap),
+            seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(f"invalid optimizer setting: {exc}") from exc
+
+
+def make_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    """The optimizer ``--optimizer`` names, over ``model`` (already INT8-converted for ``qgalore``).
+
+    Every returned optimizer's ``step()`` returns the global gradient norm before clipping (or None).
+    """
+    betas = (args.beta1, args.beta2)
+    if args.optimizer in ("qgalore", "galore"):
+        try:
+            # layer-wise: each projected gradient is consumed inside backward, so the full-model gradient never
+            # exists; the 8-bit dense state is Q-GaLore's, the fp32 one GaLore's reference.
+            return QGaLoreOptimizer(model, qgalore_config(args), dense_state_bits=8 if args.optimizer == "qgalore"
+                                    else 32, target_modules=tuple(args.target_module_list), stagger_refresh=True,
+                                    layerwise=True, grad_accum=args.grad_accum, grad_clip=args.grad_clip)
+        except ValueError as exc:
+            raise UsageError(f"cannot build the {args.optimizer} optimizer: {exc}") from exc
+    if args.optimizer == "adamw":
+        return TorchAdamW(model.parameters(), lr=args.lr, betas=betas, eps=ADAM_EPS, weight_decay=args.weight_decay,
+                          grad_clip=args.grad_clip)
+    if args.optimizer == "adamw8bit":
+        return DenseAdamW8bit(model.named_parameters(), lr=args.lr, betas=betas, eps=ADAM_EPS,
+                              weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+    raise UsageError(f"--optimizer {args.optimizer!r} is unknown")
+
+
+# ================================================================================================ engine
+class LocalEngine:
+    """One process, one device: prepares model + optimizer and runs backward / step. No communication.
+
+    A distributed engine keeps these methods and adds what moves between ranks (gradient reduction, owner
+    broadcasts, sharded state); the loop only ever talks to the engine.
+    """
+
+    name = "local"
+    world_size = 1
+    rank = 0
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes checkpoints, metrics and logs."""
+        return True
+
+    def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
+                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        self.model = model.to(self.device)
+        self.optimizer = make_opt(self.model)
+        return self.model, self.optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float | None:
+        """Optimizer step at the accumulation boundary; returns the pre-clip global gradient norm (or None)."""
+        out = self.optimizer.step()
+        return None if out is None else float(out)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def mean_over_ranks(self, value: float) -> float:
+        """Average a scalar (evaluation loss) over ranks; one rank holds the whole answer here."""
+        return value
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any], where: str) -> None:
+        """Load a checkpoint's model and optimizer state; a mismatch raises :class:`CheckpointError`."""
+        own = self.model.state_dict()
+        missing, extra = sorted(set(own) - set(model_state)), sorted(set(model_state) - set(own))
+        if missing or extra:
+            raise CheckpointError(f"checkpoint {where} does not match this model: missing {missing[:3]}, "
+                                  f"unexpected {extra[:3]}")
+        for k, v in own.items():
+            if tuple(v.shape) != tuple(model_state[k].shape):
+                raise CheckpointError(f"checkpoint {where} does not match this model: {k} has shape "
+                                      f"{tuple(model_state[k].shape)}, the model {tuple(v.shape)}")
+        self.model.load_state_dict(model_state, strict=True)
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {where}: optimizer state does not fit this run ({exc})") from exc
+
+
+# ============================================================================================ loss, eval
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Token-level cross-entropy (fp32) of the model's logits against already-shifted labels."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batcher: TokenBatcher, batches: int, batch_size: int,
+             device: torch.device) -> float:
+    """Mean token loss over the first ``batches`` held-out batches (deterministic: same windows every time)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i, (x, y) in enumerate(batcher.val_batches(batch_size)):
+            if i >= batches:
+                break
+            total += float(lm_loss(model, x.to(device), y.to(device), reduction="sum"))
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    return total / count if count else math.nan
+
+
+# ================================================================================================ set-up
+def resolve_device(spec: str | None) -> torch.device:
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {spec!r} is not a device (use cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {spec!r}: only cpu and cuda are supported")
+    return dev
+
+
+def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
+    if spec is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[spec]
+
+
+def resolve_tokenizer(args: TrainArgs):
+    """``--tokenizer``, else the model directory's own tokenizer, else the default BPE (trained once, cached)."""
+    if args.tokenizer is not None:
+        return get_tokenizer(args.tokenizer)
+    model_dir = Path(args.model).expanduser()
+    if model_dir.is_dir() and any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return get_tokenizer(model_dir)
+    return get_tokenizer()
+
+
+def resolve_resume(args: TrainArgs) -> Path | None:
+    """The checkpoint to resume from (None: fresh start). Refuses a fresh start into a directory that already
+    holds checkpoints, so a forgotten ``--resume`` can never overwrite them."""
+    if args.resume == "auto":
+        return latest_checkpoint(args.save_dir)
+    if args.resume is not None:
+        return Path(args.resume).expanduser()
+    if args.save_dir is not None:
+        found = list_checkpoints(args.save_dir)
+        if found:
+            raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints (latest {found[-1][1].name}); "
+                             "pass --resume auto to continue that run, or choose another --save-dir")
+    return None
+
+
+def build_training_model(args: TrainArgs, config, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model to train: fresh from ``config`` (seeded) or loaded from a model directory; KV cache off,
+    activation checkpointing on request, targeted linears converted to INT8 for ``qgalore``."""
+    torch.manual_seed(args.seed)
+    if Path(args.model).expanduser().is_dir():
+        model = load_pretrained(args.model, dtype=dtype, device=device)
+    else:
+        model = build_model(config, device=device, dtype=dtype)
+    model.config.use_cache = False
+    if args.activation_checkpointing:
+        # non-reentrant: works when the checkpointed block's inputs need no grad, and with in-backward steps.
+        # transformers >= 5 renamed the method (the old name warns); older releases only have the old one.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if args.optimizer == "qgalore":
+        try:
+            quantize_model(model, tuple(args.target_module_list), group_size=WEIGHT_GROUP_SIZE, seed=args.seed)
+        except ValueError as exc:
+            raise UsageError(f"--target-modules: {exc}") from exc
+    model.train()
+    return model
+
+
+# ================================================================================================= loop
+@dataclass
+class TrainResult:
+    """What a run did (also returned by ``main``)."""
+
+    start_step: int
+    steps: int
+    tokens: int
+    losses: list[float] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    export_dir: str | None = None
+    wall_s: float = 0.0
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.evals[-1][1] if self.evals else None
+
+
+def _trainer_state(args: TrainArgs, model: nn.Module, batcher: TokenBatcher, scheduler, tokens: int,
+                   tok_fp: str, engine: LocalEngine, result: TrainResult) -> dict[str, Any]:
+    return {
+        "engine": engine.name,
+        "world_size": engine.world_size,
+        "tokens_seen": tokens,
+        "rng": capture_rng_state(),
+        "data": batcher.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "args": args.to_dict(),
+        "optimizer_kind": args.optimizer,
+        "model_config": json.loads(model.config.to_json_string(use_diff=False)),
+        "quantized_modules": quantized_modules(model),
+        "tokenizer_fingerprint": tok_fp,
+        "last_loss": result.losses[-1] if result.losses else None,
+        "last_val_loss": result.final_val_loss,
+    }
+
+
+@dataclass
+class _Run:
+    """Everything :func:`train` set up before its first write."""
+
+    tokenizer: Any
+    tok_fp: str
+    batcher: TokenBatcher
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    resume_dir: Path | None
+    start_step: int = 0
+    tokens: int = 0
+
+
+def _prepare(args: TrainArgs, engine: LocalEngine) -> _Run:
+    """Resolve, build and (when resuming) restore everything; raises user errors before anything is written.
+
+    Cheap checks come first (flags, model spec, checkpoint hashes), then the tokenizer and data, then the model.
+    """
+    dtype = resolve_dtype(args.dtype, engine.device)
+    if args.optimizer in ("qgalore", "galore"):
+        qgalore_config(args)  # raises UsageError on an invalid combination
+    config = resolve_model_config(args.model)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and args.seq_len > max_pos:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    resume_dir = resolve_resume(args)
+    record = None
+    if resume_dir is not None:
+        record = verify_checkpoint(resume_dir)
+        if record.get("optimizer_kind") != args.optimizer:
+            raise CheckpointError(f"checkpoint {resume_dir} was trained with --optimizer "
+                                  f"{record.get('optimizer_kind')}, this run uses {args.optimizer}")
+
+    tokenizer = resolve_tokenizer(args)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    if record is not None and record.get("tokenizer_fingerprint") != tok_fp:
+        raise CheckpointError(f"checkpoint {resume_dir} was trained with another tokenizer (fingerprint "
+                              f"{record.get('tokenizer_fingerprint')}, this run {tok_fp})")
+    if not Path(args.model).expanduser().is_dir():
+        config = resolve_model_config(args.model, vocab_size=len(tokenizer))
+    batcher = TokenBatcher.from_source(args.data, tokenizer, args.seq_len, args.batch_size, seed=args.seed,
+                                       world_size=engine.world_size, rank=engine.rank)
+
+    model, optimizer = engine.prepare(build_training_model(args, config, engine.device, dtype),
+                                      lambda m: make_optimizer(m, args))
+    used = max(len(tokenizer), batcher.stream.vocab_size or 0)
+    if used > model.config.vocab_size:
+        raise UsageError(f"tokenizer/data use {used} token ids but the model's vocabulary has "
+                         f"{model.config.vocab_size}")
+    scheduler = build_scheduler(optimizer, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                                schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio)
+    run = _Run(tokenizer, tok_fp, batcher, model, optimizer, scheduler, resume_dir)
+    if resume_dir is not None:
+        ckpt = load_checkpoint(resume_dir)
+        engine.load_state(ckpt.model_state, ckpt.optimizer_state, str(resume_dir))
+        try:
+            scheduler.load_state_dict(ckpt.trainer["scheduler"])
+            batcher.load_state_dict(ckpt.trainer["data"])
+            restore_rng_state(ckpt.trainer["rng"])
+            run.start_step, run.tokens = ckpt.step, int(ckpt.trainer["tokens_seen"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {resume_dir}: trainer state does not fit this run ({exc})") from exc
+    return run
+
+
+def train(args: TrainArgs, engine: LocalEngine | None = None) -> TrainResult:
+    """Run training as ``args`` describes, through ``engine`` (default: :class:`LocalEngine` on ``--device``).
+
+    User errors raise :class:`UsageError` / ``ModelSpecError`` / ``DataError`` / :class:`CheckpointError` before
+    anything is written.
+    """
+    t_start = time.perf_counter()
+    engine = engine or LocalEngine(resolve_device(args.device))
+    run = _prepare(args, engine)
+    model, optimizer, scheduler, batcher = run.model, run.optimizer, run.scheduler, run.batcher
+    tokenizer, resume_dir, start_step, tokens = run.tokenizer, run.resume_dir, run.start_step, run.tokens
+    device, dtype, vocab = engine.device, resolve_dtype(args.dtype, engine.device), model.config.vocab_size
+
+    # --- from here on the run writes (metrics, checkpoints, export) -----------------------------------------
+    result = TrainResult(start_step=start_step, steps=start_step, tokens=tokens)
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * engine.world_size
+    progress = Progress(total=args.max_steps, start=start_step, log_every=args.log_every)
+    progress.note(
+        f"model {args.model}: {param_count(model.config) / 1e6:.2f}M params, vocab {vocab} | optimizer "
+        f"{args.optimizer} | {device} {str(dtype).removeprefix('torch.')} | {tokens_per_step} tokens/step | "
+        f"data {batcher.stream.source}: {batcher.n_windows} train / {batcher.n_val_windows()} val windows"
+        + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir is not None else "")
+        + (" | no checkpoint to resume, starting fresh" if args.resume == "auto" and resume_dir is None else ""))
+    if hasattr(optimizer, "memory_bytes"):
+        mem = optimizer.memory_bytes()
+        progress.note("weights + optimizer state: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in mem.items()))
+
+    with MetricsWriter(args.metrics_jsonl, append=resume_dir is not None) as metrics:
+
+        def run_eval(step: int) -> None:
+            t0 = time.perf_counter()
+            val = engine.mean_over_ranks(evaluate(model, batcher, args.eval_batches, args.batch_size, device))
+            result.evals.append((step, val))
+            metrics.write({"event": "eval", "step": step, "tokens": tokens, "val_loss": val,
+                           "val_ppl": perplexity(val), "eval_time_s": time.perf_counter() - t0})
+            progress.note(f"step {step}: val_loss {val:.4f} val_ppl {perplexity(val):.2f}")
+
+        def save(step: int) -> None:
+            path = save_checkpoint(args.save_dir, step, model_state=engine.model_state(),
+                                   optimizer_state=engine.optimizer_state(),
+                                   trainer_state=_trainer_state(args, model, batcher, scheduler, tokens,
+                                                                run.tok_fp, engine, result),
+                                   tokenizer=tokenizer)
+            result.checkpoints.append(str(path))
+            progress.note(f"step {step}: saved {path}")
+
+        if start_step == 0 and args.max_steps > 0:
+            run_eval(0)  # the starting point of the validation curve
+        if start_step >= args.max_steps:
+            progress.note(f"checkpoint is at step {start_step} >= --max-steps {args.max_steps}: nothing to train")
+
+        step = start_step
+        try:
+            while step < args.max_steps:
+                t0 = time.perf_counter()
+                lr = optimizer.param_groups[0]["lr"]
+                engine.zero_grad()
+                loss_sum = 0.0
+                for _ in range(args.grad_accum):
+                    x, y = batcher.next_batch()
+                    loss = lm_loss(model, x.to(device), y.to(device))
+                    # scaled so accumulated gradients average over micro-batches
+                    engine.backward(loss / args.grad_accum)
+                    loss_sum += float(loss.detach())
+                grad_norm = engine.step()
+                scheduler.step()
+                step += 1
+                tokens += tokens_per_step
+                dt = time.perf_counter() - t0
+                loss_val = loss_sum / args.grad_accum
+                result.losses.append(loss_val)
+                result.steps, result.tokens = step, tokens
+                record = {"event": "train", "step": step, "loss": loss_val, "lr": lr, "tokens": tokens,
+                          "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
+                          "peak_mem_bytes": peak_memory_bytes(device),
+                          "svd_count": int(getattr(optimizer, "svd_count", 0)), "grad_norm": grad_norm}
+                phases = getattr(optimizer, "phase_times", None)
+                if phases:
+                    record["phase_times_s"] = {k: float(v) for k, v in phases.items()}
+                metrics.write(record)
+                progress.update(step, loss_val, lr, tokens_per_step / dt, grad_norm)
+                if step == args.max_steps or (args.eval_every and step % args.eval_every == 0):
+                    run_eval(step)
+                if args.save_dir and (step == args.max_steps or (args.save_every and step % args.save_every == 0)):
+                    save(step)
+        finally:
+            progress.close()
+
+    if args.export:
+        result.export_dir = str(export_model(model, args.export, tokenizer))
+        print(f"exported dequantised model to {result.export_dir}", flush=True)
+    result.wall_s = time.perf_counter() - t_start
+    return result
