@@ -163,7 +163,7 @@ def test_clipping_uses_consumed_gradient_norm(layerwise):
         if clip:
             assert norm == pytest.approx(expected, rel=1e-9)
         else:
-            assert norm is None
+            assert norm > 0  # measured even when not clipping
     (m0, _), (m1, _) = runs[0.0], runs[1e-3]
     # Adam is scale invariant at step 1 except through eps: clip by 1e-3 must still change the dense update
     emb0, emb1 = m0.model.embed_tokens.weight, m1.model.embed_tokens.weight

@@ -101,7 +101,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             what the optimizer consumes, the same in every engine (the full gradient never exists in layer-wise
             mode, so its norm cannot be used).
 
-    ``step()`` returns that global norm (before clipping), or None when nothing was measured.
+    ``step()`` returns that global norm (before clipping), clipping or not.
     """
 
     def __init__(self, model: nn.Module, config: QGaLoreConfig, *, dense_state_bits: int = 32,
@@ -154,6 +154,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         self._hooks = []
         # the whole step runs inside backward: nothing has to wait for the accumulation boundary or a global norm
         self.in_backward = layerwise and grad_accum == 1 and self.grad_clip == 0
+        self._consumed_sq = 0.0  # Σ‖consumed gradient‖² of in-backward steps, reported by the next step()
         if layerwise:
             for pm in self.matrices:
                 self._install_sink(pm)
@@ -218,6 +219,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _dense_in_backward(self, name: str, p: torch.Tensor) -> None:
         dg = self._group("dense")
+        self._consumed_sq += float(p.grad.double().pow(2).sum())
         dense_adamw_step(p, p.grad, self.dense_state[name], dg["lr"], self.config.betas, self.config.eps,
                          dg["weight_decay"])
         p.grad = None
@@ -226,6 +228,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
     def _consume(self, pm: ProjectedMatrix, grad: torch.Tensor) -> None:
         r = self._project_into_window(pm, grad)
         if self.in_backward:
+            self._consumed_sq += float(r.double().pow(2).sum())
             rule, lr = self._rule()
             self._apply(pm, r, rule, lr)  # the whole step inside backward: no accumulator
             return
@@ -249,13 +252,12 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                     self.accum[pm.name] = self._project_into_window(pm, g)
                     pm.clear_grad()
         dense = [(n, p) for n, p in self.dense_named if p.grad is not None]
-        norm = None
-        coef = 1.0
-        if self.grad_clip > 0:
-            sq = sum(float(r.double().pow(2).sum()) for r in self.accum.values())
-            sq += sum(float(p.grad.double().pow(2).sum()) for _, p in dense)
-            norm = sq ** 0.5
-            coef = min(1.0, self.grad_clip / (norm + 1e-6))
+        # the global norm is always measured (metrics want it); it drives clipping when grad_clip > 0
+        sq = self._consumed_sq + sum(float(r.double().pow(2).sum()) for r in self.accum.values())
+        sq += sum(float(p.grad.double().pow(2).sum()) for _, p in dense)
+        self._consumed_sq = 0.0
+        norm = sq ** 0.5
+        coef = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
         for pm in self.matrices:
             r = self.accum.pop(pm.name, None)
             if r is not None:

@@ -24,7 +24,10 @@ from ..nn.convert import DEFAULT_TARGET_MODULES
 __all__ = ["ENGINES", "OPTIMIZERS", "TrainArgs", "UsageError", "build_parser", "main", "parse_args"]
 
 ENGINES = ("local",)  # ddp / fsdp / deepspeed arrive with the distributed engines
-OPTIMIZERS = ("qgalore", "galore", "adamw", "adamw8bit")
+OPTIMIZERS = ("qgalore", "projfactor", "galore", "adamw", "adamw8bit")
+# optimizers whose targeted matrices hold INT8 weights and go through the projected (low-rank) rules
+INT8_OPTIMIZERS = ("qgalore", "projfactor")
+LOWRANK_OPTIMIZERS = ("qgalore", "projfactor", "galore")
 DTYPES = ("float32", "bfloat16", "float64")
 
 
@@ -52,14 +55,18 @@ class TrainArgs:
                                  "corpus)", type=str)
     data: str | None = _opt(None, "text/JSONL file, folder, or token shards (.bin + sidecar, .safetensors); "
                             "default: the embedded Shakespeare corpus", type=str)
-    optimizer: str = _opt("qgalore", "qgalore (INT8 weights), galore (float reference), adamw (torch), "
-                          "adamw8bit (dense AdamW, 8-bit state)", type=str, choices=OPTIMIZERS)
+    optimizer: str = _opt("qgalore", "qgalore (INT8 weights, low-rank AdamW), projfactor (INT8 weights, VLoRP's "
+                          "ProjFactor), galore (float reference), adamw (torch), adamw8bit (dense AdamW, 8-bit "
+                          "state)", type=str, choices=OPTIMIZERS)
     # Q-GaLore / GaLore
     rank: int = _opt(128, "projection rank (qgalore/galore)", type=int)
     update_proj_gap: int = _opt(200, "initial steps between subspace refreshes (qgalore/galore)", type=int)
     scale: float = _opt(0.25, "scale of the low-rank update (qgalore/galore)", type=float)
-    projection: str = _opt("svd", "subspace from exact SVD or randomized SVD (qgalore/galore)", type=str,
-                           choices=("svd", "rsvd"))
+    projection: str = _opt("svd", "subspace from exact SVD, randomized SVD, or a seeded random Gaussian / "
+                           "Rademacher basis regenerated every --update-proj-gap steps", type=str,
+                           choices=("svd", "rsvd", "gaussian", "rademacher"))
+    granularity: float = _opt(1.0, "VLoRP granularity c: cut the projected dimension into c pieces (a power of "
+                              "two; 1 = GaLore; memory budget M = c·rank)", type=float)
     no_gate: bool = _opt(False, "refresh at a fixed interval instead of lengthening it as subspaces converge",
                          flag=True)
     proj_gap_cap: int | None = _opt(None, "upper bound of the adaptive refresh interval (default: "

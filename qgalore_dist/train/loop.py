@@ -30,9 +30,10 @@ from ..config import QGaLoreConfig
 from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
 from ..models import build_model, load_pretrained, param_count, resolve_model_config
 from ..nn import quantize_model
+from ..nn.materialize import materialize_quantized
 from ..optim import QGaLoreOptimizer
 from ..optim.dense_adamw import dense_adamw_step, init_dense_state
-from .cli import TrainArgs, UsageError
+from .cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs, UsageError
 from .metrics import MetricsWriter, Progress, peak_memory_bytes, perplexity
 from .schedule import build_scheduler
 
@@ -137,7 +138,8 @@ def qgalore_config(args: TrainArgs) -> QGaLoreConfig:
     try:
         return QGaLoreConfig(
             rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale, projection=args.projection,
-            quantize=args.optimizer == "qgalore", weight_group_size=WEIGHT_GROUP_SIZE, lr=args.lr,
+            quantize=args.optimizer in INT8_OPTIMIZERS, granularity=args.granularity,
+            optimizer="projfactor" if args.optimizer == "projfactor" else "adamw", weight_group_size=WEIGHT_GROUP_SIZE, lr=args.lr,
             betas=(args.beta1, args.beta2), eps=ADAM_EPS, weight_decay=args.weight_decay, gate=not args.no_gate,
             max_proj_gap=args.proj_gap_cap if args.proj_gap_cap is not None else max(5000, args.update_proj_gap),
             seed=args.seed)
@@ -151,11 +153,11 @@ def make_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
     Every returned optimizer's ``step()`` returns the global gradient norm before clipping (or None).
     """
     betas = (args.beta1, args.beta2)
-    if args.optimizer in ("qgalore", "galore"):
+    if args.optimizer in LOWRANK_OPTIMIZERS:
         try:
             # layer-wise: each projected gradient is consumed inside backward, so the full-model gradient never
             # exists; the 8-bit dense state is Q-GaLore's, the fp32 one GaLore's reference.
-            return QGaLoreOptimizer(model, qgalore_config(args), dense_state_bits=8 if args.optimizer == "qgalore"
+            return QGaLoreOptimizer(model, qgalore_config(args), dense_state_bits=8 if args.optimizer in INT8_OPTIMIZERS
                                     else 32, target_modules=tuple(args.target_module_list), stagger_refresh=True,
                                     layerwise=True, grad_accum=args.grad_accum, grad_clip=args.grad_clip)
         except ValueError as exc:
@@ -315,8 +317,18 @@ def build_training_model(args: TrainArgs, config, device: torch.device, dtype: t
     """The model to train: fresh from ``config`` (seeded) or loaded from a model directory; KV cache off,
     activation checkpointing on request, targeted linears converted to INT8 for ``qgalore``."""
     torch.manual_seed(args.seed)
-    if Path(args.model).expanduser().is_dir():
+    from_dir = Path(args.model).expanduser().is_dir()
+    if from_dir:
         model = load_pretrained(args.model, dtype=dtype, device=device)
+    elif args.optimizer in INT8_OPTIMIZERS:
+        # a fresh model goes from the meta device straight into INT8, one matrix at a time: a 7B model never
+        # exists in fp32/bf16 (dense modules are materialised in the compute dtype)
+        model = build_model(config, meta=True)
+        try:
+            materialize_quantized(model, tuple(args.target_module_list), group_size=WEIGHT_GROUP_SIZE,
+                                  seed=args.seed, device=device, dense_dtype=dtype)
+        except ValueError as exc:
+            raise UsageError(f"--target-modules: {exc}") from exc
     else:
         model = build_model(config, device=device, dtype=dtype)
     model.config.use_cache = False
@@ -328,7 +340,7 @@ def build_training_model(args: TrainArgs, config, device: torch.device, dtype: t
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if args.optimizer == "qgalore":
+    if from_dir and args.optimizer in INT8_OPTIMIZERS:
         try:
             quantize_model(model, tuple(args.target_module_list), group_size=WEIGHT_GROUP_SIZE, seed=args.seed)
         except ValueError as exc:
@@ -396,7 +408,7 @@ def _prepare(args: TrainArgs, engine: LocalEngine) -> _Run:
     Cheap checks come first (flags, model spec, checkpoint hashes), then the tokenizer and data, then the model.
     """
     dtype = resolve_dtype(args.dtype, engine.device)
-    if args.optimizer in ("qgalore", "galore"):
+    if args.optimizer in LOWRANK_OPTIMIZERS:
         qgalore_config(args)  # raises UsageError on an invalid combination
     config = resolve_model_config(args.model)
     max_pos = getattr(config, "max_position_embeddings", None)
