@@ -24,7 +24,8 @@ export HYPOTHESIS_PROFILE ?= ci
 endif
 
 PYTEST_ARGS ?=
-DEMO_ARGS   ?=
+# a 50-step refresh interval so the 200-step demo exercises the refresh gate (the CLI default is the paper's 200)
+DEMO_ARGS   ?= --update-proj-gap 50 --metrics-jsonl runs/demo/metrics.jsonl
 
 .PHONY: setup test demo bench clean distclean
 
