@@ -193,9 +193,9 @@ class Collectives:
         return len(ts) == 1 and ts[0].is_contiguous() and ts[0].device == self.device
 
     def _pack(self, ts: list[torch.Tensor]) -> torch.Tensor:
-        """One flat 1-D buffer of ``ts`` (a view of a lone contiguous tensor: gloo's gathers need 1-D)."""
+        """One flat buffer of ``ts`` (a lone contiguous tensor is used as is: callers that need 1-D reshape)."""
         if self._direct(ts):
-            return ts[0].reshape(-1)
+            return ts[0]
         flat = torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=self.device)
         off = 0
         for t in ts:
@@ -302,7 +302,7 @@ class Collectives:
                         self.broadcast(per_owner[o], o)
 
     def _all_gather_owners(self, per_owner: dict[int, list[torch.Tensor]]) -> None:
-        mine = self._pack(per_owner[self.rank])
+        mine = self._pack(per_owner[self.rank]).reshape(-1)  # gloo's all_gather wants 1-D
         n = mine.numel()
         out = torch.empty(n * self.world_size, dtype=mine.dtype, device=self.device)
         _all_gather_flat(out, mine, group=self.group)
@@ -367,7 +367,7 @@ class Collectives:
             return
         for bucket in self.buckets(inputs, scale=self.world_size):
             ins = [inputs[i] for i in bucket]
-            mine = self._pack(ins)
+            mine = self._pack(ins).reshape(-1)  # gloo's all_gather wants 1-D
             n = mine.numel()
             out = torch.empty(n * self.world_size, dtype=mine.dtype, device=self.device)
             _all_gather_flat(out, mine, group=self.group)
