@@ -179,7 +179,7 @@ v = MPI.Get_library_version()
 assert "Open MPI" in v, v
 print(mpi4py.__version__, v.splitlines()[0])
 '
-EXTRAS="test,distributed"
+EXTRAS="test,distributed,bench"
 if [ "$MPI_OK" = 1 ]; then
     if "$PY" -c "$MPI_CHECK" >/dev/null 2>&1; then
         log "mpi4py present: $("$PY" -c "$MPI_CHECK")"
@@ -193,7 +193,7 @@ if [ "$MPI_OK" = 1 ]; then
     fi
 else
     warn "skipping mpi4py (no MPI); installing extras [test] only"
-    EXTRAS="test"
+    EXTRAS="test,bench"
 fi
 
 # ---------------------------------------------------------------------------------------------------
