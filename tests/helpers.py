@@ -28,3 +28,18 @@ def token_batches(n: int, batch: int = 2, seq: int = 16, vocab: int = 128, seed:
         start = torch.randint(0, vocab, (batch, 1), generator=g)
         out.append((start + torch.arange(seq)) % vocab)
     return out
+
+
+def train(model, opt, batches: list[torch.Tensor], accum: int = 1) -> list[float]:
+    """Optimizer steps over ``batches`` (``accum`` micro-batches per step); returns each step's mean loss."""
+    losses = []
+    for i in range(0, len(batches), accum):
+        total = 0.0
+        for x in batches[i:i + accum]:
+            loss = model(input_ids=x, labels=x).loss
+            (loss / accum).backward()
+            total += loss.item() / accum
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses

@@ -10,24 +10,10 @@ import pytest
 import torch
 
 from conftest import load_galore_adamw
-from helpers import tiny_llama, token_batches
+from helpers import tiny_llama, token_batches, train
 from qgalore_dist import QGaLoreConfig, QGaLoreOptimizer, quantize_model
 from qgalore_dist.nn import QGaLoreLinear, find_target_linears
 from qgalore_dist.optim.lowrank_adamw import LowRankAdamW
-
-
-def train(model, opt, batches, accum=1):
-    losses = []
-    for i in range(0, len(batches), accum):
-        total = 0.0
-        for x in batches[i:i + accum]:
-            loss = model(input_ids=x, labels=x).loss
-            (loss / accum).backward()
-            total += loss.item() / accum
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
-    return losses
 
 
 def codes(model):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import load_galore_adamw
-from helpers import tiny_llama, token_batches
+from helpers import tiny_llama, token_batches, train
 from qgalore_dist import QGaLoreConfig, QGaLoreOptimizer, quantize_model
 from qgalore_dist.optim.lowrank_adamw import LowRankAdamW
 from qgalore_dist.optim.projfactor import ProjFactor, ProjFactorState, make_rule, projfactor_numel
@@ -338,20 +338,6 @@ def qcfg(**kw):
                 state_min_numel=256, state_block_size=64, optimizer="projfactor", fused=False)
     base.update(kw)
     return QGaLoreConfig(**base)
-
-
-def train(model, opt, batches, accum=1):
-    losses = []
-    for i in range(0, len(batches), accum):
-        total = 0.0
-        for x in batches[i:i + accum]:
-            loss = model(input_ids=x, labels=x).loss
-            (loss / accum).backward()
-            total += loss.item() / accum
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
-    return losses
 
 
 def test_projfactor_gradient_accumulation_equals_large_batch():
