@@ -588,27 +588,16 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         traffic included (the window runs from the previous ``step()`` to this one)."""
         return int(self.last_comm["comm_bytes"])
 
-    def memory_bytes(self) -> dict[str, int]:
-        """This rank's resident bytes: replicated weights, projectors held here (owned; replicas too in lowrank
-        mode), owned moments, dense weights and moments."""
-        out = {"projected_weights": 0, "projectors": 0, "lowrank_moments": 0, "dense_weights": 0,
-               "dense_moments": 0}
-        for pm in self.matrices:
-            out["projected_weights"] += pm.weight_bytes()
-            st = self.mstate[pm.name]
-            if pm.name in self.owned:
-                sb = st.state_bytes()
-                out["projectors"] += sb["projector"]
-                out["lowrank_moments"] += sb["moments"]
-            elif isinstance(st.basis, (Int4Matrix, RandomBasis)):
-                out["projectors"] += st.basis.nbytes()
-            elif st.basis is not None:
-                out["projectors"] += st.basis.numel() * st.basis.element_size()
-        for n, p in self.dense_named:
-            out["dense_weights"] += p.numel() * p.element_size()
-            out["dense_moments"] += self.dense_state[n].nbytes()
-        out["total"] = sum(out.values())
-        return out
+    def _matrix_state_bytes(self, pm) -> dict[str, int]:
+        """Owned matrices: projector + moments; others: only the projector replica held here (lowrank mode)."""
+        st = self.mstate[pm.name]
+        if pm.name in self.owned:
+            return st.state_bytes()
+        if isinstance(st.basis, (Int4Matrix, RandomBasis)):
+            return {"projector": st.basis.nbytes(), "moments": 0}
+        if st.basis is not None:
+            return {"projector": st.basis.numel() * st.basis.element_size(), "moments": 0}
+        return {"projector": 0, "moments": 0}
 
     # --- checkpointing ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

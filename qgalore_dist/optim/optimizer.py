@@ -286,13 +286,17 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
     def refresh_log(self) -> list:
         return sorted((r for st in self.mstate.values() for r in st.history), key=lambda r: (r.step, r.name))
 
+    def _matrix_state_bytes(self, pm: ProjectedMatrix) -> dict[str, int]:
+        """Projector and moment bytes this process holds for one matrix (engines that shard state override)."""
+        return self.mstate[pm.name].state_bytes()
+
     def memory_bytes(self) -> dict[str, int]:
         """Exact resident bytes: projected weights, projectors, low-rank moments, dense weights, dense moments."""
         out = {"projected_weights": 0, "projectors": 0, "lowrank_moments": 0, "dense_weights": 0,
                "dense_moments": 0}
         for pm in self.matrices:
             out["projected_weights"] += pm.weight_bytes()
-            sb = self.mstate[pm.name].state_bytes()
+            sb = self._matrix_state_bytes(pm)
             out["projectors"] += sb["projector"]
             out["lowrank_moments"] += sb["moments"]
         for n, p in self.dense_named:
