@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import tiny_llama, token_batches  # noqa: E402
+from helpers import join_within, tiny_llama, token_batches  # noqa: E402
 
 WORLDS = (2, 3)
 LOCAL_BATCH = 2
@@ -335,15 +335,7 @@ def _launch(out_dir: Path, worlds: dict[int, int]) -> int:
         "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})) for world, port in worlds.items()
         for rank in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 240
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    stuck = [p for p in procs if p.is_alive()]
-    for p in stuck:
-        p.kill()
-    return 1 if stuck else 0
+    return join_within(procs, 240)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,18 @@ def train(model, opt, batches: list[torch.Tensor], accum: int = 1) -> list[float
         opt.zero_grad()
         losses.append(total)
     return losses
+
+
+def join_within(procs, seconds: float) -> int:
+    """Start ``procs``, wait for all of them up to ``seconds`` in total, kill stragglers; 1 if any hung, else 0."""
+    import time
+
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + seconds
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+    stuck = [p for p in procs if p.is_alive()]
+    for p in stuck:
+        p.kill()
+    return 1 if stuck else 0

@@ -23,6 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers, also when run as the rank launcher
+from helpers import join_within  # noqa: E402
+
 WORLDS = (2, 3)
 DEAD_TIMEOUT_S = 5.0  # group timeout of the dead-rank case: survivors must fail within it (+ slack)
 CHECKS = ("own_group", "all_reduce_values_and_dtype_buckets", "bucket_cap", "all_reduce_ops", "non_contiguous",
@@ -324,15 +327,7 @@ def _launch(out_dir: Path, ports: list[int]) -> int:
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_worker, args=(rank, world, port, out_dir))
              for world, port in zip(WORLDS, ports) for rank in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 100
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    stuck = [p for p in procs if p.is_alive()]
-    for p in stuck:
-        p.kill()
-    return 1 if stuck else 0
+    return join_within(procs, 100)
 
 
 @pytest.fixture(scope="module")
