@@ -285,7 +285,7 @@ def _bad_cases(ws: SimpleNamespace, trained: SimpleNamespace, tmp: Path):
         "bad-choice": (base_args(ws, "--lr-schedule", "sawtooth", *keep), "--lr-schedule"),
         "zero-rank": (base_args(ws, "--rank", "0", *keep), "--rank"),
         "qgalore-config-value": (base_args(ws, "--scale", "0", *keep), "scale"),
-        "engine": (base_args(ws, "--engine", "ddp", *keep), "--engine"),
+        "engine": (base_args(ws, "--engine", "horovod", *keep), "--engine"),
         "no-target": (base_args(ws, "--target-modules", "no_such_layer", *keep), "no_such_layer"),
         "save-every-without-dir": (base_args(ws, "--save-every", "5"), "--save-dir"),
         "fresh-run-into-checkpoints": (base_args(ws, "--save-dir", str(trained.ckpt)), "already holds checkpoints"),

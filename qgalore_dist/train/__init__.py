@@ -7,11 +7,17 @@ Typical use (what ``python launch/pretrain.py ...`` does)::
 """
 
 from .cli import OPTIMIZERS, TrainArgs, UsageError, build_parser, main, parse_args
-from .loop import DenseAdamW8bit, LocalEngine, TorchAdamW, TrainResult, evaluate, lm_loss, make_optimizer, train
+from .engines import ENGINES, Engine, LocalEngine, make_engine
+from .loop import TrainResult, evaluate, lm_loss, train
+from .optimizers import DenseAdamW8bit, TorchAdamW, make_optimizer, qgalore_config
 from .metrics import MetricsWriter, Progress, peak_memory_bytes, perplexity
 from .schedule import SCHEDULES, build_scheduler, lr_multiplier
 
 __all__ = [
+    "ENGINES",
+    "Engine",
+    "make_engine",
+    "qgalore_config",
     "OPTIMIZERS",
     "SCHEDULES",
     "DenseAdamW8bit",

@@ -23,7 +23,8 @@ from ..nn.convert import DEFAULT_TARGET_MODULES
 
 __all__ = ["ENGINES", "OPTIMIZERS", "TrainArgs", "UsageError", "build_parser", "main", "parse_args"]
 
-ENGINES = ("local",)  # ddp / fsdp / deepspeed arrive with the distributed engines
+ENGINES = ("local", "ddp", "fsdp", "deepspeed")  # qgalore_dist.train.engines.ENGINES maps them to classes
+COMM_MODES = ("lowrank", "full")
 OPTIMIZERS = ("qgalore", "projfactor", "galore", "adamw", "adamw8bit")
 # optimizers whose targeted matrices hold INT8 weights and go through the projected (low-rank) rules
 INT8_OPTIMIZERS = ("qgalore", "projfactor")
@@ -35,11 +36,12 @@ class UsageError(ValueError):
     """A bad command line, config file or flag combination (reported as one ``error:`` line, exit 2)."""
 
 
-def _opt(default: Any, help: str, *, type: Callable[[str], Any] | None = None,
+def _opt(default: Any, help: str, *, type: Callable[[str], Any] | None = None, aliases: tuple[str, ...] = (),
          choices: Sequence[str] | None = None, flag: bool = False, metavar: str | None = None) -> Any:
-    """A :class:`TrainArgs` field that is also a command-line flag (``metadata`` drives the parser)."""
+    """A :class:`TrainArgs` field that is also a command-line flag (``metadata`` drives the parser); ``aliases``
+    are extra option strings (launchers' spellings such as ``--deepspeed_config``)."""
     return field(default=default, metadata={"help": help, "type": type, "choices": choices, "flag": flag,
-                                            "metavar": metavar})
+                                            "metavar": metavar, "aliases": aliases})
 
 
 @dataclass
@@ -47,7 +49,9 @@ class TrainArgs:
     """Every setting of a training run; one field per flag (``--update-proj-gap`` is ``update_proj_gap``)."""
 
     # what to train on what
-    engine: str = _opt("local", "training engine (only 'local' — one process, one device — for now)", type=str)
+    engine: str = _opt("local", "local (one process, one device, layer-wise updates), ddp (replicated model, "
+                       "sharded optimizer), fsdp (torch FSDP2), deepspeed (ZeRO 1/2/3; implied by --ds_config)",
+                       type=str, choices=ENGINES)
     model: str = _opt("llama_20m", "shipped config name (llama_tiny, llama_20m ... llama_7b), a config JSON path, "
                       "or a local model directory", type=str)
     tokenizer: str | None = _opt(None, "tokenizer directory or tokenizer.json (default: the model directory's "
@@ -108,6 +112,21 @@ class TrainArgs:
                              choices=DTYPES)
     activation_checkpointing: bool = _opt(False, "recompute each decoder layer in backward (less activation "
                                           "memory, ~30%% more compute)", flag=True)
+    # distributed engines (ddp, fsdp, deepspeed)
+    comm_mode: str = _opt("lowrank", "projected-matrix traffic: lowrank (replicated INT4 projectors, low-rank "
+                          "gradients to the owner, low-rank update broadcast) or full (full gradient to the owner, "
+                          "INT8 codes broadcast)", type=str, choices=COMM_MODES)
+    strict_replicas: bool = _opt(False, "abort when a replica's INT8 weights differ from the owner's instead of "
+                                 "re-broadcasting them with a warning", flag=True)
+    replica_check_every: int = _opt(50, "checksum the replicated weights every N steps (0: only at start-up)",
+                                    type=int)
+    dist_timeout: float = _opt(300.0, "seconds a rank waits in a collective before giving up (a dead peer "
+                               "ends the job with an error instead of a hang)", type=float)
+    ds_config: str | None = _opt(None, "DeepSpeed config JSON (with a \"qgalore\" block); selects --engine "
+                                 "deepspeed", type=str, metavar="FILE",
+                                 aliases=("--ds_config", "--deepspeed_config", "--deepspeed-config"))
+    local_rank: int | None = _opt(None, "set by launchers (deepspeed, torch.distributed.launch); the rank is "
+                                  "read from the environment", type=int, aliases=("--local_rank",))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,10 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainArgs):
         md = f.metadata
         help_text = md["help"] if md["flag"] or f.default is None else f"{md['help']} (default: {f.default})"
+        names = (_flag(f.name), *md["aliases"])
         if md["flag"]:
-            p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
+            p.add_argument(*names, dest=f.name, action="store_true", help=help_text)
         else:
-            p.add_argument(_flag(f.name), dest=f.name, type=md["type"], choices=md["choices"],
+            p.add_argument(*names, dest=f.name, type=md["type"], choices=md["choices"],
                            metavar=md["metavar"], help=help_text)
     return p
 
@@ -209,7 +229,18 @@ def load_config_file(path: str) -> dict[str, Any]:
 def validate(args: TrainArgs) -> None:
     """Range and combination checks that need no model or data (those fail later, still before any write)."""
     if args.engine not in ENGINES:
-        raise UsageError(f"--engine {args.engine!r} is not available yet; allowed: {', '.join(ENGINES)}")
+        raise UsageError(f"--engine {args.engine!r} is unknown; allowed: {', '.join(ENGINES)}")
+    if args.ds_config is not None and args.engine not in ("local", "deepspeed"):
+        raise UsageError(f"--ds_config selects the deepspeed engine; it cannot be combined with --engine "
+                         f"{args.engine}")
+    if args.ds_config is not None:
+        args.engine = "deepspeed"
+        if not Path(args.ds_config).expanduser().is_file():
+            raise UsageError(f"--ds_config {args.ds_config}: file does not exist")
+    if args.replica_check_every < 0:
+        raise UsageError(f"--replica-check-every must be >= 0, got {args.replica_check_every}")
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     for name in ("rank", "update_proj_gap", "max_steps", "batch_size", "grad_accum", "seq_len", "eval_batches",
                  "log_every"):
         if getattr(args, name) < 1:

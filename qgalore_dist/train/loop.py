@@ -1,9 +1,9 @@
-"""The training loop, shared by every engine, and the single-device engine.
+"""The training loop, shared by every engine.
 
 ``train(args)`` resolves the model, tokenizer and data, builds the optimizer through an *engine*, and runs
 steps of ``grad_accum`` micro-batches with periodic evaluation on the held-out split, checkpoints and metrics.
 The engine owns model/optimizer preparation, backward, the optimizer step and the state to checkpoint;
-:class:`LocalEngine` is one process on one device. The distributed engines (ddp / fsdp / deepspeed) implement
+:mod:`qgalore_dist.train.engines` holds them (``--engine``). The distributed engines (ddp / fsdp / deepspeed) implement
 the same methods and add their communication — the loop itself contains no engine-specific code.
 
 Loss: :class:`~qgalore_dist.data.TokenBatcher` yields labels already shifted, so the loss is plain token-level
@@ -17,226 +17,27 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint.export import export_model, quantized_modules
-from ..checkpoint.save_load import (CheckpointError, capture_rng_state, latest_checkpoint, list_checkpoints,
-                                    load_checkpoint, restore_rng_state, save_checkpoint, verify_checkpoint)
-from ..config import QGaLoreConfig
+from ..checkpoint.export import quantized_modules
+from ..checkpoint.save_load import CheckpointError, capture_rng_state, restore_rng_state
 from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
 from ..models import build_model, load_pretrained, param_count, resolve_model_config
 from ..nn import quantize_model
 from ..nn.materialize import materialize_quantized
-from ..optim import QGaLoreOptimizer
-from ..optim.dense_adamw import dense_adamw_step, init_dense_state
 from .cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs, UsageError
+from .engines import Engine, make_engine
+from .optimizers import WEIGHT_GROUP_SIZE, make_optimizer, qgalore_config
 from .metrics import MetricsWriter, Progress, peak_memory_bytes, perplexity
 from .schedule import build_scheduler
 
-__all__ = ["DenseAdamW8bit", "LocalEngine", "TorchAdamW", "TrainResult", "evaluate", "lm_loss", "make_optimizer",
-           "qgalore_config", "train"]
+__all__ = ["TrainResult", "evaluate", "lm_loss", "train"]
 
-# Adam epsilon of every optimizer here: GaLore's / Q-GaLore's default, so baselines compare at equal settings.
-ADAM_EPS = 1e-6
-WEIGHT_GROUP_SIZE = 256  # INT8 weight group (DESIGN.md §5 reference setting)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-# ============================================================================================ optimizers
-def _global_norm(grads: Iterable[torch.Tensor]) -> float:
-    """√(Σ‖g‖²), accumulated in float64: the same definition QGaLoreOptimizer clips by."""
-    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
-
-
-class TorchAdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` whose ``step()`` clips with ``clip_grad_norm_`` (when ``grad_clip > 0``) and returns
-    the global gradient norm before clipping — the same contract as :class:`QGaLoreOptimizer`."""
-
-    def __init__(self, params: Iterable[nn.Parameter], *, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, grad_clip: float = 0.0) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self.grad_clip = float(grad_clip)
-
-    def step(self, closure: Callable[[], Any] | None = None) -> float | None:  # type: ignore[override]
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = None
-        if params:
-            if self.grad_clip > 0:
-                norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
-            else:
-                norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        super().step(closure)
-        return norm
-
-
-class DenseAdamW8bit(torch.optim.Optimizer):
-    """AdamW over every parameter with 8-bit blockwise moments (:mod:`qgalore_dist.optim.dense_adamw`).
-
-    The ``adamw8bit`` baseline: what Q-GaLore's dense side does, applied to the whole float model. State is keyed
-    by parameter name, like :class:`QGaLoreOptimizer`'s. ``step()`` clips by the global norm when
-    ``grad_clip > 0`` and returns the norm before clipping.
-    """
-
-    FORMAT = "qgalore_dist.dense_adamw8bit/1"
-
-    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, betas: tuple[float, float],
-                 eps: float, weight_decay: float, grad_clip: float = 0.0, state_bits: int = 8) -> None:
-        named = [(n, p) for n, p in named_params if p.requires_grad]
-        super().__init__([p for _, p in named], {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        self.grad_clip = float(grad_clip)
-        self.state_bits = state_bits
-        self._names = {id(p): n for n, p in named}
-        self.dense_state = {n: init_dense_state(p, state_bits) for n, p in named}
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> float | None:  # type: ignore[override]
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
-        live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not live:
-            return None
-        norm = _global_norm(p.grad for p in live)
-        coef = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad if coef == 1.0 else p.grad * coef
-                dense_adamw_step(p, g, self.dense_state[self._names[id(p)]], group["lr"], group["betas"],
-                                 group["eps"], group["weight_decay"])
-        return norm
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"format": self.FORMAT, "state_bits": self.state_bits,
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-                "params": {n: st.state_dict() for n, st in self.dense_state.items()}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        if state_dict.get("format") != self.FORMAT:
-            raise ValueError(f"not a {self.FORMAT} optimizer state")
-        if state_dict.get("state_bits") != self.state_bits:
-            raise ValueError(f"optimizer state has {state_dict.get('state_bits')}-bit moments, this run "
-                             f"{self.state_bits}-bit")
-        saved = state_dict["params"]
-        missing, extra = sorted(set(self.dense_state) - set(saved)), sorted(set(saved) - set(self.dense_state))
-        if missing or extra:
-            raise ValueError(f"optimizer state does not match the model: missing {missing[:3]}, unexpected "
-                             f"{extra[:3]}")
-        for n, st in self.dense_state.items():
-            st.load_state_dict(saved[n])
-        for g, sg in zip(self.param_groups, state_dict["param_groups"]):
-            g.update({k: v for k, v in sg.items() if k != "params"})
-
-
-def qgalore_config(args: TrainArgs) -> QGaLoreConfig:
-    """The projected-matrix settings of ``--optimizer qgalore|galore`` (galore: float reference mode)."""
-    try:
-        return QGaLoreConfig(
-            rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale, projection=args.projection,
-            quantize=args.optimizer in INT8_OPTIMIZERS, granularity=args.granularity,
-            optimizer="projfactor" if args.optimizer == "projfactor" else "adamw", weight_group_size=WEIGHT_GROUP_SIZE, lr=args.lr,
-            betas=(args.beta1, args.beta2), eps=ADAM_EPS, weight_decay=args.weight_decay, gate=not args.no_gate,
-            max_proj_gap=args.proj_gap_cap if args.proj_gap_cap is not None else max(5000, args.update_proj_gap),
-            seed=args.seed)
-    except ValueError as exc:
-        raise UsageError(f"invalid optimizer setting: {exc}") from exc
-
-
-def make_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
-    """The optimizer ``--optimizer`` names, over ``model`` (already INT8-converted for ``qgalore``).
-
-    Every returned optimizer's ``step()`` returns the global gradient norm before clipping (or None).
-    """
-    betas = (args.beta1, args.beta2)
-    if args.optimizer in LOWRANK_OPTIMIZERS:
-        try:
-            # layer-wise: each projected gradient is consumed inside backward, so the full-model gradient never
-            # exists; the 8-bit dense state is Q-GaLore's, the fp32 one GaLore's reference.
-            return QGaLoreOptimizer(model, qgalore_config(args), dense_state_bits=8 if args.optimizer in INT8_OPTIMIZERS
-                                    else 32, target_modules=tuple(args.target_module_list), stagger_refresh=True,
-                                    layerwise=True, grad_accum=args.grad_accum, grad_clip=args.grad_clip)
-        except ValueError as exc:
-            raise UsageError(f"cannot build the {args.optimizer} optimizer: {exc}") from exc
-    if args.optimizer == "adamw":
-        return TorchAdamW(model.parameters(), lr=args.lr, betas=betas, eps=ADAM_EPS, weight_decay=args.weight_decay,
-                          grad_clip=args.grad_clip)
-    if args.optimizer == "adamw8bit":
-        return DenseAdamW8bit(model.named_parameters(), lr=args.lr, betas=betas, eps=ADAM_EPS,
-                              weight_decay=args.weight_decay, grad_clip=args.grad_clip)
-    raise UsageError(f"--optimizer {args.optimizer!r} is unknown")
-
-
-# ================================================================================================ engine
-class LocalEngine:
-    """One process, one device: prepares model + optimizer and runs backward / step. No communication.
-
-    A distributed engine keeps these methods and adds what moves between ranks (gradient reduction, owner
-    broadcasts, sharded state); the loop only ever talks to the engine.
-    """
-
-    name = "local"
-    world_size = 1
-    rank = 0
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes checkpoints, metrics and logs."""
-        return True
-
-    def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
-                ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        self.model = model.to(self.device)
-        self.optimizer = make_opt(self.model)
-        return self.model, self.optimizer
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> float | None:
-        """Optimizer step at the accumulation boundary; returns the pre-clip global gradient norm (or None)."""
-        out = self.optimizer.step()
-        return None if out is None else float(out)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def mean_over_ranks(self, value: float) -> float:
-        """Average a scalar (evaluation loss) over ranks; one rank holds the whole answer here."""
-        return value
-
-    # --- state ---------------------------------------------------------------------------------------------
-    def model_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
-
-    def optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any], where: str) -> None:
-        """Load a checkpoint's model and optimizer state; a mismatch raises :class:`CheckpointError`."""
-        own = self.model.state_dict()
-        missing, extra = sorted(set(own) - set(model_state)), sorted(set(model_state) - set(own))
-        if missing or extra:
-            raise CheckpointError(f"checkpoint {where} does not match this model: missing {missing[:3]}, "
-                                  f"unexpected {extra[:3]}")
-        for k, v in own.items():
-            if tuple(v.shape) != tuple(model_state[k].shape):
-                raise CheckpointError(f"checkpoint {where} does not match this model: {k} has shape "
-                                      f"{tuple(model_state[k].shape)}, the model {tuple(v.shape)}")
-        self.model.load_state_dict(model_state, strict=True)
-        try:
-            self.optimizer.load_state_dict(optimizer_state)
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {where}: optimizer state does not fit this run ({exc})") from exc
 
 
 # ============================================================================================ loss, eval
@@ -298,15 +99,16 @@ def resolve_tokenizer(args: TrainArgs):
     return get_tokenizer()
 
 
-def resolve_resume(args: TrainArgs) -> Path | None:
+def resolve_resume(args: TrainArgs, engine: Engine) -> Path | None:
     """The checkpoint to resume from (None: fresh start). Refuses a fresh start into a directory that already
     holds checkpoints, so a forgotten ``--resume`` can never overwrite them."""
     if args.resume == "auto":
-        return latest_checkpoint(args.save_dir)
+        found = engine.list_checkpoints(args.save_dir)
+        return found[-1][1] if found else None
     if args.resume is not None:
         return Path(args.resume).expanduser()
     if args.save_dir is not None:
-        found = list_checkpoints(args.save_dir)
+        found = engine.list_checkpoints(args.save_dir)
         if found:
             raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints (latest {found[-1][1].name}); "
                              "pass --resume auto to continue that run, or choose another --save-dir")
@@ -369,7 +171,7 @@ class TrainResult:
 
 
 def _trainer_state(args: TrainArgs, model: nn.Module, batcher: TokenBatcher, scheduler, tokens: int,
-                   tok_fp: str, engine: LocalEngine, result: TrainResult) -> dict[str, Any]:
+                   tok_fp: str, engine: Engine, result: TrainResult) -> dict[str, Any]:
     return {
         "engine": engine.name,
         "world_size": engine.world_size,
@@ -402,7 +204,7 @@ class _Run:
     tokens: int = 0
 
 
-def _prepare(args: TrainArgs, engine: LocalEngine) -> _Run:
+def _prepare(args: TrainArgs, engine: Engine) -> _Run:
     """Resolve, build and (when resuming) restore everything; raises user errors before anything is written.
 
     Cheap checks come first (flags, model spec, checkpoint hashes), then the tokenizer and data, then the model.
@@ -414,10 +216,10 @@ def _prepare(args: TrainArgs, engine: LocalEngine) -> _Run:
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and args.seq_len > max_pos:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
-    resume_dir = resolve_resume(args)
+    resume_dir = resolve_resume(args, engine)
     record = None
     if resume_dir is not None:
-        record = verify_checkpoint(resume_dir)
+        record = engine.verify_checkpoint(resume_dir)
         if record.get("optimizer_kind") != args.optimizer:
             raise CheckpointError(f"checkpoint {resume_dir} was trained with --optimizer "
                                   f"{record.get('optimizer_kind')}, this run uses {args.optimizer}")
@@ -442,8 +244,7 @@ def _prepare(args: TrainArgs, engine: LocalEngine) -> _Run:
                                 schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio)
     run = _Run(tokenizer, tok_fp, batcher, model, optimizer, scheduler, resume_dir)
     if resume_dir is not None:
-        ckpt = load_checkpoint(resume_dir)
-        engine.load_state(ckpt.model_state, ckpt.optimizer_state, str(resume_dir))
+        ckpt = engine.load_checkpoint(resume_dir)
         try:
             scheduler.load_state_dict(ckpt.trainer["scheduler"])
             batcher.load_state_dict(ckpt.trainer["data"])
@@ -454,14 +255,23 @@ def _prepare(args: TrainArgs, engine: LocalEngine) -> _Run:
     return run
 
 
-def train(args: TrainArgs, engine: LocalEngine | None = None) -> TrainResult:
-    """Run training as ``args`` describes, through ``engine`` (default: :class:`LocalEngine` on ``--device``).
+def train(args: TrainArgs, engine: Engine | None = None) -> TrainResult:
+    """Run training as ``args`` describes, through ``engine`` (default: the one ``--engine`` names).
+
+    The engine is closed (process group left) when this returns or raises.
 
     User errors raise :class:`UsageError` / ``ModelSpecError`` / ``DataError`` / :class:`CheckpointError` before
     anything is written.
     """
     t_start = time.perf_counter()
-    engine = engine or LocalEngine(resolve_device(args.device))
+    engine = engine or make_engine(args)
+    try:
+        return _train(args, engine, t_start)
+    finally:
+        engine.close()
+
+
+def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
     run = _prepare(args, engine)
     model, optimizer, scheduler, batcher = run.model, run.optimizer, run.scheduler, run.batcher
     tokenizer, resume_dir, start_step, tokens = run.tokenizer, run.resume_dir, run.start_step, run.tokens
@@ -470,18 +280,18 @@ def train(args: TrainArgs, engine: LocalEngine | None = None) -> TrainResult:
     # --- from here on the run writes (metrics, checkpoints, export) -----------------------------------------
     result = TrainResult(start_step=start_step, steps=start_step, tokens=tokens)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * engine.world_size
-    progress = Progress(total=args.max_steps, start=start_step, log_every=args.log_every)
+    progress = Progress(total=args.max_steps, start=start_step, log_every=args.log_every, enabled=engine.is_main)
     progress.note(
         f"model {args.model}: {param_count(model.config) / 1e6:.2f}M params, vocab {vocab} | optimizer "
         f"{args.optimizer} | {device} {str(dtype).removeprefix('torch.')} | {tokens_per_step} tokens/step | "
         f"data {batcher.stream.source}: {batcher.n_windows} train / {batcher.n_val_windows()} val windows"
         + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir is not None else "")
         + (" | no checkpoint to resume, starting fresh" if args.resume == "auto" and resume_dir is None else ""))
-    if hasattr(optimizer, "memory_bytes"):
-        mem = optimizer.memory_bytes()
+    mem = engine.memory_bytes()
+    if mem:
         progress.note("weights + optimizer state: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in mem.items()))
 
-    with MetricsWriter(args.metrics_jsonl, append=resume_dir is not None) as metrics:
+    with MetricsWriter(args.metrics_jsonl if engine.is_main else None, append=resume_dir is not None) as metrics:
 
         def run_eval(step: int) -> None:
             t0 = time.perf_counter()
@@ -492,11 +302,9 @@ def train(args: TrainArgs, engine: LocalEngine | None = None) -> TrainResult:
             progress.note(f"step {step}: val_loss {val:.4f} val_ppl {perplexity(val):.2f}")
 
         def save(step: int) -> None:
-            path = save_checkpoint(args.save_dir, step, model_state=engine.model_state(),
-                                   optimizer_state=engine.optimizer_state(),
-                                   trainer_state=_trainer_state(args, model, batcher, scheduler, tokens,
-                                                                run.tok_fp, engine, result),
-                                   tokenizer=tokenizer)
+            path = engine.save_checkpoint(args.save_dir, step, _trainer_state(args, model, batcher, scheduler,
+                                                                              tokens, run.tok_fp, engine, result),
+                                          tokenizer)
             result.checkpoints.append(str(path))
             progress.note(f"step {step}: saved {path}")
 
@@ -523,7 +331,7 @@ def train(args: TrainArgs, engine: LocalEngine | None = None) -> TrainResult:
                 step += 1
                 tokens += tokens_per_step
                 dt = time.perf_counter() - t0
-                loss_val = loss_sum / args.grad_accum
+                loss_val = engine.mean_over_ranks(loss_sum / args.grad_accum)
                 result.losses.append(loss_val)
                 result.steps, result.tokens = step, tokens
                 record = {"event": "train", "step": step, "loss": loss_val, "lr": lr, "tokens": tokens,
@@ -533,6 +341,7 @@ def train(args: TrainArgs, engine: LocalEngine | None = None) -> TrainResult:
                 phases = getattr(optimizer, "phase_times", None)
                 if phases:
                     record["phase_times_s"] = {k: float(v) for k, v in phases.items()}
+                record.update(engine.step_metrics())
                 metrics.write(record)
                 progress.update(step, loss_val, lr, tokens_per_step / dt, grad_norm)
                 if step == args.max_steps or (args.eval_every and step % args.eval_every == 0):
@@ -543,7 +352,9 @@ def train(args: TrainArgs, engine: LocalEngine | None = None) -> TrainResult:
             progress.close()
 
     if args.export:
-        result.export_dir = str(export_model(model, args.export, tokenizer))
-        print(f"exported dequantised model to {result.export_dir}", flush=True)
+        out = engine.export(model, args.export, tokenizer)
+        if out is not None:
+            result.export_dir = str(out)
+            print(f"exported dequantised model to {result.export_dir}", flush=True)
     result.wall_s = time.perf_counter() - t_start
     return result

@@ -73,14 +73,17 @@ class Progress:
     On a TTY: a tqdm bar on stderr with loss / lr / throughput in the postfix. Otherwise: one plain line on stdout
     every ``log_every`` steps (and at the last step) — progress bars written to a log file are unreadable.
     Evaluations and notes are always printed as plain lines (through tqdm.write on a TTY so the bar survives).
+    ``enabled=False`` (ranks other than the main one) prints nothing.
     """
 
-    def __init__(self, total: int, start: int = 0, log_every: int = 10, stream: IO[str] | None = None) -> None:
+    def __init__(self, total: int, start: int = 0, log_every: int = 10, stream: IO[str] | None = None,
+                 enabled: bool = True) -> None:
         self.total = total
         self.log_every = max(1, log_every)
+        self.enabled = enabled
         self._bar = None
         tty_stream = sys.stderr
-        if stream is None and tty_stream.isatty():
+        if enabled and stream is None and tty_stream.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=tty_stream)
@@ -88,6 +91,8 @@ class Progress:
         self._t0 = time.perf_counter()
 
     def note(self, text: str) -> None:
+        if not self.enabled:
+            return
         if self._bar is not None:
             self._bar.write(text)
         else:
