@@ -21,7 +21,7 @@ from ..data.corpus import DataError
 from ..models.build import ModelSpecError
 from ..nn.convert import DEFAULT_TARGET_MODULES
 
-__all__ = ["ENGINES", "OPTIMIZERS", "TrainArgs", "UsageError", "build_parser", "main", "parse_args"]
+__all__ = ["DistributedError", "ENGINES", "OPTIMIZERS", "TrainArgs", "UsageError", "build_parser", "main", "parse_args"]
 
 ENGINES = ("local", "ddp", "fsdp", "deepspeed")  # qgalore_dist.train.engines.ENGINES maps them to classes
 COMM_MODES = ("lowrank", "full")
@@ -34,6 +34,10 @@ DTYPES = ("float32", "bfloat16", "float64")
 
 class UsageError(ValueError):
     """A bad command line, config file or flag combination (reported as one ``error:`` line, exit 2)."""
+
+
+class DistributedError(RuntimeError):
+    """Another rank died, hung or left: reported as one ``error:`` line, exit 1 (not a user error)."""
 
 
 def _opt(default: Any, help: str, *, type: Callable[[str], Any] | None = None, aliases: tuple[str, ...] = (),
@@ -116,6 +120,11 @@ class TrainArgs:
     comm_mode: str = _opt("lowrank", "projected-matrix traffic: lowrank (replicated INT4 projectors, low-rank "
                           "gradients to the owner, low-rank update broadcast) or full (full gradient to the owner, "
                           "INT8 codes broadcast)", type=str, choices=COMM_MODES)
+    full_reduce: str = _opt("boundary", "--comm-mode full under --grad-accum: boundary (keep the full local "
+                            "gradient of every projected matrix, reduce once per step: memory) or micro_batch "
+                            "(reduce each micro-batch's gradient to its owner in backward: grad-accum times the "
+                            "gradient bytes, ~1/N of the gradient memory)", type=str,
+                            choices=("boundary", "micro_batch"))
     strict_replicas: bool = _opt(False, "abort when a replica's INT8 weights differ from the owner's instead of "
                                  "re-broadcasting them with a warning", flag=True)
     replica_check_every: int = _opt(50, "checksum the replicated weights every N steps (0: only at start-up)",
@@ -150,10 +159,10 @@ class _Parser(argparse.ArgumentParser):
         fail(message)
 
 
-def fail(message: str) -> NoReturn:
-    """Print one ``error:`` line (newlines folded) on stderr and exit with status 2."""
+def fail(message: str, status: int = 2) -> NoReturn:
+    """Print one ``error:`` line (newlines folded) on stderr and exit with ``status`` (2: a user error)."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +246,8 @@ def validate(args: TrainArgs) -> None:
         args.engine = "deepspeed"
         if not Path(args.ds_config).expanduser().is_file():
             raise UsageError(f"--ds_config {args.ds_config}: file does not exist")
+    if args.full_reduce != "boundary" and (args.engine != "ddp" or args.comm_mode != "full"):
+        raise UsageError(f"--full-reduce {args.full_reduce} applies to --engine ddp --comm-mode full only")
     if args.replica_check_every < 0:
         raise UsageError(f"--replica-check-every must be >= 0, got {args.replica_check_every}")
     if not args.dist_timeout > 0:
@@ -311,3 +322,5 @@ def main(argv: Sequence[str] | None = None):
         return train(args)
     except (UsageError, ModelSpecError, DataError, CheckpointError) as exc:
         fail(str(exc))
+    except DistributedError as exc:
+        fail(str(exc), status=1)
