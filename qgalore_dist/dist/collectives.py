@@ -29,6 +29,8 @@ all_gather (P = local  (N−1)·P (ring: forward every other         same
 chunk)                 rank's chunk once)
 gather_to → dst        P' on every rank but dst                   (N−1)·P' on dst
 (P' = padded shard)
+scatter_rows ← src     (N−1)·P' on src                            P' on every rank but src
+(P' = padded shard)
 barrier                0                                          0 (one call)
 =====================  =========================================  ==========================================
 
@@ -350,6 +352,37 @@ class Collectives:
         dist.gather(shard, gather_list=None, dst=self._global(dst), group=self.group)
         self._count("gather", p, 0)
         return None
+
+    def scatter_rows(self, tensor: torch.Tensor | None, src: int, sizes: Sequence[int], *,
+                     like: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`gather_to`: rank ``src`` holds ``tensor`` (dim 0 = ``sum(sizes)`` rows) and every
+        rank k receives its rows ``[Σ_{j<k} sizes[j], Σ_{j<=k} sizes[j])`` (e.g. a left projector's rows to the
+        ranks holding those weight rows). ``like`` gives the dtype, device and trailing shape on every rank
+        (``tensor`` is ignored elsewhere than on ``src``). Uneven shards are padded to the largest for the
+        transfer (counted padded); the source keeps its own rows without sending them."""
+        self._check_rank(src, "src")
+        rows = [int(x) for x in sizes]
+        if len(rows) != self.world_size:
+            raise ValueError(f"sizes={rows} do not match world size {self.world_size}")
+        tail = tuple(like.shape[1:])
+        if self.world_size == 1:
+            return tensor.clone()
+        width = max(rows)
+        starts = [sum(rows[:k]) for k in range(self.world_size)]
+        out = torch.zeros((width, *tail), dtype=like.dtype, device=self.device)
+        p = _nbytes(out)
+        if self.rank == src:
+            parts = []
+            for k in range(self.world_size):
+                part = torch.zeros((width, *tail), dtype=like.dtype, device=self.device)
+                part[:rows[k]].copy_(tensor[starts[k]:starts[k] + rows[k]])
+                parts.append(part)
+            dist.scatter(out, scatter_list=parts, src=self._global(src), group=self.group)
+            self._count("scatter", (self.world_size - 1) * p, 0)
+        else:
+            dist.scatter(out, scatter_list=None, src=self._global(src), group=self.group)
+            self._count("scatter", 0, p)
+        return out[:rows[self.rank]].to(like.device)
 
     def all_gather_into(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
         """``outputs[i]`` ← the concatenation along dim 0 of every rank's ``inputs[i]`` (equal shards on all

@@ -25,7 +25,7 @@ from ..projection.projector import (Side, apply_rotation, basis_shape, compute_b
 from ..projection.random_proj import RANDOM_PROJECTIONS, RandomBasis
 from ..projection.vlorp import check_rank_fits, from_granular, granular_rows, granular_shape, to_granular
 from ..quant.int4 import Int4Matrix
-from ..quant.fused import fused_update_requantize_
+from ..quant.fused import fused_adam_moments_, fused_update_requantize_
 from ..quant.int8 import Int8Weight
 from ..quant.rng import SALT_RSVD, SALT_UPDATE, stream_key
 from ..quant.state8 import Blockwise8bit
@@ -266,6 +266,12 @@ class LowRankAdamW:
         b1, b2 = c.betas
         dtype = lowrank_grad.dtype if lowrank_grad.dtype == torch.float64 else torch.float32
         r = lowrank_grad.to(dtype)
+        if (c.fused and dtype == torch.float32 and st.exp_avg.quantized and st.exp_avg_sq.quantized
+                and len(st.exp_avg.shape) == 2):
+            # one compiled pass: decode, update, N, re-encode (quant/fused.py; eager below up to fp32 rounding)
+            n = fused_adam_moments_(st.exp_avg, st.exp_avg_sq, r, b1, b2, c.eps)
+            st.step += 1
+            return n, lr * math.sqrt(1.0 - b2 ** st.step) / (1.0 - b1 ** st.step)
         m = st.exp_avg.to_float(dtype).mul_(b1).add_(r, alpha=1.0 - b1)
         v = st.exp_avg_sq.to_float(dtype).mul_(b2).addcmul_(r, r, value=1.0 - b2)
         st.step += 1
@@ -277,14 +283,16 @@ class LowRankAdamW:
 
     # --- phase 3: apply to rows (any rank holding rows of the weight) ---------------------------------------
     def update_of_rows(self, st: MatrixState, n: torch.Tensor, dtype: torch.dtype, row_offset: int, rows: int,
-                       basis_rows: torch.Tensor | None = None) -> torch.Tensor:
+                       basis_rows: torch.Tensor | None = None, n_row_offset: int | None = None) -> torch.Tensor:
         """``scale · project_back(N)`` for rows ``[row_offset, row_offset + rows)``: [rows, n_cols] in ``dtype``.
 
         With granularity c the back-projection yields the matching rows of the reshaped update
         (:func:`granular_rows`), reshaped back to weight rows. ``basis_rows`` (left projection): the shard's rows of
-        the reshaped P.
+        the reshaped P. ``n_row_offset`` (right projection): the weight row of N's row 0 when N holds only some rows
+        (a row-sharded engine passes its local N with ``row_offset - n_row_offset`` = its first row; default: N is
+        whole, ``n_row_offset = 0``).
         """
-        g_off, g_rows = granular_rows(row_offset, rows, st.shape[0], st.proj_shape[0])
+        g_off, g_rows = granular_rows(row_offset - (n_row_offset or 0), rows, st.shape[0], st.proj_shape[0])
         if st.side == "left" and basis_rows is None and isinstance(st.basis, RandomBasis):
             basis_rows = st.basis.rows(g_off, g_rows, dtype)  # draw only this shard's rows of P
         if st.side == "left" and basis_rows is not None:
@@ -294,13 +302,14 @@ class LowRankAdamW:
         return from_granular(out, rows, st.shape[1])
 
     def update_rows(self, st: MatrixState, w_rows: torch.Tensor, n: torch.Tensor, step_size: float, lr: float,
-                    row_offset: int = 0, basis_rows: torch.Tensor | None = None) -> torch.Tensor:
+                    row_offset: int = 0, basis_rows: torch.Tensor | None = None,
+                    n_row_offset: int | None = None) -> torch.Tensor:
         """New float value of weight rows ``[row_offset, row_offset + rows)``.
 
         w_rows: [rows, n_cols] float. n: the whole low-rank N (right: [m, r]; left: [r, n]). basis_rows: for left
         projection, the shard's rows of P (defaults to the whole P sliced at ``row_offset``).
         """
-        update = self.update_of_rows(st, n, w_rows.dtype, row_offset, w_rows.shape[0], basis_rows)
+        update = self.update_of_rows(st, n, w_rows.dtype, row_offset, w_rows.shape[0], basis_rows, n_row_offset)
         w = w_rows.add(update, alpha=-step_size)
         if self.config.weight_decay > 0:
             w.add_(w, alpha=-lr * self.config.weight_decay)
@@ -308,7 +317,7 @@ class LowRankAdamW:
 
     def apply_rows(self, st: MatrixState, weight: Int8Weight | torch.Tensor, n: torch.Tensor, step_size: float,
                    lr: float, row_offset: int = 0, basis_rows: torch.Tensor | None = None,
-                   compute_dtype: torch.dtype | None = None) -> None:
+                   compute_dtype: torch.dtype | None = None, n_row_offset: int | None = None) -> None:
         """Update weight rows in place: a float tensor (reference mode) or an :class:`Int8Weight` (re-quantised
         with stochastic rounding keyed by (seed, step, name, global index), so shards and replicas agree).
         ``compute_dtype`` defaults to fp64 for an fp64 N (parity runs), else fp32."""
@@ -318,14 +327,16 @@ class LowRankAdamW:
             c = self.config
             key = stream_key(c.seed, st.step, st.name, SALT_UPDATE) if c.stochastic_round else None
             if c.fused and key is not None and compute_dtype == torch.float32:
-                update = self.update_of_rows(st, n, torch.float32, row_offset, weight.codes.shape[0], basis_rows)
+                update = self.update_of_rows(st, n, torch.float32, row_offset, weight.codes.shape[0], basis_rows,
+                                             n_row_offset)
                 fused_update_requantize_(weight.codes, weight.scales, update, step_size, -lr * c.weight_decay, key,
                                          row_offset, weight.group_size)
                 return
-            w = self.update_rows(st, weight.dequantize(compute_dtype), n, step_size, lr, row_offset, basis_rows)
+            w = self.update_rows(st, weight.dequantize(compute_dtype), n, step_size, lr, row_offset, basis_rows,
+                                 n_row_offset)
             weight.requantize_(w, key, row_offset)
         else:
-            w = self.update_rows(st, weight.data, n, step_size, lr, row_offset, basis_rows)
+            w = self.update_rows(st, weight.data, n, step_size, lr, row_offset, basis_rows, n_row_offset)
             weight.data.copy_(w)
 
     # --- all phases on one device ---------------------------------------------------------------------------
