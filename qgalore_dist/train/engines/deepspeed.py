@@ -1,0 +1,613 @@
+"""The DeepSpeed engine (``--engine deepspeed``, implied by ``--ds_config FILE``): ZeRO 1/2/3 with a side-car.
+
+    deepspeed --num_accelerators 2 launch/pretrain.py --ds_config ds_configs/qgalore.json
+    torchrun --nproc_per_node 2 launch/pretrain.py --ds_config ds_configs/qgalore_zero3.json
+    mpirun -np 2 python launch/pretrain.py --ds_config ds_configs/qgalore_zero1.json
+
+DeepSpeed ZeRO shards and steps the dense parameters (embeddings, norms, ``lm_head``); qgalore_dist owns the
+projected INT8 matrices (buffers ZeRO never sees) through :mod:`qgalore_dist.dist.deepspeed_sidecar` (ZeRO-1/2:
+replicated INT8, owner-only SVD and moments) or :mod:`qgalore_dist.dist.deepspeed_zero3` (ZeRO-3: INT8 rows
+partitioned across ranks). See DESIGN.md §3.
+
+**The ds_config.** A DeepSpeed JSON with a ``"qgalore"`` block (DeepSpeed ignores unknown top-level keys)::
+
+    "qgalore": {"optimizer": "qgalore", "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_bits": 4,
+                "gate": true, "comm_mode": "lowrank", "granularity": 1.0, "projection": "svd",
+                "dense_state_bits": 8}
+
+Every key of the block is optional (absent: the command line's value / default), the block itself is required
+(it is what says the config was written for qgalore_dist). How the standard keys map onto the run:
+
+=====================================  ===================================================================
+``train_micro_batch_size_per_gpu``     ``--batch-size`` (the ds_config wins; a *different* explicit flag is
+                                       an error)
+``gradient_accumulation_steps``        ``--grad-accum`` (same rule)
+``train_batch_size``                   must equal micro × accumulation × world size (DeepSpeed's rule)
+``gradient_clipping``                  ``--grad-clip``: ONE global norm over the dense and projected
+                                       gradients; DeepSpeed's own clipping is switched off (it would clip the
+                                       dense side alone)
+``bf16.enabled``                       ``--dtype bfloat16`` (compute and dense storage)
+``fp16.enabled``                       refused: DeepSpeed's CPU accelerator has no fp16, and on GPU its loss
+                                       scaler does not cover the side-car's projected gradients
+``zero_optimization.stage``            0/1/2: replicated INT8 side-car; 3: row-partitioned INT8 side-car
+``optimizer`` / ``scheduler``          refused: the dense optimizer is qgalore_dist's
+                                       (:class:`~qgalore_dist.dist.deepspeed_sidecar.FlatDenseAdamW`, passed
+                                       to ``deepspeed.initialize`` as a client optimizer — nothing is
+                                       JIT-compiled) and the learning-rate schedule is the command line's,
+                                       shared by both sides
+``"auto"`` values                      refused (a Hugging Face Trainer feature; raw ``deepspeed.initialize``
+                                       needs numbers)
+=====================================  ===================================================================
+
+**Gradient accumulation.** The loop calls ``backward`` once per micro-batch and ``step`` once per optimizer step;
+the engine tells DeepSpeed which micro-batch ends the window (``set_gradient_accumulation_boundary``) and runs the
+side-car exactly once, at the boundary — never per micro-batch (DeepSpeed's own Muon does that under ZeRO-3:
+https://github.com/deepspeedai/DeepSpeed/issues/8443). The loop already divides each loss by the accumulation
+count, so DeepSpeed's own division is turned off (``scale_wrt_gas=False``).
+
+**Checkpoints** go to ``<save-dir>/global_step<N>/`` (DeepSpeed's layout): DeepSpeed's model / ZeRO files, one
+``qgalore_rank<R>.safetensors`` + ``.json`` per rank (the side-car state — owned matrices' projectors, low-rank
+moments, gate state; the INT8 codes + scales this rank is the keeper of — keyed by parameter name, and this rank's
+RNG state), the tokenizer, and ``trainer.json`` written last by rank 0 with a sha256 manifest of every file, so an
+interrupted save is never listed and a damaged one fails with :class:`CheckpointError`. ``--export`` writes a
+plain transformers model; :func:`export_deepspeed_checkpoint` does the same from a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ...checkpoint.save_load import (CheckpointError, capture_rng_state, flatten_state, unflatten_state)
+from ..cli import INT8_OPTIMIZERS, TrainArgs, UsageError
+from .base import Engine, ResumePoint
+
+__all__ = ["DeepSpeedEngine", "QGALORE_KEYS", "export_deepspeed_checkpoint", "resolve_ds_config"]
+
+FORMAT = "qgalore_dist.deepspeed_checkpoint"
+VERSION = 1
+TRAINER_FILE = "trainer.json"
+_TAG_RE = re.compile(r"^global_step(\d+)$")
+
+# "qgalore" block key -> (TrainArgs field, type check, transform)
+QGALORE_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "optimizer": ("optimizer", (str,)),
+    "rank": ("rank", (int,)),
+    "update_proj_gap": ("update_proj_gap", (int,)),
+    "scale": ("scale", (int, float)),
+    "gate": ("no_gate", (bool,)),  # inverted
+    "comm_mode": ("comm_mode", (str,)),
+    "granularity": ("granularity", (int, float)),
+    "projection": ("projection", (str,)),
+    "proj_gap_cap": ("proj_gap_cap", (int,)),
+    "replica_check_every": ("replica_check_every", (int,)),
+    "strict_replicas": ("strict_replicas", (bool,)),
+}
+# keys of the block that are the engine's own (not TrainArgs fields)
+_ENGINE_KEYS = {"proj_bits": (int,), "dense_state_bits": (int,)}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+
+
+@dataclasses.dataclass
+class DSSettings:
+    """What :func:`resolve_ds_config` decided: the dict handed to ``deepspeed.initialize`` and the engine's own."""
+
+    ds_config: dict
+    stage: int
+    proj_bits: int
+    dense_state_bits: int
+    source: str
+
+
+def _read_json(path: str) -> dict:
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"--ds_config {p}: cannot read it ({exc.strerror or exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--ds_config {p}: malformed JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") \
+            from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"--ds_config {p}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def _enabled(block: Any) -> bool:
+    return isinstance(block, dict) and bool(block.get("enabled", False))
+
+
+def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSettings:
+    """Validate ``args.ds_config`` and fold it into ``args`` (in place); returns what DeepSpeed gets.
+
+    Raises :class:`UsageError` (one line) for: no usable ``"qgalore"`` block, unknown or mistyped keys in it,
+    contradictory batch sizes, ``"auto"`` values, fp16, a ds_config ``optimizer`` / ``scheduler``, a stage other
+    than 0-3. Pure apart from reading the file: nothing is written.
+    """
+    src = str(args.ds_config)
+    cfg = _read_json(src)
+    where = f"--ds_config {src}"
+    autos = sorted(k for k, v in cfg.items() if v == "auto")
+    if autos:
+        raise UsageError(f"{where}: {', '.join(autos)} = \"auto\" is a Hugging Face Trainer placeholder; "
+                         "give numbers (raw deepspeed.initialize cannot resolve it)")
+    q = cfg.get("qgalore")
+    if not isinstance(q, dict):
+        raise UsageError(f"{where} has no usable \"qgalore\" block (a JSON object with the optimizer settings, "
+                         "e.g. {\"rank\": 128, \"update_proj_gap\": 200}); see ds_configs/qgalore.json")
+    unknown = sorted(set(q) - set(QGALORE_KEYS) - set(_ENGINE_KEYS))
+    if unknown:
+        raise UsageError(f"{where}: unknown \"qgalore\" key(s) {', '.join(unknown)} (allowed: "
+                         f"{', '.join(sorted([*QGALORE_KEYS, *_ENGINE_KEYS]))})")
+    for key, value in q.items():
+        types = QGALORE_KEYS[key][1] if key in QGALORE_KEYS else _ENGINE_KEYS[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise UsageError(f"{where}: \"qgalore\".{key} = {value!r} has the wrong type (expected "
+                             f"{' or '.join(t.__name__ for t in types)})")
+    for key, (fname, _) in QGALORE_KEYS.items():
+        if key not in q:
+            continue
+        value = q[key]
+        if key == "gate":
+            value = not value
+        elif fname in ("scale", "granularity"):
+            value = float(value)
+        choices = [f for f in dataclasses.fields(TrainArgs) if f.name == fname][0].metadata["choices"]
+        if choices and value not in choices:
+            raise UsageError(f"{where}: \"qgalore\".{key} = {value!r} is invalid: allowed: {', '.join(choices)}")
+        setattr(args, fname, value)
+    if args.optimizer not in INT8_OPTIMIZERS:
+        raise UsageError(f"the deepspeed engine trains {' / '.join(INT8_OPTIMIZERS)} (INT8 projected matrices); "
+                         f"got --optimizer {args.optimizer} (a dense baseline can use DeepSpeed directly)")
+    proj_bits = q.get("proj_bits", 4)
+    if proj_bits not in (4, 8):
+        raise UsageError(f"{where}: \"qgalore\".proj_bits must be 4 or 8, got {proj_bits}")
+    dense_bits = q.get("dense_state_bits", 8)
+    if dense_bits not in (8, 32):
+        raise UsageError(f"{where}: \"qgalore\".dense_state_bits must be 8 or 32, got {dense_bits}")
+
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise UsageError(f"{where}: remove the \"{key}\" block — the dense parameters' optimizer is "
+                             "qgalore_dist's (client optimizer, nothing compiled) and the learning-rate schedule is "
+                             "the command line's, shared with the projected matrices")
+    if _enabled(cfg.get("fp16")):
+        if on_cpu:
+            raise UsageError(f"{where}: fp16 is not supported by DeepSpeed on CPU (its CPU accelerator refuses "
+                             "it); use \"bf16\": {\"enabled\": true} or fp32")
+        raise UsageError(f"{where}: fp16 is refused: DeepSpeed's loss scaler does not cover the projected INT8 "
+                         "matrices' gradients; use \"bf16\": {\"enabled\": true}")
+    if _enabled(cfg.get("bf16")):
+        if args.dtype not in (None, "bfloat16"):
+            raise UsageError(f"{where} enables bf16 but --dtype is {args.dtype}")
+        args.dtype = "bfloat16"
+
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UsageError(f"{where}: \"zero_optimization\" must be an object")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise UsageError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+
+    def take(key: str, field: str) -> int:
+        raw = cfg.get(key)
+        if raw is None:
+            return getattr(args, field)
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+            raise UsageError(f"{where}: {key} must be a positive integer, got {raw!r}")
+        flag = getattr(args, field)
+        if flag != _DEFAULTS[field] and flag != raw:
+            raise UsageError(f"contradictory batch sizes: {where} sets {key} = {raw}, the command line "
+                             f"--{field.replace('_', '-')} {flag}")
+        setattr(args, field, raw)
+        return raw
+
+    micro = take("train_micro_batch_size_per_gpu", "batch_size")
+    gas = take("gradient_accumulation_steps", "grad_accum")
+    total = cfg.get("train_batch_size")
+    if total is not None and total != micro * gas * world_size:
+        raise UsageError(f"contradictory batch sizes: {where} sets train_batch_size = {total}, but "
+                         f"train_micro_batch_size_per_gpu {micro} × gradient_accumulation_steps {gas} × "
+                         f"{world_size} ranks = {micro * gas * world_size}")
+    clip = cfg.get("gradient_clipping")
+    if clip is not None:
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+            raise UsageError(f"{where}: gradient_clipping must be a number >= 0, got {clip!r}")
+        args.grad_clip = float(clip)
+
+    ds = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "qgalore"}
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
+              train_batch_size=micro * gas * world_size,
+              gradient_clipping=0.0,  # the shared norm clips both sides (FlatDenseAdamW + side-car)
+              zero_allow_untested_optimizer=True)  # FlatDenseAdamW is element-wise: any flat slice is fine
+    ds.setdefault("steps_per_print", 1 << 30)
+    if stage == 3:
+        zo = ds.setdefault("zero_optimization", {})
+        # one sub-group: ZeRO-3 calls the client optimizer once per sub-group, and the shared clipping norm
+        # needs all of this rank's dense gradients in one call
+        zo["sub_group_size"] = max(int(zo.get("sub_group_size", 10**9)), 10**12)
+    return DSSettings(ds, stage, proj_bits, dense_bits, src)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO 1/2/3 for the dense parameters, the qgalore side-car for the projected ones (module docstring)."""
+
+    name = "deepspeed"
+
+    def __init__(self, args: TrainArgs, settings: DSSettings, denv, owns_group: bool) -> None:
+        self.args = args
+        self.settings = settings
+        self.stage = settings.stage
+        self.denv = denv
+        self.rank, self.world_size = denv.rank, denv.world_size
+        self.device = denv.device
+        self._owns_group = owns_group
+        self.ds = None
+        self.module: nn.Module | None = None
+        self.sidecar = None
+        self.client = None
+        self.collectives = None
+        self._micro = 0
+        self._proj_sq = 0.0
+        self._coef = 1.0
+
+    @classmethod
+    def from_args(cls, args: TrainArgs) -> "DeepSpeedEngine":
+        from ...dist.launch_env import discover_launch, init_distributed
+
+        if args.ds_config is None:
+            raise UsageError("--engine deepspeed needs --ds_config FILE (a DeepSpeed JSON with a \"qgalore\" block; "
+                             "see ds_configs/qgalore.json)")
+        try:
+            info = discover_launch()
+        except ValueError as exc:
+            raise UsageError(f"launcher environment: {exc}") from exc
+        on_cpu = not torch.cuda.is_available() or (args.device is not None and args.device.startswith("cpu"))
+        settings = resolve_ds_config(args, info.world_size, on_cpu)  # every user error before any group starts
+        owns = not (dist.is_available() and dist.is_initialized())
+        denv = init_distributed("gloo" if on_cpu else None, timeout=datetime.timedelta(seconds=args.dist_timeout))
+        import deepspeed  # deferred: importing it takes seconds
+
+        # DeepSpeed adopts the default group started above (no MPI discovery, no second rendezvous)
+        deepspeed.init_distributed(dist_backend=denv.backend if denv.backend != "none" else "gloo",
+                                   auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=args.dist_timeout))
+        if denv.backend == "none":  # one process without a launcher: DeepSpeed started a world of one
+            from ...dist.launch_env import DistEnv
+
+            denv = DistEnv("single", 0, 1, 0, 1, "gloo", denv.device, None, None)
+        return cls(args, settings, denv, owns)
+
+    # --- model and step --------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
+                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        import deepspeed
+
+        from ...dist.collectives import Collectives
+        from ...dist.deepspeed_sidecar import FlatDenseAdamW, SidecarQGaLoreOptimizer
+        from ..optimizers import ADAM_EPS, qgalore_config
+
+        args = self.args
+        model = model.to(self.device)
+        self.collectives = Collectives(timeout=datetime.timedelta(seconds=args.dist_timeout))
+        config = qgalore_config(args).replace(proj_bits=self.settings.proj_bits)
+        common = dict(target_modules=tuple(args.target_module_list), stagger_refresh=True)
+        try:
+            if self.stage == 3:
+                from ...dist.deepspeed_zero3 import Zero3Sidecar
+
+                self.sidecar = Zero3Sidecar(model, config, self.collectives, **common)
+            else:
+                self.sidecar = SidecarQGaLoreOptimizer(
+                    model, config, self.collectives, comm_mode=args.comm_mode,
+                    replica_check_every=args.replica_check_every, strict_replicas=args.strict_replicas, **common)
+        except ValueError as exc:
+            raise UsageError(f"cannot build the {args.optimizer} side-car: {exc}") from exc
+        dense = [p for p in model.parameters() if p.requires_grad]
+        self.client = FlatDenseAdamW(dense, lr=args.lr, betas=(args.beta1, args.beta2), eps=ADAM_EPS,
+                                     weight_decay=args.weight_decay, state_bits=self.settings.dense_state_bits,
+                                     block=config.state_block_size, min_numel=config.state_min_numel,
+                                     norm_fn=self._shared_norm)
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.client,
+                                                config=copy.deepcopy(self.settings.ds_config))
+        self.module = self.ds.module
+        self.optimizer = _JointOptimizer(self)
+        return self.module, self.optimizer
+
+    def _shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
+        """Called by FlatDenseAdamW inside DeepSpeed's step: one all-reduce of [Σ‖R‖² owned, Σ‖dense slice‖²]."""
+        from ...dist.deepspeed_sidecar import clip_coef
+
+        v = torch.tensor([self._proj_sq, dense_local_sq], dtype=torch.float64, device=self.collectives.device)
+        self.collectives.all_reduce([v])
+        norm = (float(v[0]) + float(v[1])) ** 0.5
+        self._coef = clip_coef(norm, self.args.grad_clip)
+        return norm, self._coef
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._micro += 1
+        # DeepSpeed reduces (ZeRO-2) / accumulates at the boundary it is told about; the side-car waits for step()
+        self.ds.set_gradient_accumulation_boundary(self._micro >= self.args.grad_accum)
+        self.ds.backward(loss, scale_wrt_gas=False)  # the loop already divided by grad_accum
+
+    def step(self) -> float | None:
+        return self.optimizer.step()
+
+    def _step(self) -> float | None:
+        if self._micro != self.args.grad_accum:
+            raise RuntimeError(f"step() after {self._micro} micro-batches; gradient_accumulation_steps is "
+                               f"{self.args.grad_accum}")
+        if not self.ds.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed is not at a gradient accumulation boundary at step()")
+        calls = self.client.calls
+        self._proj_sq = self.sidecar.begin_step()
+        self.ds.step()
+        if self.client.calls != calls + 1:
+            raise RuntimeError(f"DeepSpeed called the dense optimizer {self.client.calls - calls} times in one step "
+                               "(expected once: fp16 overflow skips or ZeRO-3 sub-groups would break the shared "
+                               "clipping norm)")
+        self.sidecar.finish_step(self._coef)
+        self._micro = 0
+        return self.client.last_norm
+
+    def zero_grad(self) -> None:
+        # DeepSpeed zeroes its gradients at the end of its own step
+        self.sidecar.zero_grad()
+        self._micro = 0
+
+    def mean_over_ranks(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.collectives.device)
+        self.collectives.all_reduce([t])
+        self.collectives.reset_step()  # not optimizer traffic: keep it out of the next step's bytes
+        return float(t) / self.world_size
+
+    def step_metrics(self) -> dict[str, Any]:
+        c = self.sidecar.last_comm
+        return {"comm_bytes": int(c["comm_bytes"]), "comm_calls": int(c["comm_calls"]),
+                "dense_comm_bytes_est": self.dense_comm_bytes(), "zero_stage": self.stage,
+                "rank_svd_count": int(self.sidecar.svd_count)}
+
+    def dense_comm_bytes(self) -> int:
+        """DeepSpeed's dense traffic per optimizer step through this rank's link (sent + received), from the ring
+        formulas (DeepSpeed's own bytes are not counted by our Collectives): ZeRO-1/2 reduce-scatter gradients
+        + all-gather updated parameters; ZeRO-3 additionally all-gathers parameters for forward and backward of
+        every micro-batch. ``D`` dense elements of ``b`` bytes, N ranks, A micro-batches."""
+        n = self.world_size
+        if n == 1:
+            return 0
+        dense = [p for p in self.module.parameters() if p.requires_grad]
+        numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in dense)
+        b = dense[0].element_size() if dense else 4
+        per = (n - 1) * numel * b // n  # one ring reduce-scatter or all-gather, one direction
+        if self.stage == 3:
+            return 2 * per * (1 + 2 * self.args.grad_accum)
+        if self.stage == 2:
+            return 2 * per * 2
+        # ZeRO-0/1 all-reduce gradients at the boundary (2 per) and (stage 1) all-gather parameters
+        return 2 * per * (3 if self.stage == 1 else 2)
+
+    def memory_bytes(self) -> dict[str, int] | None:
+        """This rank's resident weights + optimizer state, exact tensor accounting (gradients not included)."""
+        out = {k: v for k, v in self.sidecar.memory_bytes().items() if k != "total"}
+        dense_w = 0
+        for p in self.module.parameters():
+            t = getattr(p, "ds_tensor", None)
+            dense_w += (t.numel() * t.element_size()) if t is not None else p.numel() * p.element_size()
+        out["dense_weights"] = dense_w
+        opt = self.ds.optimizer
+        masters = getattr(opt, "single_partition_of_fp32_groups", None) or \
+            getattr(opt, "fp32_partitioned_groups_flat", None) or []
+        out["dense_master"] = sum(t.numel() * t.element_size() for t in masters)
+        out["dense_moments"] = self.client.state_nbytes()
+        out["total"] = sum(out.values())
+        return out
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def list_checkpoints(self, save_dir: str | Path) -> list[tuple[int, Path]]:
+        root = Path(save_dir)
+        if not root.is_dir():
+            return []
+        out = []
+        for p in root.iterdir():
+            m = _TAG_RE.match(p.name)
+            if m and p.is_dir() and (p / TRAINER_FILE).is_file():
+                out.append((int(m.group(1)), p))
+        return sorted(out)
+
+    def verify_checkpoint(self, path: Path) -> dict[str, Any]:
+        root = Path(path)
+        if not root.is_dir():
+            raise CheckpointError(f"checkpoint {root} does not exist or is not a directory")
+        tfile = root / TRAINER_FILE
+        if not tfile.is_file():
+            raise CheckpointError(f"checkpoint {root} has no {TRAINER_FILE} (incomplete or not a deepspeed "
+                                  "checkpoint of this engine)")
+        try:
+            record = json.loads(tfile.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is unreadable ({exc})") from exc
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is not a {FORMAT} record")
+        if record.get("version") != VERSION:
+            raise CheckpointError(f"checkpoint {root}: format version {record.get('version')!r} is not supported")
+        if record.get("world_size") != self.world_size:
+            raise CheckpointError(f"checkpoint {root} was saved by {record.get('world_size')} ranks, this run has "
+                                  f"{self.world_size} (DeepSpeed's ZeRO files are per rank)")
+        if record.get("zero_stage") != self.stage:
+            raise CheckpointError(f"checkpoint {root} was saved under ZeRO stage {record.get('zero_stage')}, this "
+                                  f"run uses stage {self.stage}")
+        files = (record.get("manifest") or {}).get("files")
+        if not isinstance(files, dict) or f"qgalore_rank{self.rank}.safetensors" not in files:
+            raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has no valid manifest")
+        for rel, entry in files.items():
+            p = root / rel
+            if not p.is_file():
+                raise CheckpointError(f"checkpoint {root} is corrupted: {rel} is missing")
+            if p.stat().st_size != entry.get("bytes"):
+                raise CheckpointError(f"checkpoint {root} is corrupted: {rel} has {p.stat().st_size} bytes, the "
+                                      f"manifest says {entry.get('bytes')}")
+            if _sha256(p) != entry.get("sha256"):
+                raise CheckpointError(f"checkpoint {root} is corrupted: {rel} does not match its sha256")
+        return record
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {"optimizer": self.sidecar.state_dict(), "weights": self.sidecar.weight_state(),
+                "rng": capture_rng_state(), "micro": 0}
+
+    def save_checkpoint(self, save_dir: str | Path, step: int, trainer_state: dict[str, Any],
+                        tokenizer: Any) -> Path:
+        from safetensors.torch import save_file
+
+        root = Path(save_dir)
+        tag = f"global_step{step}"
+        path = root / tag
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            (path / TRAINER_FILE).unlink(missing_ok=True)  # unpublished until the new manifest is written
+        self.collectives.barrier()
+        self.ds.save_checkpoint(str(root), tag=tag, save_latest=True)
+        path.mkdir(parents=True, exist_ok=True)
+        tree, tensors = flatten_state(self._rank_state())
+        save_file(tensors, str(path / f"qgalore_rank{self.rank}.safetensors"), metadata={"format": FORMAT})
+        (path / f"qgalore_rank{self.rank}.json").write_text(json.dumps(tree), encoding="utf-8")
+        self.collectives.barrier()
+        if self.is_main:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(path / "tokenizer"))
+            files = {}
+            for p in sorted(q for q in path.rglob("*") if q.is_file()):
+                rel = p.relative_to(path).as_posix()
+                if rel != TRAINER_FILE:
+                    files[rel] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            record = {"format": FORMAT, "version": VERSION, "step": int(step), "zero_stage": self.stage,
+                      **dict(trainer_state), "world_size": self.world_size, "manifest": {"files": files}}
+            tmp = path / f"{TRAINER_FILE}.tmp"
+            tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+            os.replace(tmp, path / TRAINER_FILE)
+        self.collectives.barrier()
+        self.collectives.reset_step()
+        return path
+
+    def load_checkpoint(self, path: Path) -> ResumePoint:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        record = self.verify_checkpoint(path)
+        try:
+            tensors = load_file(str(path / f"qgalore_rank{self.rank}.safetensors"))
+            tree = json.loads((path / f"qgalore_rank{self.rank}.json").read_text(encoding="utf-8"))
+            state = unflatten_state(tree, tensors)
+        except (OSError, ValueError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {path}: rank {self.rank}'s side-car state is unreadable ({exc})") \
+                from exc
+        try:
+            loaded, _ = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+        except (RuntimeError, KeyError, ValueError, AssertionError) as exc:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it ({exc})") from exc
+        if loaded is None:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed found no checkpoint files there")
+        try:
+            self.sidecar.load_weight_state(state["weights"])
+            self.sidecar.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {path}: side-car state does not fit this run ({exc})") from exc
+        self.collectives.reset_step()
+        trainer = dict(record)
+        trainer["rng"] = state["rng"]  # this rank's own random state
+        return ResumePoint(int(record["step"]), trainer)
+
+    def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any) -> Path | None:
+        """Plain transformers model on rank 0 (ZeRO-3: dense parameters and INT8 rows gathered first)."""
+        from ...checkpoint.export import export_model
+
+        if self.stage == 3:
+            return self.sidecar.export(self.module, out_dir, tokenizer, self.is_main)
+        return export_model(self.module, out_dir, tokenizer) if self.is_main else None
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_available() and dist.is_initialized():
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
+
+
+class _JointOptimizer(torch.optim.Optimizer):
+    """What the loop and its scheduler see: the projected group(s) of the side-car followed by the dense group of
+    DeepSpeed's client optimizer — the very same dicts, so one ``LambdaLR`` drives both learning rates. ``step()``
+    is the engine's boundary step (side-car halves around ``deepspeed_engine.step()``)."""
+
+    def __init__(self, engine: DeepSpeedEngine) -> None:
+        self.engine = engine
+        super().__init__([torch.zeros(0)], {})
+        self.param_groups = [*engine.sidecar.param_groups, *engine.client.param_groups]
+
+    def step(self, closure=None):  # type: ignore[override]
+        return self.engine._step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.engine.zero_grad()
+
+    @property
+    def svd_count(self) -> int:
+        return int(self.engine.sidecar.svd_count)
+
+    @property
+    def phase_times(self) -> dict[str, float]:
+        return self.engine.sidecar.phase_times
+
+    def state_dict(self):  # type: ignore[override]
+        raise RuntimeError("the deepspeed engine checkpoints through DeepSpeedEngine.save_checkpoint")
+
+
+def export_deepspeed_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
+    """Dequantised transformers model from a ZeRO-1/2 checkpoint directory (``global_stepN``), offline.
+
+    DeepSpeed's ``mp_rank_00_model_states.pt`` holds the full module state (ZeRO-1/2 keep full dense weights and the
+    INT8 buffers on every rank); the side-car's per-rank files are not needed for the weights.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from ...checkpoint.export import export_state
+
+    root = Path(path)
+    tfile = root / TRAINER_FILE
+    if not tfile.is_file():
+        raise CheckpointError(f"checkpoint {root} has no {TRAINER_FILE}")
+    record = json.loads(tfile.read_text(encoding="utf-8"))
+    if record.get("zero_stage") == 3:
+        raise CheckpointError(f"checkpoint {root} is a ZeRO-3 checkpoint: export it from the run (--export)")
+    states = root / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise CheckpointError(f"checkpoint {root} is corrupted: {states.name} is missing")
+    module = torch.load(str(states), map_location="cpu", weights_only=False)["module"]
+    cfg = dict(record["model_config"])
+    config = CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
+    tokenizer = None
+    if (root / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+    return export_state(module, config, record["quantized_modules"], out_dir, tokenizer)
