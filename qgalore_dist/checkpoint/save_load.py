@@ -10,6 +10,13 @@ Layout of ``<save-dir>/step_000010/``::
                            model config, and the manifest: sha256 + size of every file, name/dtype/shape of
                            every tensor
 
+A data-parallel (``ddp``) checkpoint keeps the layout with the optimizer sharded by rank: instead of
+``optimizer.safetensors`` / ``optimizer.json`` it holds ``optimizer_rank00000.safetensors`` / ``.json`` ... one pair
+per rank (each rank's owned matrices, keyed by parameter name; ``trainer.json`` records ``optimizer_shards``), and
+``trainer_rank00000.json`` ... (each rank's RNG state). :func:`load_checkpoint` merges the shards, so such a checkpoint
+also resumes on one device or at another world size. The pieces (:func:`write_state`, :func:`finalize_checkpoint`,
+:func:`publish_checkpoint`) are public so an engine whose ranks write into one temporary directory can reuse them.
+
 A checkpoint is written to ``<dir>.tmp-<pid>`` and renamed into place only when complete, so a crash never
 leaves a half-written checkpoint under a real name and never damages an existing one. ``trainer.json`` is
 written last; loading checks every hash and tensor shape against it, so a truncated, edited or mixed-up
@@ -40,14 +47,21 @@ __all__ = [
     "CheckpointError",
     "capture_rng_state",
     "checkpoint_name",
+    "finalize_checkpoint",
     "flatten_state",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "optimizer_shard_files",
+    "publish_checkpoint",
+    "read_optimizer_shards",
+    "read_state",
     "restore_rng_state",
     "save_checkpoint",
+    "trainer_shard_file",
     "unflatten_state",
     "verify_checkpoint",
+    "write_state",
 ]
 
 CHECKPOINT_FORMAT = "qgalore_dist.checkpoint"
@@ -57,6 +71,7 @@ OPTIM_TENSORS_FILE = "optimizer.safetensors"
 OPTIM_JSON_FILE = "optimizer.json"
 TRAINER_FILE = "trainer.json"
 TOKENIZER_DIR = "tokenizer"
+SHARDS_KEY = "optimizer_shards"  # trainer.json: number of per-rank optimizer shards (absent: one optimizer file)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -67,6 +82,16 @@ class CheckpointError(ValueError):
 def checkpoint_name(step: int) -> str:
     """Directory name of the checkpoint taken after optimizer step ``step``: ``step_000010``."""
     return f"step_{step:06d}"
+
+
+def optimizer_shard_files(rank: int) -> tuple[str, str]:
+    """(tensor file, JSON file) of rank ``rank``'s optimizer shard: ``optimizer_rank00001.safetensors`` / ``.json``."""
+    return f"optimizer_rank{rank:05d}.safetensors", f"optimizer_rank{rank:05d}.json"
+
+
+def trainer_shard_file(rank: int) -> str:
+    """Rank ``rank``'s own trainer state (its RNG): ``trainer_rank00001.json``."""
+    return f"trainer_rank{rank:05d}.json"
 
 
 # ------------------------------------------------------------------------------------------ nested state codec
@@ -212,6 +237,42 @@ def _fsync_tree(root: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ save
+def write_state(directory: Path, state: Mapping[str, Any], tensors_file: str, json_file: str | None = None) -> None:
+    """Write a nested state: its tensors to ``tensors_file`` (safetensors, dotted keys) and, when ``json_file`` is
+    given, the rest of the tree (tensors as references) to ``json_file``; without it the state must be a flat
+    ``{name: tensor}`` dict (a model state)."""
+    tree, tensors = flatten_state(dict(state))
+    save_file(tensors, str(directory / tensors_file), metadata={"format": CHECKPOINT_FORMAT})
+    del tensors
+    if json_file is not None:
+        (directory / json_file).write_text(json.dumps(tree), encoding="utf-8")
+
+
+def finalize_checkpoint(tmp: Path, step: int, trainer_state: Mapping[str, Any]) -> None:
+    """Write ``trainer.json`` (format tag, ``step``, ``trainer_state`` and the manifest of every file already in
+    ``tmp``) last, then flush everything to disk."""
+    record = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step),
+              **dict(trainer_state), "manifest": _build_manifest(tmp)}
+    (tmp / TRAINER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    _fsync_tree(tmp)
+
+
+def publish_checkpoint(tmp: Path, final: Path, tag: str | int | None = None) -> None:
+    """Rename the complete checkpoint ``tmp`` to ``final``; an existing ``final`` is replaced only now."""
+    tag = os.getpid() if tag is None else tag
+    if final.exists():
+        # Swap: the old checkpoint moves aside only once the new one is complete, and is deleted last
+        # (directories cannot be exchanged atomically; only a crash between these two renames leaves the
+        # step under `.old-<pid>` / `.tmp-<pid>` names, both complete).
+        old = final.parent / f"{final.name}.old-{tag}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def save_checkpoint(save_dir: str | os.PathLike[str], step: int, *, model_state: Mapping[str, torch.Tensor],
                     optimizer_state: Mapping[str, Any], trainer_state: Mapping[str, Any],
                     tokenizer: Any = None) -> Path:
@@ -228,30 +289,12 @@ def save_checkpoint(save_dir: str | os.PathLike[str], step: int, *, model_state:
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _, model_tensors = flatten_state(dict(model_state))
-        save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": CHECKPOINT_FORMAT})
-        del model_tensors
-        tree, opt_tensors = flatten_state(dict(optimizer_state))
-        save_file(opt_tensors, str(tmp / OPTIM_TENSORS_FILE), metadata={"format": CHECKPOINT_FORMAT})
-        del opt_tensors
-        (tmp / OPTIM_JSON_FILE).write_text(json.dumps(tree), encoding="utf-8")
+        write_state(tmp, model_state, MODEL_FILE)
+        write_state(tmp, optimizer_state, OPTIM_TENSORS_FILE, OPTIM_JSON_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        record = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step),
-                  **dict(trainer_state), "manifest": _build_manifest(tmp)}
-        (tmp / TRAINER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
-        _fsync_tree(tmp)
-        if final.exists():
-            # Swap: the old checkpoint moves aside only once the new one is complete, and is deleted last
-            # (directories cannot be exchanged atomically; only a crash between these two renames leaves the
-            # step under `.old-<pid>` / `.tmp-<pid>` names, both complete).
-            old = save_dir / f"{final.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        finalize_checkpoint(tmp, step, trainer_state)
+        publish_checkpoint(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -297,7 +340,14 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {root}: format version {record.get('version')!r} is not supported "
                               f"(this build reads version {CHECKPOINT_VERSION})")
     files = (record.get("manifest") or {}).get("files")
-    if not isinstance(files, dict) or MODEL_FILE not in files or OPTIM_TENSORS_FILE not in files:
+    shards = record.get(SHARDS_KEY)
+    if shards is None:
+        optim_files = [OPTIM_TENSORS_FILE]
+    elif isinstance(shards, int) and not isinstance(shards, bool) and shards >= 1:
+        optim_files = [f for r in range(shards) for f in optimizer_shard_files(r)]
+    else:
+        raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has an invalid {SHARDS_KEY} ({shards!r})")
+    if not isinstance(files, dict) or any(f not in files for f in (MODEL_FILE, *optim_files)):
         raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has no valid manifest")
     for rel, entry in files.items():
         p = root / rel
@@ -337,15 +387,38 @@ class Checkpoint:
         return p if p.is_dir() else None
 
 
+def read_state(root: Path, tensors_file: str, json_file: str, device: str | torch.device = "cpu") -> Any:
+    """Inverse of :func:`write_state` (with a JSON file) for a verified checkpoint directory ``root``."""
+    tensors = load_file(str(root / tensors_file), device=str(device))
+    try:
+        tree = json.loads((root / json_file).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {root}: {json_file} is unreadable ({exc})") from exc
+    return unflatten_state(tree, tensors)
+
+
+def read_optimizer_shards(root: Path, shards: int, device: str | torch.device = "cpu") -> list[Any]:
+    """Every rank's optimizer shard of a data-parallel checkpoint (verified), in rank order."""
+    return [read_state(root, *optimizer_shard_files(r), device=device) for r in range(shards)]
+
+
 def load_checkpoint(ckpt_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
-    """Verify (:func:`verify_checkpoint`) and read a checkpoint; tensors land on ``device``."""
+    """Verify (:func:`verify_checkpoint`) and read a checkpoint; tensors land on ``device``.
+
+    The optimizer shards of a data-parallel checkpoint are merged into one state (each matrix from its owner,
+    keyed by parameter name), which loads into the single-device optimizer or a sharded one at any world size."""
     root = Path(ckpt_dir)
     trainer = verify_checkpoint(root)
     dev = str(device)
     model_state = load_file(str(root / MODEL_FILE), device=dev)
-    opt_tensors = load_file(str(root / OPTIM_TENSORS_FILE), device=dev)
-    try:
-        tree = json.loads((root / OPTIM_JSON_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {root}: {OPTIM_JSON_FILE} is unreadable ({exc})") from exc
-    return Checkpoint(root, trainer, model_state, unflatten_state(tree, opt_tensors))
+    shards = trainer.get(SHARDS_KEY)
+    if shards is None:
+        optimizer_state = read_state(root, OPTIM_TENSORS_FILE, OPTIM_JSON_FILE, device=dev)
+    else:
+        from ..dist.sharded_optimizer import merge_state_dicts  # deferred: only sharded checkpoints need it
+
+        try:
+            optimizer_state = merge_state_dicts(read_optimizer_shards(root, shards, device=dev))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {root}: optimizer shards do not merge ({exc})") from exc
+    return Checkpoint(root, trainer, model_state, optimizer_state)

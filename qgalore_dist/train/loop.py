@@ -42,9 +42,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torc
 
 # ============================================================================================ loss, eval
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Token-level cross-entropy (fp32) of the model's logits against already-shifted labels."""
-    logits = model(input_ids=input_ids, use_cache=False).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction=reduction)
+    """Token-level cross-entropy of the model's logits against already-shifted labels: in fp32, or fp64 for a
+    ``--dtype float64`` model (an fp32 loss would round the gradients of N ranks' partial batches differently from
+    the single-device batch's, and flip stochastic-rounding decisions in exact-parity runs)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits.flatten(0, 1)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits, labels.flatten(), reduction=reduction)
 
 
 @torch.no_grad()

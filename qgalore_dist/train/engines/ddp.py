@@ -1,0 +1,404 @@
+"""The data-parallel engine (``--engine ddp``): replicated model, one process per device, launched by ``torchrun``
+or ``mpirun`` (rank discovery: :func:`qgalore_dist.dist.launch_env.init_distributed`).
+
+* ``--optimizer qgalore|projfactor|galore``: :class:`~qgalore_dist.dist.ShardedQGaLoreOptimizer` with
+  ``--comm-mode {lowrank,full}`` (and ``--full-reduce`` for full mode under accumulation). It reduces the dense
+  gradients itself and moves the projected matrices' traffic on its own process group, so the model is **not**
+  wrapped in ``DistributedDataParallel``: the INT8 codes / scales are buffers that never enter a DDP gradient
+  bucket nor ``broadcast_buffers``. Every rank builds the model from the same keyed initialisation; the
+  optimizer's start-up check compares config + plan + parameter shapes across ranks and checksums every replica.
+* ``--optimizer adamw|adamw8bit`` (baselines): the float model in ``torch.nn.parallel.DistributedDataParallel``
+  (no buffer sync before each forward: the only buffers are deterministic rotary tables), its gradient all-reduce
+  counted by a communication hook, micro-batches before the last one of a step without gradient sync.
+
+Rank ``k`` trains on part ``k`` of each global batch (the batcher slices it), so N ranks with ``--batch-size b``
+see the samples one device sees with ``--batch-size N·b``. Rank 0 writes metrics and logs; the loss it reports
+is the mean over ranks, ``svd_count`` is the job's total (each refresh counted once, at its owner) and
+``comm_bytes`` this rank's optimizer traffic of the step (sent + received).
+
+Checkpoints (``<save-dir>/step_NNNNNN/``, :mod:`qgalore_dist.checkpoint.save_load`'s format): rank 0 writes the
+(replicated) model once, the tokenizer and ``trainer.json``; every rank writes its optimizer shard
+(``optimizer_rankRRRRR.safetensors`` + ``.json``: its owned matrices keyed by parameter name, plus the replicated
+dense state) and ``trainer_rankRRRRR.json`` (its RNG). All ranks write into one ``step_NNNNNN.tmp-<pid of rank
+0>`` directory, meet at a barrier, rank 0 writes the manifest, verifies and renames it into place, and a second
+barrier releases everyone. Resuming verifies every hash on every rank; at the same world size each rank reads its
+own shard, at another one (or from a single-device checkpoint) the shards are merged and each rank takes the
+matrices the recomputed ownership plan gives it. Any failure on any rank raises on every rank (one all-reduced
+flag), so a corrupted checkpoint ends every rank with ``CheckpointError`` (exit 2) and nothing is overwritten.
+
+Failure behaviour: every collective runs under ``--dist-timeout``; a rank that dies (its sockets close) or hangs
+makes the others raise :class:`~qgalore_dist.train.cli.DistributedError` — one ``error:`` line, exit 1 — at
+once or within the timeout, never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import inspect
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+
+from ...checkpoint.save_load import (MODEL_FILE, OPTIM_JSON_FILE, OPTIM_TENSORS_FILE, SHARDS_KEY, TOKENIZER_DIR,
+                                     CheckpointError, checkpoint_name, finalize_checkpoint, list_checkpoints,
+                                     optimizer_shard_files, publish_checkpoint, read_optimizer_shards, read_state,
+                                     trainer_shard_file, verify_checkpoint, write_state)
+from ...dist.collectives import Collectives, all_reduce_bytes
+from ...dist.launch_env import DistEnv, init_distributed
+from ...dist.replicas import ReplicaMismatch
+from ...dist.sharded_optimizer import ShardedQGaLoreOptimizer, merge_state_dicts
+from ...nn.int8_linear import QGaLoreLinear
+from ..cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, DistributedError, TrainArgs, UsageError
+from .base import Engine, ResumePoint
+
+__all__ = ["DDPEngine"]
+
+_GLOO_PREFIX = re.compile(r"^\[[^\]]*\]\s*")  # gloo prefixes its messages with "[/path/to/pair.cc:537] "
+
+
+def _is_comm_failure(exc: BaseException) -> bool:
+    """A collective failed because a peer is gone or silent (not a bug of ours nor a user error)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("gloo" in msg or "NCCL" in msg or "Connection reset" in msg
+                                              or "Connection closed" in msg or "Timed out" in msg)
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of a communication error, without gloo's source path and boilerplate."""
+    msg = _GLOO_PREFIX.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return msg.split(". This is typically")[0].rstrip(".")
+
+
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DDP that still answers ``.config`` (the loop reads the transformers config off the model it trains)."""
+
+    @property
+    def config(self):
+        return self.module.config
+
+
+class DDPEngine(Engine):
+    """Data-parallel training over a replicated model (see the module docstring)."""
+
+    name = "ddp"
+
+    def __init__(self, args: TrainArgs, env: DistEnv, timeout: datetime.timedelta) -> None:
+        self.args = args
+        self.env = env
+        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+        self.timeout = timeout
+        self.sharded = args.optimizer in LOWRANK_OPTIMIZERS
+        self.model: nn.Module | None = None  # the unwrapped model (checkpoints, export)
+        self.wrapped: _DDP | None = None  # baselines only
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.collectives: Collectives | None = None
+        self._micro = 0
+        self._ddp_comm = {"comm_bytes": 0, "comm_calls": 0}  # the DDP hook's count for the current step
+        self._closed = False
+
+    # --- set-up ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_args(cls, args: TrainArgs) -> "DDPEngine":
+        """Join the process group the launcher describes (torchrun / mpirun / none: one process)."""
+        from ..loop import resolve_device
+
+        if args.device is not None:
+            dev = resolve_device(args.device)
+            if dev.type == "cuda" and dev.index is not None:
+                raise UsageError(f"--engine ddp --device {args.device}: every rank uses cuda:<its local rank>; "
+                                 "pass --device cuda (or cpu)")
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        else:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = datetime.timedelta(seconds=args.dist_timeout)
+        try:
+            env = init_distributed(backend, timeout=timeout)
+        except ValueError as exc:  # malformed launcher variables
+            raise UsageError(f"--engine ddp: {exc}") from exc
+        except RuntimeError as exc:
+            raise DistributedError(f"--engine ddp: could not join the process group within --dist-timeout "
+                                   f"{args.dist_timeout:g}s ({_short(exc)})") from exc
+        return cls(args, env, timeout)
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Turn a collective that failed because a peer died / hung into one clear :class:`DistributedError`."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if isinstance(exc, DistributedError) or not _is_comm_failure(exc):
+                raise
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: {what} failed — another rank died, hung or left "
+                f"(no answer within --dist-timeout {self.args.dist_timeout:g}s): {_short(exc)}") from exc
+
+    def _agree(self, error: str | None, exc_type: type[Exception], what: str) -> None:
+        """Collective: raise ``exc_type`` on every rank when ``error`` is set on any (so no rank waits for one that
+        already gave up); a barrier otherwise."""
+        if self.world_size == 1 or not dist.is_initialized():
+            if error is not None:
+                raise exc_type(error)
+            return
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
+        with self._guard(what):
+            dist.all_reduce(flag)
+        if error is not None:
+            raise exc_type(error)
+        if int(flag):
+            raise exc_type(f"{what} failed on another rank (its error message names the problem)")
+
+    def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
+                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        from ..optimizers import qgalore_config
+
+        args = self.args
+        self.model = model.to(self.device)
+        if self.sharded:
+            # no DDP wrapper: the sharded optimizer averages the dense gradients and owns the projected traffic;
+            # the INT8 buffers therefore never sit in a DDP bucket nor in broadcast_buffers
+            self.collectives = Collectives(timeout=self.timeout)
+            try:
+                with self._guard("start-up (config agreement and replica check)"):
+                    self.optimizer = ShardedQGaLoreOptimizer(
+                        self.model, qgalore_config(args), self.collectives, comm_mode=args.comm_mode,
+                        full_reduce=args.full_reduce, replica_check_every=args.replica_check_every,
+                        strict_replicas=args.strict_replicas,
+                        dense_state_bits=8 if args.optimizer in INT8_OPTIMIZERS else 32,
+                        target_modules=tuple(args.target_module_list), stagger_refresh=True,
+                        grad_clip=args.grad_clip)
+            except ReplicaMismatch as exc:
+                raise DistributedError(f"start-up: the ranks' initial weights differ ({exc})") from exc
+            except ValueError as exc:  # bad setting, or ranks started with different configs (raised on all)
+                raise UsageError(f"--engine ddp: {exc}") from exc
+            return self.model, self.optimizer
+        if any(isinstance(m, QGaLoreLinear) for m in self.model.modules()):
+            raise UsageError(f"--engine ddp: --optimizer {args.optimizer} trains a float model, but this one holds "
+                             "INT8 weights (DistributedDataParallel must never carry them)")
+        self.optimizer = make_opt(self.model)
+        if self.world_size == 1:
+            return self.model, self.optimizer
+        # no buffer sync before every forward (the only buffers are deterministic rotary tables); torch >= 2.13
+        # names it forward_sync_buffers and deprecates broadcast_buffers
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            nn.parallel.DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+        with self._guard("DistributedDataParallel start-up"):
+            self.wrapped = _DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                **{no_sync: False})
+        self.wrapped.register_comm_hook(self, DDPEngine._count_allreduce)
+        return self.wrapped, self.optimizer
+
+    @staticmethod
+    def _count_allreduce(engine, bucket):  # no annotations: DDP rejects any but the exact, unstringified types
+        """DDP communication hook: the default averaging all-reduce, with its ring bytes counted."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        buf = bucket.buffer()
+        engine._ddp_comm["comm_bytes"] += 2 * all_reduce_bytes(buf.numel() * buf.element_size(), engine.world_size)
+        engine._ddp_comm["comm_calls"] += 1
+        return allreduce_hook(None, bucket)
+
+    # --- the step --------------------------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._micro = 0
+        if self.wrapped is not None:
+            # DDP decides at forward time whether the coming backward all-reduces: only the step's last one does
+            self.wrapped.require_backward_grad_sync = self.args.grad_accum == 1
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with self._guard("backward"):  # lowrank refreshes and DDP all-reduce inside backward
+            loss.backward()
+        self._micro += 1
+        if self.wrapped is not None:
+            self.wrapped.require_backward_grad_sync = self._micro == self.args.grad_accum - 1
+
+    def step(self) -> float | None:
+        with self._guard("optimizer step"):
+            out = self.optimizer.step()
+        return None if out is None else float(out)
+
+    def mean_over_ranks(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        with self._guard("averaging the loss over ranks"):
+            dist.all_reduce(t)  # a scalar on the default group: metrics, not optimizer traffic
+        return float(t) / self.world_size
+
+    def step_metrics(self) -> dict[str, Any]:
+        """This step's bytes through this rank's link (sent + received) and the job's SVD total."""
+        if not self.sharded:
+            out, self._ddp_comm = dict(self._ddp_comm), {"comm_bytes": 0, "comm_calls": 0}
+            return out
+        last = self.optimizer.last_comm
+        out = {k: int(last[k]) for k in ("comm_bytes", "comm_bytes_sent", "comm_bytes_received", "comm_calls")}
+        out["comm_by_primitive"] = last.get("by_primitive", {})
+        own = int(self.optimizer.svd_count)
+        out["svd_count_rank"] = own
+        if self.world_size > 1:
+            t = torch.tensor([own], dtype=torch.int64, device=self.device)
+            with self._guard("summing SVD counts"):
+                dist.all_reduce(t)
+            own = int(t)
+        out["svd_count"] = own  # each refresh is computed once in the job, by its owner
+        out["replica_repairs"] = len(self.optimizer.replica_repairs)
+        return out
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def list_checkpoints(self, save_dir: str | Path) -> list[tuple[int, Path]]:
+        return list_checkpoints(save_dir)
+
+    def verify_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Every rank checks every hash; a failure on any rank raises ``CheckpointError`` on all."""
+        record, error = None, None
+        try:
+            record = verify_checkpoint(path)
+        except CheckpointError as exc:
+            error = str(exc)
+        self._agree(error, CheckpointError, f"verifying checkpoint {path}")
+        return record
+
+    def _broadcast_int(self, value: int) -> int:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        with self._guard("checkpoint set-up"):
+            dist.broadcast(t, src=0)
+        return int(t)
+
+    def save_checkpoint(self, save_dir: str | Path, step: int, trainer_state: dict[str, Any],
+                        tokenizer: Any) -> Path:
+        save_dir = Path(save_dir)
+        final = save_dir / checkpoint_name(step)
+        tag = self._broadcast_int(os.getpid())  # one temporary directory for all ranks: rank 0's pid names it
+        tmp = save_dir / f"{final.name}.tmp-{tag}"
+        error = None
+        if self.is_main:
+            try:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            except OSError as exc:
+                error = f"cannot create checkpoint directory {tmp}: {exc}"
+        self._agree(error, CheckpointError, f"saving checkpoint {final}")
+        try:
+            try:
+                if self.sharded:
+                    write_state(tmp, self.optimizer.state_dict(), *optimizer_shard_files(self.rank))
+                (tmp / trainer_shard_file(self.rank)).write_text(
+                    json.dumps({"rank": self.rank, "rng": trainer_state["rng"]}), encoding="utf-8")
+                if self.is_main:
+                    write_state(tmp, {k: v.detach() for k, v in self.model.state_dict().items()}, MODEL_FILE)
+                    if not self.sharded:  # baselines: the optimizer state is replicated — stored once
+                        write_state(tmp, self.optimizer.state_dict(), OPTIM_TENSORS_FILE, OPTIM_JSON_FILE)
+                    if tokenizer is not None:
+                        tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            except (OSError, ValueError, TypeError) as exc:
+                error = f"writing checkpoint {final} failed on rank {self.rank}: {exc}"
+            self._agree(error, CheckpointError, f"saving checkpoint {final}")  # every rank's files are in tmp
+            if self.is_main:
+                try:
+                    record = dict(trainer_state, ranks=self.world_size)
+                    if self.sharded:
+                        record[SHARDS_KEY] = self.world_size
+                    finalize_checkpoint(tmp, step, record)
+                    verify_checkpoint(tmp)
+                    publish_checkpoint(tmp, final, tag)
+                except (OSError, CheckpointError) as exc:
+                    error = f"publishing checkpoint {final} failed: {exc}"
+            self._agree(error, CheckpointError, f"saving checkpoint {final}")  # published before anyone goes on
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def _load_model_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        own = self.model.state_dict()
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            raise CheckpointError(f"checkpoint {where} does not match this model: missing {missing[:3]}, "
+                                  f"unexpected {extra[:3]}")
+        for k, v in own.items():
+            if tuple(v.shape) != tuple(state[k].shape):
+                raise CheckpointError(f"checkpoint {where} does not match this model: {k} has shape "
+                                      f"{tuple(state[k].shape)}, the model {tuple(v.shape)}")
+        self.model.load_state_dict(state, strict=True)
+
+    def _read_optimizer_state(self, root: Path, record: dict[str, Any]) -> dict[str, Any]:
+        """This rank's optimizer state: its own shard when the checkpoint's ownership is this run's, else the
+        merge of every shard (another world size), else the single optimizer file (single-device / baseline)."""
+        shards = record.get(SHARDS_KEY)
+        if shards is None:
+            return read_state(root, OPTIM_TENSORS_FILE, OPTIM_JSON_FILE)
+        if not self.sharded:
+            raise CheckpointError(f"checkpoint {root} holds sharded Q-GaLore optimizer state, this run uses "
+                                  f"--optimizer {self.args.optimizer}")
+        if shards == self.world_size:
+            own = read_state(root, *optimizer_shard_files(self.rank))
+            if dict(own.get("shard", {}).get("owner", {})) == dict(self.optimizer.plan.owner):
+                return own
+        return merge_state_dicts(read_optimizer_shards(root, shards))
+
+    def load_checkpoint(self, path: Path) -> ResumePoint:
+        root = Path(path)
+        error, record, opt_state = None, None, None
+        try:
+            record = verify_checkpoint(root)
+            self._load_model_state(load_file(str(root / MODEL_FILE), device=str(self.device)), str(root))
+            opt_state = self._read_optimizer_state(root, record)
+            mine = root / trainer_shard_file(self.rank)
+            if self.rank < int(record.get("ranks", 1)) and mine.is_file():
+                record["rng"] = json.loads(mine.read_text(encoding="utf-8"))["rng"]
+        except CheckpointError as exc:
+            error = str(exc)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            error = f"checkpoint {root} cannot be loaded on rank {self.rank}: {exc}"
+        self._agree(error, CheckpointError, f"loading checkpoint {root}")
+        if self.sharded:
+            try:
+                with self._guard(f"loading checkpoint {root}"):
+                    self.optimizer.load_state_dict(opt_state)  # collective; raises on every rank alike
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint {root}: {exc}") from exc
+        else:
+            error = None
+            try:
+                self.optimizer.load_state_dict(opt_state)
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                error = f"checkpoint {root}: optimizer state does not fit this run ({exc})"
+            self._agree(error, CheckpointError, f"loading checkpoint {root}")
+        return ResumePoint(int(record["step"]), record)
+
+    # --- end -------------------------------------------------------------------------------------------------
+    def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any) -> Path | None:
+        return super().export(self.model, out_dir, tokenizer)
+
+    def close(self) -> None:
+        """Leave the process group. After a normal end, a barrier first (no rank closes its sockets while a peer
+        still reads from them); after an error, at once (a peer may be gone). torch 2.13 + gloo can abort at
+        interpreter exit when a group is left undestroyed."""
+        if self._closed:
+            return
+        self._closed = True
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        try:
+            if sys.exc_info()[0] is None and self.world_size > 1:
+                with self._guard("the final barrier"):
+                    dist.barrier()
+        finally:
+            dist.destroy_process_group()
