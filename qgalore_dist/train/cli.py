@@ -125,6 +125,11 @@ class TrainArgs:
                             "(reduce each micro-batch's gradient to its owner in backward: grad-accum times the "
                             "gradient bytes, ~1/N of the gradient memory)", type=str,
                             choices=("boundary", "micro_batch"))
+    fsdp_grad_sync: str = _opt("micro_batch", "--engine fsdp under --grad-accum: micro_batch (reduce-scatter every "
+                               "micro-batch's gradients: grad-accum times the gradient bytes, 1/N of the gradient "
+                               "memory) or boundary (set_requires_gradient_sync(False) before the last micro-batch: "
+                               "each rank keeps the unsharded gradient of every parameter, the whole model's, until "
+                               "the step)", type=str, choices=("micro_batch", "boundary"))
     strict_replicas: bool = _opt(False, "abort when a replica's INT8 weights differ from the owner's instead of "
                                  "re-broadcasting them with a warning", flag=True)
     replica_check_every: int = _opt(50, "checksum the replicated weights every N steps (0: only at start-up)",
@@ -248,6 +253,8 @@ def validate(args: TrainArgs) -> None:
             raise UsageError(f"--ds_config {args.ds_config}: file does not exist")
     if args.full_reduce != "boundary" and (args.engine != "ddp" or args.comm_mode != "full"):
         raise UsageError(f"--full-reduce {args.full_reduce} applies to --engine ddp --comm-mode full only")
+    if args.fsdp_grad_sync != "micro_batch" and args.engine != "fsdp":
+        raise UsageError(f"--fsdp-grad-sync {args.fsdp_grad_sync} applies to --engine fsdp only")
     if args.replica_check_every < 0:
         raise UsageError(f"--replica-check-every must be >= 0, got {args.replica_check_every}")
     if not args.dist_timeout > 0:
