@@ -315,7 +315,7 @@ class DeepSpeedEngine(Engine):
             if self.stage == 3:
                 from ...dist.deepspeed_zero3 import Zero3Sidecar
 
-                self.sidecar = Zero3Sidecar(model, config, self.collectives, **common)
+                self.sidecar = Zero3Sidecar(model, config, self.collectives, grad_clip=args.grad_clip, **common)
             else:
                 self.sidecar = SidecarQGaLoreOptimizer(
                     model, config, self.collectives, comm_mode=args.comm_mode,
@@ -337,6 +337,9 @@ class DeepSpeedEngine(Engine):
         """Called by FlatDenseAdamW inside DeepSpeed's step: one all-reduce of [Σ‖R‖² owned, Σ‖dense slice‖²]."""
         from ...dist.deepspeed_sidecar import clip_coef
 
+        if self.stage == 3:  # the row-sharded step runs here, folding the dense norm² into its own all-reduce
+            norm, self._coef = self.sidecar.shared_norm(dense_local_sq)
+            return norm, self._coef
         v = torch.tensor([self._proj_sq, dense_local_sq], dtype=torch.float64, device=self.collectives.device)
         self.collectives.all_reduce([v])
         norm = (float(v[0]) + float(v[1])) ** 0.5

@@ -1,0 +1,226 @@
+"""The ZeRO-3 side-car: INT8 matrices partitioned across ranks by rows (DESIGN.md §3, "Sharded engines").
+
+:class:`Zero3Sidecar` replaces every targeted :class:`~qgalore_dist.nn.QGaLoreLinear` of the model by a
+:class:`~qgalore_dist.nn.int8_zero3.RowShardedInt8Linear` holding this rank's rows (``chunk_rows`` split) — before
+``deepspeed.initialize`` partitions the dense parameters — and drives
+:class:`~qgalore_dist.dist.row_sharded.RowShardedQGaLoreOptimizer` over those row shards. Per projected ``m×n``
+matrix, N ranks, ``g`` the weight group, A micro-batches per step, bytes through one rank's link:
+
+* **forward and backward** each all-gather the INT8 codes + fp32 scales: ``2·(N−1)/N · m·n·(1 + 4/g)`` per pass
+  (sent + received), the gathered weight freed after each use;
+* **weight gradient**: reduced to the row owners in backward (``reduce_to_owners`` with rank r owning row chunk r:
+  the bytes of a ring reduce-scatter, ``(N−1)/N · m·n·b`` sent, the same received), every micro-batch — so the
+  full gradient of one layer lives only inside its backward, and this rank accumulates ``k×n`` rows (memory
+  ``m·n·b / N``; the cost is ``A×`` the gradient bytes under accumulation);
+* **optimizer**: the row-sharded optimizer's traffic (right projection row-local; left: ``r·n`` reduced and
+  broadcast; refresh: gradient rows gathered to the owner only, projector sent back).
+
+Resident per rank: ``m·n·(1 + 4/g) / N`` bytes of weights (+ the transient gathered layer). Dense parameters are
+ZeRO-3's. The projected step runs inside DeepSpeed's step, from :meth:`Zero3Sidecar.shared_norm` (called by the
+dense client optimizer with its partition's squared norm), so one norm covers both sides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import QGaLoreConfig
+from ..nn.convert import DEFAULT_TARGET_MODULES, find_target_linears
+from ..nn.int8_linear import QGaLoreLinear
+from ..nn.int8_zero3 import RowShardedInt8Linear
+from ..quant.int8 import dequantize_rows
+from .collectives import Collectives, CommCounters
+from .replicas import check_same_setup
+from .row_sharded import RowShard, RowShardedQGaLoreOptimizer, chunk_rows
+
+__all__ = ["Zero3Sidecar", "shard_model_rows"]
+
+
+def shard_model_rows(model: nn.Module, rank: int, world_size: int,
+                     target_modules=DEFAULT_TARGET_MODULES) -> list[RowShardedInt8Linear]:
+    """Replace each targeted :class:`QGaLoreLinear` by this rank's :class:`RowShardedInt8Linear` (in place, model
+    order); the full codes are dropped with the old module."""
+    out = []
+    for name, mod in find_target_linears(model, target_modules).items():
+        if not isinstance(mod, QGaLoreLinear):
+            raise ValueError(f"{name} is not an INT8 QGaLoreLinear (ZeRO-3 side-car shards INT8 weights only)")
+        m = mod.out_features
+        rows = chunk_rows(m, world_size)
+        r0 = sum(rows[:rank])
+        k = rows[rank]
+        codes = mod.weight_codes[r0:r0 + k].clone()
+        scales = mod.weight_scales[r0:r0 + k].clone()
+        new = RowShardedInt8Linear(mod.in_features, m, codes, scales, rows, r0, mod.group_size, f"{name}.weight",
+                                   bias=mod.bias)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, new)
+        out.append(new)
+    return out
+
+
+class Zero3Sidecar:
+    """Row-sharded INT8 matrices + their optimizer beside DeepSpeed ZeRO-3 (module docstring).
+
+    The engine calls, per optimizer step: :meth:`begin_step` (nothing to reduce: gradients were reduce-scattered
+    in backward), then DeepSpeed's step, whose client optimizer calls :meth:`shared_norm` once — the projected step
+    runs there, with the dense partition's squared norm folded into the one clipping norm — then
+    :meth:`finish_step`.
+    """
+
+    def __init__(self, model: nn.Module, config: QGaLoreConfig, collectives: Collectives, *,
+                 target_modules=DEFAULT_TARGET_MODULES, stagger_refresh: bool = True, grad_clip: float = 0.0):
+        self.collectives = collectives
+        self.rank, self.world_size = collectives.rank, collectives.world_size
+        named = {n: m for n, m in find_target_linears(model, target_modules).items()}
+        # every rank must agree on the matrices before any gather runs (shapes drive every collective)
+        check_same_setup(collectives, {
+            "config": config.to_dict(),
+            "matrices": [[n, m.out_features, m.in_features, m.group_size] for n, m in named.items()],
+            "dense": [[n, list(p.shape), str(p.dtype)] for n, p in model.named_parameters() if p.requires_grad],
+        })
+        self.modules = shard_model_rows(model, self.rank, self.world_size, target_modules)
+        self.by_name = {m.qname: m for m in self.modules}
+        self.grad_rows: dict[str, torch.Tensor] = {}
+        for mod in self.modules:
+            mod.gather = lambda mod=mod: self._gather(mod)
+            mod.grad_sink = lambda g, mod=mod: self._reduce_rows(mod, g)
+        shards = [RowShard(m.qname, (m.out_features, m.in_features), m.rows_per_rank, m.int8_weight)
+                  for m in self.modules]
+        self.opt = RowShardedQGaLoreOptimizer(shards, config, collectives, grad_clip=grad_clip,
+                                              stagger_refresh=stagger_refresh)
+        self.param_groups = self.opt.param_groups
+        self.last_comm = CommCounters().as_dict()
+        self.gather_calls = 0
+
+    # --- communication around the INT8 layer ------------------------------------------------------------------
+    def _gather(self, mod: RowShardedInt8Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole INT8 weight from every rank's rows: one bucketed all-gather of codes + scales (1 byte per
+        element + the scales); unequal shards are padded to the largest."""
+        kmax, m = max(mod.rows_per_rank), mod.out_features
+        k = mod.rows_per_rank[self.rank]
+        codes, scales = mod.weight_codes, mod.weight_scales
+        if k < kmax:
+            codes = torch.cat([codes, codes.new_zeros(kmax - k, codes.shape[1])])
+            scales = torch.cat([scales, scales.new_zeros(kmax - k, scales.shape[1])])
+        out_c = codes.new_empty(kmax * self.world_size, codes.shape[1])
+        out_s = scales.new_empty(kmax * self.world_size, scales.shape[1])
+        self.collectives.all_gather_into([out_c, out_s], [codes, scales])
+        self.gather_calls += 1
+        if kmax * self.world_size == m:
+            return out_c, out_s
+        keep = torch.cat([torch.arange(r * kmax, r * kmax + kr) for r, kr in enumerate(mod.rows_per_rank)])
+        return out_c[keep], out_s[keep]
+
+    @torch.no_grad()
+    def _reduce_rows(self, mod: RowShardedInt8Linear, grad: torch.Tensor) -> None:
+        """Sum ``grad`` [m, n] over ranks into each row chunk's rank (a reduce-scatter's bytes); accumulate ours."""
+        grad = grad.contiguous()
+        chunks, off = {}, 0
+        for r, kr in enumerate(mod.rows_per_rank):
+            if kr:
+                chunks[r] = [grad[off:off + kr]]
+            off += kr
+        self.collectives.reduce_to_owners(chunks)
+        mine = grad[mod.row_offset:mod.row_offset + mod.rows_per_rank[self.rank]]
+        acc = self.grad_rows.get(mod.qname)
+        if acc is None:
+            self.grad_rows[mod.qname] = mine.clone()
+        else:
+            acc.add_(mine)
+
+    # --- the step -------------------------------------------------------------------------------------------
+    def begin_step(self) -> float:
+        return 0.0
+
+    def shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
+        """Collective, called once per step from inside DeepSpeed's step: the projected step over the averaged row
+        gradients, with this rank's dense partition norm² folded into the clipping norm. Returns (norm, coef)."""
+        ws = self.world_size
+        grads: dict[str, torch.Tensor | None] = {}
+        for mod in self.modules:
+            g = self.grad_rows.get(mod.qname)
+            grads[mod.qname] = None if g is None else (g.div_(ws) if ws > 1 else g)
+        norm = self.opt.step(grads=grads, extra_sq=dense_local_sq)
+        self.last_comm = self.opt.last_comm
+        return norm, self.opt.last_clip_coef
+
+    def finish_step(self, coef: float = 1.0) -> None:
+        self.grad_rows.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.grad_rows.clear()
+
+    # --- accounting ---------------------------------------------------------------------------------------------
+    @property
+    def svd_count(self) -> int:
+        return self.opt.svd_count
+
+    @property
+    def phase_times(self) -> dict[str, float]:
+        return getattr(self.opt, "phase_times", {})
+
+    def memory_bytes(self) -> dict[str, int]:
+        return self.opt.memory_bytes()
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.opt.load_state_dict(sd)
+
+    def weight_state(self) -> dict[str, Any]:
+        """This rank's rows of every matrix (codes, scales, row offset), keyed by parameter name."""
+        return {m.qname: {"codes": m.weight_codes, "scales": m.weight_scales, "row_offset": m.row_offset}
+                for m in self.modules}
+
+    @torch.no_grad()
+    def load_weight_state(self, state: dict) -> None:
+        for m in self.modules:
+            if m.qname not in state:
+                raise ValueError(f"weights missing for {m.qname}")
+            e = state[m.qname]
+            if int(e["row_offset"]) != m.row_offset or tuple(e["codes"].shape) != tuple(m.weight_codes.shape):
+                raise ValueError(f"{m.qname}: saved rows at offset {e['row_offset']} shape "
+                                 f"{tuple(e['codes'].shape)}, this rank holds {m.row_offset} "
+                                 f"{tuple(m.weight_codes.shape)}")
+            m.weight_codes.copy_(e["codes"])
+            m.weight_scales.copy_(e["scales"])
+
+    # --- export -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def full_state(self, module: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
+        """Collective: the whole model's float state (dense parameters gathered from ZeRO-3, every INT8 matrix
+        gathered and dequantised) on the main rank; None elsewhere."""
+        import deepspeed
+
+        state: dict[str, torch.Tensor] = {}
+        params = dict(module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            if is_main:
+                for n, p in params.items():
+                    state[n] = p.detach().cpu().clone()
+        for mod in self.modules:
+            codes, scales = self._gather(mod)
+            if is_main:
+                state[mod.qname] = dequantize_rows(codes, scales, mod.group_size, torch.float32)
+        self.collectives.reset_step()
+        if not is_main:
+            return None
+        persistent = set(module.state_dict(keep_vars=True))  # names only (non-persistent buffers are not saved)
+        for n, b in module.named_buffers():
+            if n in persistent and n not in state:
+                state[n] = b.detach().cpu()
+        return state
+
+    def export(self, module: nn.Module, out_dir, tokenizer, is_main: bool):
+        from ..checkpoint.export import export_state
+
+        state = self.full_state(module, is_main)
+        if not is_main:
+            return None
+        return export_state(state, module.config, {}, out_dir, tokenizer)
