@@ -58,8 +58,9 @@ class QGaLoreConfig:
     state_block_size: int = 256
     state_min_numel: int = 4096
     stochastic_round: bool = True
-    # fuse "update + stochastic-rounding re-quantisation" with torch.compile (bit-identical to eager, ~5x faster
-    # on CPU; the first compilation costs ~10-60 s per process, cached on disk afterwards)
+    # fuse "update + stochastic-rounding re-quantisation" and the 8-bit moment update with torch.compile (equal to
+    # eager up to fp32 rounding, quant/fused.py; ~5x faster on CPU; the first compilation of each column count costs
+    # ~10-60 s per process, cached on disk afterwards)
     fused: bool = True
 
     # AdamW
