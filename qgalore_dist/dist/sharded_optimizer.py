@@ -13,14 +13,23 @@ Communication modes (``N`` ranks; per projected ``m×n`` matrix with ``L = max(m
 ``b`` bytes per gradient element, ``g`` the weight group; bytes per rank per optimizer step):
 
 ``comm_mode="full"``
-    Backward accumulates the full local gradient of every projected matrix (``QGaLoreLinear.weight_grad``); at
-    ``step()`` each one is **reduced** (sum, then ÷N) to its owner, which refreshes if due (from this mean of the
-    window's accumulated gradients — the non-layer-wise reference's rule), projects, normalises and applies; then
-    the owners **broadcast** the new INT8 codes + scales. Bytes: ``m·n·b`` sent per non-owned matrix, received per
-    owned one, plus ``m·n·(1 + 4/g)`` received per non-owned matrix. Memory: the full local gradient of every
-    projected matrix lives from the first backward to the step — the whole-model gradient (26 GB fp32 at 7B),
-    independent of ``grad_accum`` (micro-batches add into it; reducing every micro-batch instead would multiply
-    the gradient bytes by ``grad_accum``). Projectors and moments: owner only.
+    Each projected matrix's full gradient is **reduced** (sum, then ÷N) to its owner, which refreshes if due (from
+    this mean of the window's accumulated gradients — the non-layer-wise reference's rule), projects, normalises
+    and applies at ``step()``; then the owners **broadcast** the new INT8 codes + scales (``m·n·(1 + 4/g)`` bytes
+    received per non-owned matrix). Projectors and moments: owner only. Under gradient accumulation
+    (``A = grad_accum`` micro-batches per step) ``full_reduce`` chooses between memory and bytes:
+
+    * ``full_reduce="boundary"`` (default) — backward accumulates the full local gradient of every projected
+      matrix (``QGaLoreLinear.weight_grad``) and it is reduced once, at ``step()``. Gradient bytes: ``m·n·b`` sent
+      per non-owned matrix, received per owned one, per step, whatever ``A``. Memory: the full local gradient of
+      *every* projected matrix lives from the first backward to the step — the whole-model gradient (26 GB fp32
+      at 7B).
+    * ``full_reduce="micro_batch"`` — each micro-batch's gradients are reduced to their owners inside backward,
+      in buckets of ``refresh_bucket_bytes`` (as soon as one fills, the rest at the end of backward); non-owners
+      free theirs at once and owners add them into one accumulated gradient per *owned* matrix. Gradient bytes:
+      ``A × m·n·b`` per matrix per step. Memory: the owned matrices' gradients (≈ 1/N of the model's) plus at
+      most one bucket of full gradients in flight. With ``A = 1`` both move the same bytes; only the memory
+      differs.
 
 ``comm_mode="lowrank"``
     Projectors are replicated. Each rank projects its local gradient inside backward (the layer-wise sink of
@@ -98,9 +107,10 @@ from .collectives import Collectives, CommCounters
 from .plan import OwnershipPlan, plan_for_model, plan_options
 from .replicas import ReplicaGroup, check_replicas, check_same_setup, flat_view
 
-__all__ = ["COMM_MODES", "ShardedQGaLoreOptimizer", "default_plan", "merge_state_dicts"]
+__all__ = ["COMM_MODES", "FULL_REDUCE", "ShardedQGaLoreOptimizer", "default_plan", "merge_state_dicts"]
 
 COMM_MODES = ("full", "lowrank")
+FULL_REDUCE = ("boundary", "micro_batch")  # full mode under gradient accumulation: memory vs bytes
 STATE_FORMAT = "qgalore_dist.optimizer/1"  # QGaLoreOptimizer's: a merged sharded state loads into either
 _WIRE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -151,8 +161,12 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
             parity); ``torch.bfloat16`` halves those bytes. The owner applies the same rounded N as every other rank.
         replica_check_every: hash the replicas every this many optimizer steps (0: only at construction).
         strict_replicas: raise :class:`~qgalore_dist.dist.replicas.ReplicaMismatch` instead of repairing.
-        refresh_bucket_bytes: lowrank mode — full gradients held for a refresh before they are reduced to their
-            owners mid-backward (more: more owners' SVDs in parallel; less: less memory on refresh steps).
+        refresh_bucket_bytes: full gradients held in backward before they are reduced to their owners
+            mid-backward — lowrank mode: refresh gradients (more: more owners' SVDs in parallel; less: less memory
+            on refresh steps); ``full_reduce="micro_batch"``: every micro-batch's gradients.
+        full_reduce: full mode — ``"boundary"`` (default: keep the full local gradient, reduce once per step) or
+            ``"micro_batch"`` (reduce every micro-batch's gradient to its owner in backward: ``grad_accum`` times
+            the gradient bytes, ≈1/N of the gradient memory); see the module docstring.
         dense_state_bits, target_modules, stagger_refresh, dense_lr, dense_weight_decay, grad_clip: as for
             :class:`QGaLoreOptimizer` (``grad_accum`` needs no declaration here: the step always runs in ``step()``).
 
@@ -162,7 +176,8 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
     def __init__(self, model: nn.Module, config: QGaLoreConfig, collectives: Collectives,
                  plan: OwnershipPlan | None = None, *, comm_mode: str = "lowrank",
                  update_dtype: torch.dtype | None = None, replica_check_every: int = 50,
-                 strict_replicas: bool = False, refresh_bucket_bytes: int = 1 << 30, dense_state_bits: int = 32,
+                 strict_replicas: bool = False, refresh_bucket_bytes: int = 1 << 30,
+                 full_reduce: str = "boundary", dense_state_bits: int = 32,
                  target_modules=DEFAULT_TARGET_MODULES, stagger_refresh: bool = False,
                  dense_lr: float | None = None, dense_weight_decay: float | None = None, grad_clip: float = 0.0):
         if comm_mode not in COMM_MODES:
@@ -176,6 +191,11 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
                              "(0: check only at start-up)")
         if refresh_bucket_bytes < 1:
             raise ValueError(f"refresh_bucket_bytes={refresh_bucket_bytes!r} is invalid: must be >= 1")
+        if full_reduce not in FULL_REDUCE:
+            raise ValueError(f"full_reduce={full_reduce!r} is invalid: allowed: {', '.join(FULL_REDUCE)}")
+        if full_reduce != "boundary" and comm_mode != "full":
+            raise ValueError(f"full_reduce={full_reduce!r} needs comm_mode='full' (lowrank mode always "
+                             "communicates once per step)")
         self.collectives = collectives
         self.comm_mode = comm_mode
         self.rank, self.world_size = collectives.rank, collectives.world_size
@@ -193,7 +213,10 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         self.replica_check_every = replica_check_every
         self.strict_replicas = strict_replicas
         self.refresh_bucket_bytes = int(refresh_bucket_bytes)
-        self.layerwise = comm_mode == "lowrank"
+        self.full_reduce = full_reduce
+        # gradients consumed inside backward: lowrank (projected locally) and full/micro_batch (reduced at once)
+        self.layerwise = comm_mode == "lowrank" or full_reduce == "micro_batch"
+        self._owner_grad: dict[str, torch.Tensor] = {}  # full/micro_batch: Σ over ranks and micro-batches, owners
         self._pm = {pm.name: pm for pm in self.matrices}
         self.steps_taken = 0
         self.replica_repairs: list[tuple[int, str, list[int]]] = []  # (step, group, ranks that differed)
@@ -209,7 +232,8 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         # first collective: every rank must agree on everything that shapes a collective
         check_same_setup(collectives, {
             "config": config.to_dict(),
-            "engine options": {"comm_mode": comm_mode, "update_dtype": str(update_dtype),
+            "engine options": {"comm_mode": comm_mode, "full_reduce": full_reduce,
+                               "update_dtype": str(update_dtype),
                                "replica_check_every": replica_check_every, "strict_replicas": strict_replicas,
                                "refresh_bucket_bytes": self.refresh_bucket_bytes,
                                "dense_state_bits": dense_state_bits, "stagger_refresh": stagger_refresh,
@@ -223,7 +247,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         if names != set(plan.owner):  # after the agreement check: every rank raises this alike
             raise ValueError(f"the ownership plan does not cover the projected matrices: missing "
                              f"{sorted(names - set(plan.owner))[:3]}, unexpected {sorted(set(plan.owner) - names)[:3]}")
-        if comm_mode == "lowrank":
+        if self.layerwise:
             for pm in self.matrices:
                 self._install_sink(pm)
         self.check_replicas()  # identical starting point (keyed init makes this a pure check)
@@ -267,6 +291,9 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
     # --- lowrank mode: gradients consumed inside backward -----------------------------------------------------
     @torch.no_grad()
     def _consume(self, pm: ProjectedMatrix, grad: torch.Tensor) -> None:
+        if self.comm_mode == "full":
+            self._consume_full(pm, grad)
+            return
         name = pm.name
         self._grad_dtype[name] = grad.dtype
         first = name not in self._window
@@ -293,7 +320,47 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
 
     def _end_of_backward(self) -> None:
         self._flush_queued = False
-        self._flush_refresh()
+        if self.comm_mode == "full":
+            self._flush_micro_batch()
+        else:
+            self._flush_refresh()
+
+    def _queue_flush(self) -> None:
+        if not self._flush_queued:  # reduce whatever is left once this backward pass ends
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._flush_queued = True
+
+    # --- full mode, full_reduce="micro_batch": each micro-batch's gradient reduced to its owner in backward ------
+    @torch.no_grad()
+    def _consume_full(self, pm: ProjectedMatrix, grad: torch.Tensor) -> None:
+        name = pm.name
+        self._window[name] = None
+        if name in self._pending:  # the same weight used twice in one forward
+            self._pending[name].add_(grad)
+            return
+        self._pending[name] = grad
+        self._pending_bytes += grad.numel() * grad.element_size()
+        self._queue_flush()
+        if self._pending_bytes >= self.refresh_bucket_bytes:
+            self._flush_micro_batch()
+
+    @torch.no_grad()
+    def _flush_micro_batch(self) -> None:
+        """Reduce the pending gradients to their owners (hook order: the same on every rank); owners add the sum
+        into their accumulated gradient, non-owners drop theirs."""
+        pending, self._pending, self._pending_bytes = self._pending, {}, 0
+        if not pending:
+            return
+        names = list(pending)
+        self.collectives.reduce_to_owners(self._by_owner(names, lambda n: [pending[n]]))
+        for n in names:
+            if n not in self.owned:
+                continue
+            acc = self._owner_grad.get(n)
+            if acc is None:
+                self._owner_grad[n] = pending[n]
+            else:
+                acc.add_(pending[n])
 
     @torch.no_grad()
     def _flush_refresh(self) -> None:
@@ -394,7 +461,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         """Projected matrices and dense parameters with a gradient this window — on every rank or on none (one
         int32 all-reduce; a gradient on some ranks only would leave collectives of different shapes, so it is an
         error, raised on every rank, rather than a hang)."""
-        if self.comm_mode == "lowrank":
+        if self.layerwise:
             mine = [pm.name in self._window for pm in self.matrices]
         else:
             mine = [pm.grad() is not None for pm in self.matrices]
@@ -433,6 +500,8 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         rule, lr = self._rule()
         if self.comm_mode == "lowrank":
             self._flush_refresh()  # normally done at the end of backward already
+        elif self.full_reduce == "micro_batch":
+            self._flush_micro_batch()
         mats, dense = self._present()
         dense_grads = [p.grad for _, p in dense]
         self.collectives.all_reduce(dense_grads, op="avg")
@@ -462,9 +531,13 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         return norm
 
     def _reduce_full(self, mats: Sequence[str]) -> None:
-        """Full gradients summed at their owners; owners take the mean, refresh if due and project."""
-        grads = {n: self._pm[n].grad() for n in mats}
-        self.collectives.reduce_to_owners(self._by_owner(mats, lambda n: [grads[n]]))
+        """Full gradients summed at their owners (micro_batch: already, in backward); owners take the mean, refresh
+        if due and project."""
+        if self.full_reduce == "micro_batch":
+            grads = self._owner_grad
+        else:
+            grads = {n: self._pm[n].grad() for n in mats}
+            self.collectives.reduce_to_owners(self._by_owner(mats, lambda n: [grads[n]]))
         for n in mats:
             pm = self._pm[n]
             if n in self.owned:
@@ -552,6 +625,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
 
     def _end_window(self) -> None:
         self.accum.clear()
+        self._owner_grad.clear()
         self._window.clear()
         self._owner_only.clear()
         self._grad_dtype.clear()

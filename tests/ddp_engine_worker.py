@@ -1,0 +1,207 @@
+"""Rank side of ``tests/test_ddp_engine.py``, and its launcher: the real CLI (``qgalore_dist.train.cli.main``) with
+``--engine ddp`` in forked ranks.
+
+``python tests/ddp_engine_worker.py SPEC.json`` imports torch, transformers and qgalore_dist once, then forks every
+rank of every world in ``SPEC["worlds"]``; each rank runs the scenarios of :func:`scenarios` in order, each a
+``main(argv)`` call joining a fresh process group through torchrun-style variables (127.0.0.1, one port per world
+and scenario, picked by the test). After each scenario the rank rewrites ``OUT/w{W}_r{R}.json``: exit status, the
+one ``error:`` line, per-step losses, and checksums of its final model (taken when the engine closes).
+
+Global batch 6 in every world (``--batch-size 3`` at world 2, ``2`` at world 3) so each world, and the single-device
+run with ``--batch-size 6`` the test computes meanwhile, see the same samples; ``--dtype float64`` with the RMSNorm
+patch below makes the runs agree to ~1e-16, so INT8 codes can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import join_within  # noqa: E402
+
+WORLDS = (2, 3)
+GLOBAL_BATCH = 6
+STEPS = 6
+SAVE_EVERY = 3
+DIST_TIMEOUT = 20  # seconds: the dead-rank scenario must end within it
+DIES_AT = 2  # the dying rank exits inside its optimizer step of this step number
+
+
+def base_args(spec: dict, batch: int, *extra: str) -> list[str]:
+    """The settings every run shares (single-device reference included): llama_tiny in fp64 on a 512-token BPE,
+    refreshes every 3 steps (staggered), clipping on (the CLI default)."""
+    return ["--model", "llama_tiny", "--tokenizer", spec["tok"], "--data", spec["corpus"], "--seq-len", "32",
+            "--batch-size", str(batch), "--rank", "8", "--update-proj-gap", "3", "--eval-batches", "2",
+            "--eval-every", "0", "--warmup-steps", "2", "--lr", "0.01", "--log-every", "1000", "--dtype", "float64",
+            "--device", "cpu", "--max-steps", str(STEPS), *extra]
+
+
+def rmsnorm_in_input_dtype(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """transformers' LlamaRMSNorm computes in fp32 even for fp64 inputs, rounding gradients scaled by 1/(3T) on one
+    device and (1/T)/3 across 3 ranks differently (tests/ddp_worker.py explains): compute in the input dtype."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def patch_rmsnorm():
+    """Class-level patch (undo with the returned function)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    orig = LlamaRMSNorm.forward
+    LlamaRMSNorm.forward = rmsnorm_in_input_dtype
+    return lambda: setattr(LlamaRMSNorm, "forward", orig)
+
+
+def checksums(model) -> dict[str, int]:
+    from qgalore_dist.dist.replicas import tensor_checksum
+
+    return {k: tensor_checksum(v) for k, v in model.state_dict().items()}
+
+
+def digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def flip_byte(path: Path) -> None:
+    """Corrupt one byte of a safetensors file's data (past its header), keeping the size."""
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    pos = 8 + header + (len(data) - 8 - header) // 2
+    data[pos] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def scenarios(spec: dict, world: int, rank: int) -> list[tuple[str, list[str]]]:
+    """(name, argv) in the order every rank of ``world`` runs them."""
+    out = Path(spec["out"])
+    b = GLOBAL_BATCH // world
+    other = [w for w in WORLDS if w != world][0]
+    w = f"w{world}"
+    return [
+        ("lowrank", base_args(spec, b, "--engine", "ddp", "--comm-mode", "lowrank", "--save-dir",
+                              str(out / f"{w}_lowrank"), "--save-every", str(SAVE_EVERY),
+                              "--metrics-jsonl", str(out / f"{w}_lowrank.jsonl"))),
+        ("full", base_args(spec, b, "--engine", "ddp", "--comm-mode", "full", "--save-dir", str(out / f"{w}_full"),
+                           "--metrics-jsonl", str(out / f"{w}_full.jsonl"))),
+        ("resume", base_args(spec, b, "--engine", "ddp", "--comm-mode", "lowrank", "--resume",
+                             str(out / f"{w}_lowrank" / "step_000003"), "--metrics-jsonl",
+                             str(out / f"{w}_resume.jsonl"))),
+        # the other world's checkpoint: another ownership plan, shards merged, each rank takes what it owns
+        ("reshard", base_args(spec, b, "--engine", "ddp", "--comm-mode", "lowrank", "--resume",
+                              str(out / f"w{other}_lowrank" / "step_000003"), "--metrics-jsonl",
+                              str(out / f"{w}_reshard.jsonl"))),
+        ("accum_boundary", base_args(spec, b, "--engine", "ddp", "--comm-mode", "full", "--grad-accum", "2",
+                                     "--max-steps", "3", "--metrics-jsonl", str(out / f"{w}_accum_boundary.jsonl"))),
+        ("accum_micro", base_args(spec, b, "--engine", "ddp", "--comm-mode", "full", "--grad-accum", "2",
+                                  "--full-reduce", "micro_batch", "--max-steps", "3", "--metrics-jsonl",
+                                  str(out / f"{w}_accum_micro.jsonl"))),
+        ("adamw", base_args(spec, b, "--engine", "ddp", "--optimizer", "adamw", "--max-steps", "3",
+                            "--metrics-jsonl", str(out / f"{w}_adamw.jsonl"))),
+        # the last rank starts with another learning rate: the start-up agreement must stop every rank
+        ("mismatch", base_args(spec, b, "--engine", "ddp", *(["--lr", "0.02"] if rank == world - 1 else []))),
+        ("corrupt", base_args(spec, b, "--engine", "ddp", "--save-dir", str(out / f"{w}_corrupt"), "--resume",
+                              "auto", "--max-steps", "8")),
+        ("dies", base_args(spec, b, "--engine", "ddp", "--dist-timeout", str(DIST_TIMEOUT))),
+    ]
+
+
+def _rank(spec: dict, world: int, rank: int, ports: dict[str, int]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from qgalore_dist.train.cli import main
+    from qgalore_dist.train.engines.ddp import DDPEngine
+
+    out = Path(spec["out"])
+    record: dict = {"world": world, "rank": rank, "scenarios": {}}
+    closed: dict = {}
+    orig_close, orig_step = DDPEngine.close, DDPEngine.step
+
+    def close(self):
+        if self.model is not None:
+            closed["checksums"] = checksums(self.model)
+            closed["ddp_wrapped"] = self.wrapped is not None
+            closed["param_bytes"] = sum(p.numel() * p.element_size() for p in self.model.parameters()
+                                        if p.requires_grad)
+        orig_close(self)
+
+    DDPEngine.close = close
+
+    def save():
+        (out / f"w{world}_r{rank}.json").write_text(json.dumps(record))
+
+    for name, argv in scenarios(spec, world, rank):
+        os.environ["MASTER_PORT"] = str(ports[name])
+        res: dict = {}
+        if name == "corrupt" and rank == 0:
+            # a copy of this world's final lowrank checkpoint with one byte of rank 1's optimizer shard flipped
+            src, dst = out / f"w{world}_lowrank" / "step_000006", out / f"w{world}_corrupt" / "step_000006"
+            shutil.copytree(src, dst)
+            flip_byte(dst / "optimizer_rank00001.safetensors")
+            res["digest_before"] = digest(dst.parent)
+        if name == "reshard":  # wait (bounded) for the other world's checkpoint
+            ckpt = Path(argv[argv.index("--resume") + 1]) / "trainer.json"
+            deadline = time.monotonic() + 240
+            while not ckpt.is_file() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        if name == "dies" and rank == world - 1:
+            def dying_step(self, _count=[0]):
+                _count[0] += 1
+                if _count[0] == DIES_AT:
+                    record["scenarios"]["dies"] = {"died_at": time.time()}
+                    save()
+                    os._exit(1)
+                return orig_step(self)
+            DDPEngine.step = dying_step
+        closed.clear()
+        err = io.StringIO()
+        t0 = time.time()
+        try:
+            with contextlib.redirect_stderr(err):
+                result = main(argv)
+            res.update(exit=0, losses=result.losses, steps=result.steps, start_step=result.start_step)
+        except SystemExit as exc:
+            res["exit"] = exc.code
+        except BaseException:
+            res.update(exit="exception", traceback=traceback.format_exc())
+        res.update(stderr=err.getvalue(), seconds=time.time() - t0, ended_at=time.time(), **closed)
+        if name == "corrupt" and rank == 0:
+            res["digest_after"] = digest(out / f"w{world}_corrupt")
+        record["scenarios"][name] = res
+        save()
+    os._exit(0)
+
+
+def launch(spec_path: str) -> int:
+    """Import once, fork every rank of every world, wait (bounded), kill stragglers."""
+    import multiprocessing as mp
+
+    import transformers.models.llama.modeling_llama  # noqa: F401  (heavy imports shared by the forked ranks)
+
+    import qgalore_dist.train.engines.ddp  # noqa: F401
+    import qgalore_dist.train.loop  # noqa: F401
+
+    spec = json.loads(Path(spec_path).read_text())
+    patch_rmsnorm()
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_rank, args=(spec, world, rank, spec["ports"][str(world)]))
+             for world in WORLDS for rank in range(world)]
+    return join_within(procs, spec.get("limit_s", 420))
+
+
+if __name__ == "__main__":
+    sys.exit(launch(sys.argv[1]))
