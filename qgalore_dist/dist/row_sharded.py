@@ -97,7 +97,9 @@ class RowShard:
     rows_per_rank: every rank's row count (:func:`chunk_rows`; identical on all ranks); this rank's rows start at
         ``sum(rows_per_rank[:rank])``.
     weight: this rank's rows — :class:`Int8Weight` over the engine's local codes [k, n] int8 and scales [k, G]
-        (updated in place), or a float [k, n] tensor in the float reference mode (``config.quantize=False``).
+        (updated in place), or a float [k, n] tensor in the float reference mode (``config.quantize=False``);
+        or a zero-argument callable returning either, resolved at every step (FSDP2 may re-allocate a short
+        rank's padded shard at its lazy initialisation).
     grad: callable returning this rank's averaged gradient rows [k, n] (or None: no gradient this step); an
         engine may instead pass ``grads=`` to :meth:`RowShardedQGaLoreOptimizer.step`.
     param: the tensor registered in ``param_groups`` (e.g. the FSDP2 parameter, so ``zero_grad`` clears it);
@@ -114,8 +116,13 @@ class RowShard:
     def row_offset(self, rank: int) -> int:
         return int(sum(self.rows_per_rank[:rank]))
 
+    def local_weight(self) -> Int8Weight | torch.Tensor:
+        w = self.weight
+        return w if isinstance(w, (Int8Weight, torch.Tensor)) else w()
+
     def local_tensor(self) -> torch.Tensor:
-        return self.weight.codes if isinstance(self.weight, Int8Weight) else self.weight
+        w = self.local_weight()
+        return w.codes if isinstance(w, Int8Weight) else w
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -184,7 +191,7 @@ class RowShardedQGaLoreOptimizer(torch.optim.Optimizer):
             if tuple(lt.shape) != (s.rows_per_rank[self.rank], n):
                 raise ValueError(f"{s.name}: local rows have shape {tuple(lt.shape)}, expected "
                                  f"({s.rows_per_rank[self.rank]}, {n})")
-            if config.quantize != isinstance(s.weight, Int8Weight):
+            if config.quantize != isinstance(s.local_weight(), Int8Weight):
                 raise ValueError(f"{s.name}: weight is {'not ' if config.quantize else ''}INT8 but "
                                  f"quantize={config.quantize}")
         if plan is None:
@@ -377,7 +384,7 @@ class RowShardedQGaLoreOptimizer(torch.optim.Optimizer):
                 st.step += 1  # nothing held here; the step count (the SR stream key) still advances
                 continue
             nrm, step_size = self._timed("optimizer", rule.normalise, st, r.mul_(coef) if coef < 1.0 else r, lr)
-            self._timed("requantize", rule.apply_rows, st, self._shard[n].weight, nrm, step_size, lr,
+            self._timed("requantize", rule.apply_rows, st, self._shard[n].local_weight(), nrm, step_size, lr,
                         self._off(n), n_row_offset=self._off(n))
         if not left:
             return
@@ -415,7 +422,7 @@ class RowShardedQGaLoreOptimizer(torch.optim.Optimizer):
             if self._rows(n) == 0:
                 continue
             basis = self._basis_rows_float(n, wire[n].dtype)
-            self._timed("requantize", rule.apply_rows, st, self._shard[n].weight, wire[n], step_size, lr,
+            self._timed("requantize", rule.apply_rows, st, self._shard[n].local_weight(), wire[n], step_size, lr,
                         self._off(n), basis)
 
     # --- refresh ----------------------------------------------------------------------------------------------
@@ -556,7 +563,7 @@ class RowShardedQGaLoreOptimizer(torch.optim.Optimizer):
         out = {"projected_weights": 0, "projectors": 0, "lowrank_moments": 0, "dense_weights": 0,
                "dense_moments": 0}
         for s in self.shards:
-            w = s.weight
+            w = s.local_weight()
             out["projected_weights"] += w.nbytes() if isinstance(w, Int8Weight) else w.numel() * w.element_size()
             st = self.mstate[s.name]
             sb = st.state_bytes() if st.exp_avg is not None else {"projector": 0, "moments": 0}

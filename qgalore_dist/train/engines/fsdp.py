@@ -1,0 +1,522 @@
+"""The FSDP2 engine (``--engine fsdp``): torch ``fully_shard`` over INT8 weights, one process per device, launched by
+``torchrun`` or ``mpirun`` (rank discovery: :func:`qgalore_dist.dist.launch_env.init_distributed`).
+
+* Every decoder layer and the root are ``fully_shard``-ed on a 1-D mesh: parameters are split by rows like
+  ``torch.chunk`` (uneven and empty shards included). Projected weights are
+  :class:`~qgalore_dist.nn.int8_fsdp.Int8RowTensor` parameters — FSDP2 all-gathers their INT8 codes + scales
+  (``1 + 4/g`` bytes per element) and the layer dequantises after the gather; dense parameters (embeddings, norms,
+  ``lm_head``) are ordinary sharded parameters.
+* Gradients are reduce-scattered by FSDP2 into ``Shard(0)`` DTensors. FSDP2 is told to reduce with plain sums
+  (``set_force_sum_reduction_for_comms``) and divides by N itself afterwards: gloo has no AVG reduction, and
+  pytorch issue #162338 reports FSDP2 summing instead of averaging on gloo; the tests check the mean against a
+  single-device reference.
+* ``--optimizer qgalore|galore``: :class:`~qgalore_dist.dist.row_sharded.RowShardedQGaLoreOptimizer` over the local
+  rows (owner-only SVD from gathered gradient rows, right projection row-local, left projection one r×n
+  reduction), and AdamW (8-bit for qgalore) over the dense shards. ``--optimizer adamw``: FSDP2 + ``torch.optim.AdamW``
+  over the float model (the baseline). ProjFactor / VLoRP / random projections are refused (one ``error:`` line).
+* Gradient accumulation (``--fsdp-grad-sync``): ``micro_batch`` (default) reduce-scatters every micro-batch's
+  gradients (``grad_accum`` times the gradient traffic; each rank holds 1/N of the gradient); ``boundary`` calls
+  ``set_requires_gradient_sync(False)`` before every micro-batch but the last, so FSDP2 keeps each rank's
+  *unsharded* gradient of every parameter — the whole model's gradient per rank, fp32 — until the step.
+* Checkpoints (``<save-dir>/step_NNNNNN/``): ``dcp/`` written with ``torch.distributed.checkpoint`` — INT8 codes and
+  scales of every projected weight and the dense parameters as row-sharded DTensors (keyed by parameter name),
+  right-projected moment rows as DTensors too, and every other optimizer tensor (owners' projectors, gates, left
+  moments, dense AdamW state) under ``optim.rank<R>.<parameter name>...`` from the rank that holds it — plus
+  ``optim_rank<R>.json`` (the rest of each rank's optimizer state), ``trainer_rank<R>.json`` (RNG), the tokenizer
+  and ``trainer.json`` (run record + sha256 manifest of every file) written last. All ranks write into one
+  ``.tmp-<pid of rank 0>`` directory that rank 0 publishes by rename. Resuming (same world size) verifies every hash
+  first. :func:`~qgalore_dist.dist.row_sharded.merge_row_sharded_state_dicts` joins the optimizer shards into one
+  single-device state.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ...checkpoint.save_load import (TOKENIZER_DIR, TRAINER_FILE, CheckpointError, capture_rng_state,
+                                     checkpoint_name, finalize_checkpoint, flatten_state, list_checkpoints,
+                                     publish_checkpoint, restore_rng_state, unflatten_state)
+from ...dist.collectives import Collectives
+from ...dist.launch_env import DistEnv, init_distributed
+from ...dist.row_sharded import RowShard, RowShardedQGaLoreOptimizer, chunk_rows
+from ...nn.int8_fsdp import ALL_GATHER_COUNTER, Int8FSDPLinear, Int8RowTensor, to_fsdp_int8
+from ...nn.int8_linear import QGaLoreLinear
+from ..cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, DistributedError, TrainArgs, UsageError
+from .base import Engine, ResumePoint
+
+__all__ = ["FSDPEngine"]
+
+DCP_DIR = "dcp"
+FORMAT = "qgalore_dist.fsdp_checkpoint/1"
+
+
+def _optim_json(rank: int) -> str:
+    return f"optim_rank{rank:05d}.json"
+
+
+def _trainer_json(rank: int) -> str:
+    return f"trainer_rank{rank:05d}.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FSDPEngine(Engine):
+    """FSDP2 training over row-sharded INT8 weights (see the module docstring)."""
+
+    name = "fsdp"
+
+    def __init__(self, args: TrainArgs, env: DistEnv, timeout: datetime.timedelta, config=None) -> None:
+        """``config``: the projected-matrix settings (default: ``qgalore_config(args)``, what the CLI asks for)."""
+        self.args = args
+        self.config = config
+        self.env = env
+        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+        self.timeout = timeout
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.collectives: Collectives | None = None
+        self.mesh = None
+        self.fsdp_modules: list[nn.Module] = []
+        self.projected: dict[str, tuple[nn.Module, nn.Parameter]] = {}  # parameter name -> (module, sharded param)
+        self.rows: dict[str, list[int]] = {}
+        self._micro = 0
+        self._last_int8 = ALL_GATHER_COUNTER.reset()
+        self._closed = False
+
+    # --- set-up ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_args(cls, args: TrainArgs) -> "FSDPEngine":
+        from ..loop import resolve_device
+
+        if args.optimizer not in ("qgalore", "galore", "adamw"):
+            raise UsageError(f"--engine fsdp supports --optimizer qgalore, galore or adamw, not {args.optimizer} "
+                             "(ProjFactor and 8-bit dense AdamW over DTensors are not implemented here)")
+        if args.device is not None:
+            dev = resolve_device(args.device)
+            if dev.type == "cuda" and dev.index is not None:
+                raise UsageError(f"--engine fsdp --device {args.device}: every rank uses cuda:<its local rank>; "
+                                 "pass --device cuda (or cpu)")
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        else:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = datetime.timedelta(seconds=args.dist_timeout)
+        try:
+            env = init_distributed(backend, timeout=timeout)
+        except ValueError as exc:
+            raise UsageError(f"--engine fsdp: {exc}") from exc
+        except RuntimeError as exc:
+            raise DistributedError(f"--engine fsdp: could not join the process group within --dist-timeout "
+                                   f"{args.dist_timeout:g}s ({exc})") from exc
+        return cls(args, env, timeout)
+
+    def _agree(self, error: str | None, exc_type: type[Exception], what: str) -> None:
+        """Collective: raise ``exc_type`` on every rank when ``error`` is set on any."""
+        if self.world_size == 1 or not dist.is_initialized():
+            if error is not None:
+                raise exc_type(error)
+            return
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag)
+        if error is not None:
+            raise exc_type(error)
+        if int(flag):
+            raise exc_type(f"{what} failed on another rank (its error message names the problem)")
+
+    def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
+                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from ..optimizers import qgalore_config
+
+        args = self.args
+        model = model.to(self.device)
+        compute = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        lowrank = args.optimizer in LOWRANK_OPTIMIZERS
+        if lowrank:
+            config = self.config if self.config is not None else qgalore_config(args)
+            targets = self._target_names(model, config)
+            to_fsdp_int8(model, compute)  # QGaLoreLinear -> Int8FSDPLinear over the same codes + scales
+        elif any(isinstance(m, QGaLoreLinear) for m in model.modules()):
+            raise UsageError(f"--engine fsdp: --optimizer {args.optimizer} trains a float model, but this one "
+                             "holds INT8 weights")
+        if not dist.is_initialized():  # one process without a launcher: FSDP2 still needs a (1-rank) group
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        for layer in (layers if layers is not None else []):
+            fully_shard(layer, mesh=self.mesh, reshard_after_forward=True)
+            self.fsdp_modules.append(layer)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=True)
+        self.fsdp_modules.append(model)
+        for m in self.fsdp_modules:
+            # sums on the wire, one explicit ÷N (gloo has no AVG; pytorch issue #162338)
+            m.set_force_sum_reduction_for_comms(True)
+        self.model = model
+        if not lowrank:
+            self.optimizer = make_opt(model)
+            return model, self.optimizer
+        self.collectives = Collectives(timeout=self.timeout)
+        shards, dense, dense_shapes = [], [], {}
+        proj_ids = set()
+        for mod_name, mod in model.named_modules():
+            pname = f"{mod_name}.weight"
+            if pname not in targets:
+                continue
+            p = mod.weight
+            m, n = int(p.shape[0]), int(p.shape[1])
+            rows = chunk_rows(m, self.world_size)
+            self.projected[pname] = (mod, p)
+            self.rows[pname] = rows
+            proj_ids.add(id(p))
+            if isinstance(mod, Int8FSDPLinear):
+                def weight(p=p):
+                    with torch.no_grad():
+                        return p.to_local().int8_weight() if hasattr(p, "to_local") else p.int8_weight()
+            else:
+                def weight(p=p):
+                    with torch.no_grad():
+                        return p.to_local() if hasattr(p, "to_local") else p.data
+            shards.append(RowShard(pname, (m, n), rows, weight, param=p))
+        for n, p in model.named_parameters():
+            if p.requires_grad and id(p) not in proj_ids:
+                dense.append((n, p))
+                dense_shapes[n] = tuple(p.shape)
+        try:
+            self.optimizer = RowShardedQGaLoreOptimizer(
+                shards, config, self.collectives, dense=dense, dense_shapes=dense_shapes,
+                dense_state_bits=8 if args.optimizer in INT8_OPTIMIZERS else 32, grad_clip=args.grad_clip,
+                stagger_refresh=True)
+        except ValueError as exc:
+            raise UsageError(f"--engine fsdp: {exc}") from exc
+        return model, self.optimizer
+
+    def _target_names(self, model: nn.Module, config) -> set[str]:
+        from ...optim.optimizer import collect_projected
+
+        try:
+            return {pm.name for pm in collect_projected(model, config, tuple(self.args.target_module_list))}
+        except ValueError as exc:
+            raise UsageError(f"--engine fsdp: {exc}") from exc
+
+    # --- step ------------------------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        self._micro += 1
+        if self.args.fsdp_grad_sync == "boundary" and self.args.grad_accum > 1:
+            last = self._micro % self.args.grad_accum == 0
+            for m in self.fsdp_modules:
+                m.set_requires_gradient_sync(last, recurse=False)
+        loss.backward()
+
+    def step(self) -> float | None:
+        if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
+            grads = {}
+            for name, (_, p) in self.projected.items():
+                g = p.grad
+                grads[name] = None if g is None else (g.to_local() if hasattr(g, "to_local") else g)
+            out = self.optimizer.step(grads=grads)
+        else:
+            out = self.optimizer.step()
+        return None if out is None else float(out)
+
+    def zero_grad(self) -> None:
+        self._micro = 0  # a new accumulation window: the grad_accum-th backward after this one syncs
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def mean_over_ranks(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+    def step_metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(ALL_GATHER_COUNTER.reset())
+        opt = self.optimizer
+        if isinstance(opt, RowShardedQGaLoreOptimizer):
+            out["comm_bytes"] = opt.comm_bytes
+            svd = torch.tensor([opt.svd_count], dtype=torch.int64, device=self.device)
+            if self.world_size > 1:
+                dist.all_reduce(svd)
+            out["svd_count"] = int(svd)
+        return out
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def list_checkpoints(self, save_dir: str | Path) -> list[tuple[int, Path]]:
+        return list_checkpoints(save_dir)
+
+    def verify_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Format, world size and every file's size + sha256 against ``trainer.json``'s manifest (every rank
+        checks; any failure raises :class:`CheckpointError` on every rank)."""
+        error, record = None, {}
+        try:
+            record = self._verify(Path(path))
+        except CheckpointError as exc:
+            error = str(exc)
+        self._agree(error, CheckpointError, f"verifying checkpoint {path}")
+        return record
+
+    def _verify(self, root: Path) -> dict[str, Any]:
+        tfile = root / TRAINER_FILE
+        if not tfile.is_file():
+            raise CheckpointError(f"checkpoint {root} has no {TRAINER_FILE} (incomplete or not a checkpoint)")
+        try:
+            record = json.loads(tfile.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is unreadable ({exc})") from exc
+        if not isinstance(record, dict) or record.get("fsdp_format") != FORMAT:
+            raise CheckpointError(f"checkpoint {root} was not written by --engine fsdp (resume it with the engine "
+                                  f"that wrote it: {record.get('engine') if isinstance(record, dict) else '?'})")
+        if record.get("world_size") != self.world_size:
+            raise CheckpointError(f"checkpoint {root} was written by {record.get('world_size')} ranks, this run has "
+                                  f"{self.world_size} (an fsdp checkpoint resumes at its own world size)")
+        files = (record.get("manifest") or {}).get("files")
+        if not isinstance(files, dict) or not any(f.startswith(DCP_DIR + "/") for f in files):
+            raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has no valid manifest")
+        for rel, entry in files.items():
+            p = root / rel
+            if not p.is_file():
+                raise CheckpointError(f"checkpoint {root} is corrupted: {rel} is missing")
+            if p.stat().st_size != entry.get("bytes") or _sha256(p) != entry.get("sha256"):
+                raise CheckpointError(f"checkpoint {root} is corrupted: {rel} does not match its manifest entry")
+        return record
+
+    def _dcp_state(self) -> tuple[dict[str, Any], Any]:
+        """The DCP state dict (model + optimizer tensors, all in place) and this rank's optimizer JSON tree."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        model_sd: dict[str, Any] = {}
+        for n, p in self.model.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if isinstance(local, Int8RowTensor):
+                m, k = int(p.shape[0]), int(p.shape[1])
+                model_sd[f"{n}_codes"] = self._rows_dtensor(local.codes, (m, k))
+                model_sd[f"{n}_scales"] = self._rows_dtensor(local.scales, (m, local.scales.shape[1]))
+            else:
+                model_sd[n] = p
+        state: dict[str, Any] = {"model": model_sd}
+        if not isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            # torch AdamW over DTensors: DCP's own state-dict helpers key it by parameter name
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
+            return state, {}
+        osd = self.optimizer.state_dict()
+        # right-projected moment rows -> DTensors (global [m, r]); everything else -> this rank's keys
+        rows_dt = {}
+        for name, e in osd["rows"].items():
+            st = self.optimizer.mstate[name]
+            if st.side != "right":
+                continue
+            m = st.shape[0]
+            for key, t in e["tensors"].items():
+                rows_dt[f"optim.rows.{name}.{key}"] = self._rows_dtensor(t, (m, *t.shape[1:]))
+        tree, tensors = flatten_state({k: v for k, v in osd.items() if k != "rows"})
+        rows_meta = {name: {k: v for k, v in e.items() if k != "tensors"} for name, e in osd["rows"].items()}
+        left_rows = {name: e["tensors"] for name, e in osd["rows"].items()
+                     if self.optimizer.mstate[name].side == "left"}
+        ltree, ltensors = flatten_state(left_rows, "leftrows")
+        tensors.update(ltensors)
+        mine = {f"optim.rank{self.rank}.{k}": v for k, v in tensors.items()}
+        state["optim"] = {**rows_dt, **mine}
+        return state, {"tree": tree, "rows_meta": rows_meta, "left_rows": ltree,
+                       "right_keys": {name: list(e["tensors"]) for name, e in osd["rows"].items()
+                                      if self.optimizer.mstate[name].side == "right"}}
+
+    def _rows_dtensor(self, local: torch.Tensor, global_shape: tuple[int, ...]):
+        from torch.distributed.tensor import DTensor, Shard
+
+        stride = tuple(int(torch.tensor(global_shape[i + 1:]).prod()) for i in range(len(global_shape)))
+        return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=torch.Size(global_shape),
+                                  stride=stride)
+
+    def save_checkpoint(self, save_dir: str | Path, step: int, trainer_state: dict[str, Any],
+                        tokenizer: Any) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        save_dir = Path(save_dir)
+        final = save_dir / checkpoint_name(step)
+        tag = torch.tensor([os.getpid()], dtype=torch.int64)
+        if self.world_size > 1:
+            dist.broadcast(tag, 0)
+        tmp = save_dir / f"{final.name}.tmp-{int(tag)}"
+        error = None
+        if self.is_main:
+            try:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            except OSError as exc:
+                error = f"cannot create {tmp}: {exc}"
+        self._agree(error, CheckpointError, "creating the checkpoint directory")
+        try:
+            state, tree = self._dcp_state()
+            dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+            (tmp / _optim_json(self.rank)).write_text(json.dumps(tree), encoding="utf-8")
+            (tmp / _trainer_json(self.rank)).write_text(json.dumps({"rng": capture_rng_state()}), encoding="utf-8")
+            if self.is_main and tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            error = None
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error = f"writing checkpoint {tmp} failed on rank {self.rank}: {exc}"
+        self._agree(error, CheckpointError, "writing the checkpoint")
+        if self.is_main:
+            try:
+                finalize_checkpoint(tmp, step, {**trainer_state, "fsdp_format": FORMAT})
+                publish_checkpoint(tmp, final, int(tag))
+            except Exception as exc:  # noqa: BLE001
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = f"publishing checkpoint {final} failed: {exc}"
+        self._agree(error, CheckpointError, "publishing the checkpoint")
+        return final
+
+    def load_checkpoint(self, path: Path) -> ResumePoint:
+        import torch.distributed.checkpoint as dcp
+
+        root = Path(path)
+        error = None
+        try:
+            record = self._verify(root)
+            tree = json.loads((root / _optim_json(self.rank)).read_text(encoding="utf-8"))
+            rng = json.loads((root / _trainer_json(self.rank)).read_text(encoding="utf-8"))["rng"]
+        except (CheckpointError, OSError, json.JSONDecodeError, KeyError) as exc:
+            error = f"checkpoint {root}: {exc}"
+        self._agree(error, CheckpointError, f"reading checkpoint {root}")
+        state, _ = self._dcp_state()  # destination tensors: the live ones, loaded in place
+        if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
+            # this rank's optimizer tensors, shaped as saved (the template above may lack not-yet-created ones)
+            mine = {}
+            for key, t in state["optim"].items():
+                if not key.startswith(f"optim.rank{self.rank}."):
+                    mine[key] = t
+            saved_keys = _tensor_keys(tree["tree"]) | _tensor_keys(tree["left_rows"])
+            meta = dcp.FileSystemReader(str(root / DCP_DIR)).read_metadata()
+            for k in saved_keys:
+                full = f"optim.rank{self.rank}.{k}"
+                md = meta.state_dict_metadata.get(f"optim.{full}")  # DCP flattens nested keys with "."
+                if md is None:
+                    error = f"checkpoint {root}: tensor {full} is missing"
+                    break
+                mine[full] = torch.empty(md.size, dtype=md.properties.dtype)
+            state["optim"] = mine
+        self._agree(error, CheckpointError, f"reading checkpoint {root}")
+        try:
+            dcp.load(state, checkpoint_id=str(root / DCP_DIR))
+            if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
+                prefix = f"optim.rank{self.rank}."
+                tensors = {k[len(prefix):]: v for k, v in state["optim"].items() if k.startswith(prefix)}
+                osd = unflatten_state(tree["tree"], tensors)
+                left = unflatten_state(tree["left_rows"], tensors)
+                rows = {}
+                for name, meta_e in tree["rows_meta"].items():
+                    if name in tree["right_keys"]:
+                        t = {}
+                        for key in tree["right_keys"][name]:
+                            v = state["optim"][f"optim.rows.{name}.{key}"]
+                            t[key] = v.to_local() if hasattr(v, "to_local") else v
+                    else:
+                        t = left.get(name, {})
+                    rows[name] = {**meta_e, "tensors": t}
+                osd["rows"] = rows
+            else:
+                osd = state["optim"]
+            error = None
+        except Exception as exc:  # noqa: BLE001
+            error = f"checkpoint {root} could not be loaded on rank {self.rank}: {exc}"
+        self._agree(error, CheckpointError, f"loading checkpoint {root}")
+        try:
+            if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
+                self.optimizer.load_state_dict(osd)
+            else:
+                from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.model, self.optimizer, osd)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {root}: optimizer state does not fit this run ({exc})") from exc
+        restore_rng_state(rng)
+        return ResumePoint(int(record["step"]), record)
+
+    # --- export ----------------------------------------------------------------------------------------------
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """Collective: the whole model state on rank 0 (INT8 projected weights as ``<module>.weight_codes`` /
+        ``_scales``, as a single-device ``QGaLoreLinear`` model stores them); None on other ranks."""
+        from torch.distributed.tensor import DTensor
+
+        out: dict[str, torch.Tensor] = {}
+        coll = self.collectives or Collectives(timeout=self.timeout)
+        for n, p in self.model.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if isinstance(local, Int8RowTensor):
+                rows = chunk_rows(int(p.shape[0]), self.world_size)
+                codes = coll.gather_to(local.codes.detach(), 0, rows)
+                scales = coll.gather_to(local.scales.detach(), 0, rows)
+                base = n[: -len(".weight")]
+                if self.is_main:
+                    out[f"{base}.weight_codes"], out[f"{base}.weight_scales"] = codes.cpu(), scales.cpu()
+            else:
+                full = p.full_tensor() if isinstance(p, DTensor) else p
+                if self.is_main:
+                    out[n] = full.detach().cpu()
+        for n, b in self.model.named_buffers():
+            if self.is_main:
+                out[n] = b.detach().cpu()
+        return out if self.is_main else None
+
+    def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any) -> Path | None:
+        from ...checkpoint.export import export_state
+
+        state = self.full_state()
+        if not self.is_main:
+            return None
+        quantized = {n: m.group_size for n, m in self.model.named_modules() if isinstance(m, Int8FSDPLinear)}
+        expected = set(_model_state_keys(self.model.config))
+        state = {k: v for k, v in state.items() if k in expected or k.endswith(("_codes", "_scales"))}
+        return export_state(state, self.model.config, quantized, out_dir, tokenizer)
+
+    def memory_bytes(self) -> dict[str, int] | None:
+        fn = getattr(self.optimizer, "memory_bytes", None)
+        return fn() if fn is not None else None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _tensor_keys(tree: Any) -> set[str]:
+    out: set[str] = set()
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            out.add(tree["__tensor__"])
+        else:
+            for v in tree.values():
+                out |= _tensor_keys(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            out |= _tensor_keys(v)
+    return out
+
+
+def _model_state_keys(config) -> list[str]:
+    from ...models import build_model
+
+    return list(build_model(config, meta=True).state_dict())

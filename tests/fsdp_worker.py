@@ -1,0 +1,295 @@
+"""Rank side of ``tests/test_fsdp.py``, and its launcher.
+
+``python tests/fsdp_worker.py OUT_DIR 2:PORT 3:PORT`` imports torch, transformers and qgalore_dist once, then forks
+every rank of each world; each joins through :func:`qgalore_dist.dist.launch_env.init_distributed` from
+torchrun-style variables, runs every scenario with the :class:`~qgalore_dist.train.engines.fsdp.FSDPEngine` (or,
+for the toy with empty shards, ``fully_shard`` + :class:`RowShardedQGaLoreOptimizer` directly) and writes
+``OUT_DIR/w{W}_r{R}.json`` plus ``w{W}_{scenario}.pt`` (rank 0: the gathered final model state). Bytes that FSDP2
+really all-gathers are counted by wrapping ``torch.distributed``'s all-gather entry points.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ddp_worker import global_batches, loss_fn, make_model, qcfg  # noqa: E402
+from helpers import join_within  # noqa: E402
+
+WORLDS = (2, 3)
+LOCAL_BATCH = 2
+STEPS = 6
+CLIP = 0.5
+SEEDS = {"parity": 21, "accum": 22, "resume": 23, "toy": 24}
+TOY_SHAPES = {"a": (1, 40), "b": (2, 2), "c": (4, 24), "d": (40, 6)}  # empty shards at N=2 / N=3
+
+
+def cfg(**kw):
+    base = dict(update_proj_gap=2)
+    base.update(kw)
+    return qcfg(**base)
+
+
+def engine_args(**kw):
+    from qgalore_dist.train.cli import TrainArgs
+
+    base = dict(engine="fsdp", optimizer="qgalore", grad_clip=CLIP, dist_timeout=60.0)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def reference_optimizer(model, config, **kw):
+    """The single-device optimizer the fsdp engine must reproduce (full gradient per step, no layer-wise sink)."""
+    from qgalore_dist import QGaLoreOptimizer
+
+    return QGaLoreOptimizer(model, config, dense_state_bits=8, stagger_refresh=True, layerwise=False, **kw)
+
+
+class ToyInt8(torch.nn.Module):
+    """Four INT8 linears of :data:`TOY_SHAPES` applied in sequence to a [b, 60] input (empty row shards)."""
+
+    def __init__(self):
+        from qgalore_dist.nn.int8_linear import QGaLoreLinear
+
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        for name, (m, n) in TOY_SHAPES.items():
+            lin = QGaLoreLinear(n, m, group_size=16)
+            from qgalore_dist.quant.int8 import quantize_rows
+
+            codes, scales = quantize_rows(torch.randn(m, n, generator=g, dtype=torch.float64) * 0.3, 16)
+            lin.weight_codes.copy_(codes)
+            lin.weight_scales.copy_(scales)
+            lin.qname = f"{name}.weight"
+            setattr(self, name, lin)
+        self.head = torch.nn.Linear(6, 3, dtype=torch.float64)
+
+    def forward(self, x):
+        y = self.c(torch.cat([self.b(self.a(x[:, :40]).repeat(1, 2)).repeat(1, 2), x[:, 40:60]], 1))  # [b, 4]
+        z = self.d(torch.cat([y, y[:, :2]], 1))  # [b, 40]
+        return self.head(torch.tanh(z[:, :6]))
+
+
+def toy_batches(world: int, steps: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(SEEDS["toy"])
+    return [torch.randn(LOCAL_BATCH * world, 60, generator=g, dtype=torch.float64) for _ in range(steps)]
+
+
+class _GatherCounter:
+    """Bytes that pass through ``torch.distributed``'s all-gather calls in this process (FSDP2's included)."""
+
+    def __init__(self):
+        self.bytes = 0
+        for name in ("all_gather_into_tensor", "all_gather_single"):
+            inner = getattr(dist, name, None)
+            if inner is None:
+                continue
+
+            def counted(out, inp, *a, _inner=inner, **k):
+                self.bytes += out.numel() * out.element_size() - inp.numel() * inp.element_size()
+                return _inner(out, inp, *a, **k)
+
+            setattr(dist, name, counted)
+
+
+def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
+    os.environ.update(torchrun_env, OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import qgalore_dist.optim.lowrank_adamw as lra
+    from qgalore_dist.dist.launch_env import init_distributed
+    from qgalore_dist.nn.int8_fsdp import ALL_GATHER_COUNTER
+    from qgalore_dist.train.engines.fsdp import FSDPEngine
+
+    gathered = _GatherCounter()
+    svd_calls = [0]
+    inner_basis = lra.compute_basis
+
+    def counted_basis(*a, **k):
+        svd_calls[0] += 1
+        return inner_basis(*a, **k)
+
+    lra.compute_basis = counted_basis
+    t0 = time.monotonic()
+    timeout = datetime.timedelta(seconds=60)
+    env = init_distributed("gloo", timeout=timeout)
+    rank, world = env.rank, env.world_size
+    record: dict = {"rank": rank, "world": world, "scenarios": {}, "timings": {}}
+
+    def scenario(name, fn):
+        t = time.monotonic()
+        try:
+            record["scenarios"][name] = fn()
+        except Exception:
+            record["scenarios"][name] = {"error": traceback.format_exc()}
+        record["timings"][name] = time.monotonic() - t
+
+    def new_engine(config, **kw):
+        engine = FSDPEngine(engine_args(**kw), env, timeout, config=config)
+        model, opt = engine.prepare(make_model(), lambda m: None)
+        return engine, model, opt
+
+    def run_steps(engine, model, batches, accum=1, per_rank=LOCAL_BATCH):
+        out = {"losses": [], "norms": [], "comm_bytes": [], "int8_bytes": [], "int8_elements": [],
+               "gathered_bytes": [], "svd_count": []}
+        micro = per_rank // accum
+        for x in batches:
+            mine = x[rank * per_rank:(rank + 1) * per_rank]
+            engine.zero_grad()
+            ALL_GATHER_COUNTER.reset()
+            g0 = gathered.bytes
+            total = 0.0
+            for i in range(accum):
+                loss = loss_fn(model, mine[i * micro:(i + 1) * micro])
+                engine.backward(loss / accum)
+                total += float(loss) / accum
+            out["gathered_bytes"].append(gathered.bytes - g0)
+            out["norms"].append(engine.step())
+            m = engine.step_metrics()
+            out["losses"].append(engine.mean_over_ranks(total))
+            out["comm_bytes"].append(m["comm_bytes"])
+            out["int8_bytes"].append(m["int8_all_gather_bytes"])
+            out["int8_elements"].append(m["int8_all_gather_elements"])
+            out["svd_count"].append(m["svd_count"])
+        return out
+
+    def save_full(engine, label):
+        state = engine.full_state()
+        if rank == 0:
+            torch.save(state, out_dir / f"w{world}_{label}.pt")
+
+    def parity():
+        engine, model, opt = new_engine(cfg())
+        # gloo averaging: this rank's rows of the first step's averaged embedding gradient
+        x = global_batches(world, 1, SEEDS["parity"])[0][rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
+        loss_fn(model, x).backward()
+        emb = model.model.embed_tokens.weight.grad.to_local().clone()
+        engine.zero_grad()
+        before = svd_calls[0]
+        out = run_steps(engine, model, global_batches(world, STEPS, SEEDS["parity"]))
+        rows = {n: r for n, r in engine.rows.items()}
+        out.update(svd_calls=svd_calls[0] - before, owned=sorted(opt.owned), rows=rows,
+                   refreshed=sorted({r.name for r in opt.refresh_log()}), memory=opt.memory_bytes(),
+                   local_rows={n: int(opt._rows(n)) for n in rows}, emb_rows=int(emb.shape[0]),
+                   emb_offset=sum(int(-(-128 // world)) for _ in range(rank)))
+        torch.save(emb, out_dir / f"w{world}_r{rank}_embgrad.pt")
+        save_full(engine, "parity")
+        return out
+
+    def accum():
+        out = {}
+        first = global_batches(world, 1, SEEDS["accum"], per_rank=4)
+        later = global_batches(world, 2, SEEDS["accum"] + 1, per_rank=4)
+        for label, acc, sync in (("accum1", 1, "micro_batch"), ("accum2", 2, "micro_batch"),
+                                 ("accum2_boundary", 2, "boundary")):
+            engine, model, opt = new_engine(cfg(update_proj_gap=100), grad_accum=acc, fsdp_grad_sync=sync)
+            run_steps(engine, model, first, accum=acc, per_rank=4)
+            out[label] = run_steps(engine, model, later, accum=acc, per_rank=4)
+            save_full(engine, label)
+        return out
+
+    def resume():
+        ckdir = out_dir / f"ckpt_w{world}"
+        batches = global_batches(world, 5, SEEDS["resume"])
+        engine, model, opt = new_engine(cfg())
+        run_steps(engine, model, batches[:3])
+        path = engine.save_checkpoint(ckdir, 3, {"engine": "fsdp", "world_size": world, "optimizer_kind": "qgalore"},
+                                      None)
+        a = run_steps(engine, model, batches[3:])
+        save_full(engine, "resume_a")
+        engine2, model2, opt2 = new_engine(cfg())
+        engine2.verify_checkpoint(path)
+        point = engine2.load_checkpoint(path)
+        b = run_steps(engine2, model2, batches[3:])
+        save_full(engine2, "resume_b")
+        files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        return {"a": a["losses"], "b": b["losses"], "step": point.step, "files": files}
+
+    def toy():
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from qgalore_dist.dist.collectives import Collectives
+        from qgalore_dist.dist.row_sharded import RowShard, RowShardedQGaLoreOptimizer, chunk_rows
+        from qgalore_dist.nn.int8_fsdp import to_fsdp_int8
+
+        model = ToyInt8()
+        to_fsdp_int8(model, torch.float64)
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model, mesh=mesh)
+        model.set_force_sum_reduction_for_comms(True)
+        coll = Collectives(timeout=timeout)
+        shards, params = [], {}
+        for name, (m, n) in TOY_SHAPES.items():
+            p = getattr(model, name).weight
+            params[f"{name}.weight"] = p
+            shards.append(RowShard(f"{name}.weight", (m, n), chunk_rows(m, world),
+                                   lambda p=p: p.to_local().int8_weight(), param=p))
+        dense = [(n, p) for n, p in model.named_parameters() if n.startswith("head")]
+        opt = RowShardedQGaLoreOptimizer(shards, toy_config(), coll, dense=dense,
+                                         dense_shapes={n: tuple(p.shape) for n, p in dense}, grad_clip=CLIP,
+                                         dense_state_bits=8, stagger_refresh=True)
+        losses = []
+        for x in toy_batches(world, STEPS):
+            loss = model(x[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]).pow(2).mean()
+            loss.backward()
+            opt.step(grads={k: p.grad.to_local() for k, p in params.items()})
+            opt.zero_grad()
+            t = torch.tensor([float(loss)], dtype=torch.float64)
+            dist.all_reduce(t)
+            losses.append(float(t) / world)
+        state = {}
+        for k, p in params.items():
+            w = p.to_local()
+            state[k] = (w.codes.clone(), w.scales.clone())
+        torch.save(state, out_dir / f"w{world}_r{rank}_toy.pt")
+        return {"losses": losses, "local_rows": {k: int(p.to_local().shape[0]) for k, p in params.items()},
+                "svd_count": opt.svd_count}
+
+    scenario("parity", parity)
+    scenario("toy", toy)
+    scenario("accum", accum)
+    scenario("resume", resume)
+    record["timings"]["total_s"] = time.monotonic() - t0
+    (out_dir / f"w{world}_r{rank}.json").write_text(json.dumps(record), encoding="utf-8")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def toy_config():
+    from qgalore_dist import QGaLoreConfig
+
+    return QGaLoreConfig(rank=2, update_proj_gap=2, scale=0.25, lr=1e-2, weight_group_size=16, proj_group_size=16,
+                         state_min_numel=32, state_block_size=16, state_bits=8, fused=False)
+
+
+def main(argv: list[str]) -> int:
+    import multiprocessing as mp
+
+    import transformers  # noqa: F401 - imported once, before forking
+
+    out_dir = Path(argv[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("fork")
+    procs = []
+    for spec in argv[1:]:
+        world, port = (int(x) for x in spec.split(":"))
+        for r in range(world):
+            envv = {"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(ctx.Process(target=_worker, args=(out_dir, envv)))
+    return join_within(procs, 600)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
