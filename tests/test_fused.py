@@ -80,3 +80,27 @@ def test_fused_moments_equal_eager_to_fp32_rounding(shape, block):
         assert torch.allclose(f.absmax, e.absmax, rtol=1e-6, atol=0)
         diff = (f.codes.int() - e.codes.int()).abs()
         assert diff.max() <= 1 and diff.float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("shape", [(300, 512), (7, 700), (4096,)])
+def test_fused_dense_adamw8_equals_eager_to_fp32_rounding(shape):
+    from qgalore_dist.optim.dense_adamw import dense_adamw_step, init_dense_state
+
+    gen = torch.Generator().manual_seed(8)
+    p0 = torch.randn(*shape, generator=gen) * 0.02
+    grads = [torch.randn(*shape, generator=gen) * 1e-3 for _ in range(3)]
+    out = []
+    for fused in (True, False):
+        p = p0.clone()
+        st = init_dense_state(p, 8, block=256, min_numel=0)
+        for g in grads:
+            dense_adamw_step(p, g, st, 1e-3, (0.9, 0.999), 1e-6, 0.1, fused=fused)
+        out.append((p, st))
+    (pf, sf), (pe, se) = out
+    assert sf.step == se.step == 3
+    # one moment code a step apart moves that element's update by a fraction of lr
+    assert torch.allclose(pf, pe, rtol=0, atol=1e-3 * 0.1)
+    assert (pf - pe).abs().float().mean() < 1e-7
+    for f, e in ((sf.exp_avg, se.exp_avg), (sf.exp_avg_sq, se.exp_avg_sq)):
+        diff = (f.codes.int() - e.codes.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 1e-2

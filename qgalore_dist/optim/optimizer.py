@@ -221,7 +221,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         dg = self._group("dense")
         self._consumed_sq += float(p.grad.double().pow(2).sum())
         dense_adamw_step(p, p.grad, self.dense_state[name], dg["lr"], self.config.betas, self.config.eps,
-                         dg["weight_decay"])
+                         dg["weight_decay"], fused=self.config.fused)
         p.grad = None
 
     @torch.no_grad()
@@ -267,7 +267,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             for n, p in dense:
                 g = p.grad if coef == 1.0 else p.grad * coef
                 dense_adamw_step(p, g, self.dense_state[n], dg["lr"], self.config.betas, self.config.eps,
-                                 dg["weight_decay"])
+                                 dg["weight_decay"], fused=self.config.fused)
         return norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:

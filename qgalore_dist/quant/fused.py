@@ -116,9 +116,32 @@ def _moments_kernel(m_codes: torch.Tensor, m_absmax: torch.Tensor, v_codes: torc
     return n, mc, ma, vc, va
 
 
+def _dense_kernel(p: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
+                  v_codes: torch.Tensor, v_absmax: torch.Tensor, step_size: torch.Tensor, decay_alpha: torch.Tensor,
+                  b1: torch.Tensor, b2: torch.Tensor, eps: torch.Tensor, cmap_s: torch.Tensor, cmap_u: torch.Tensor,
+                  below_s: torch.Tensor, ext_s: torch.Tensor, below_u: torch.Tensor, ext_u: torch.Tensor,
+                  first_s: int, first_u: int, block: int):
+    n, mc, ma, vc, va = _moments_kernel(m_codes, m_absmax, v_codes, v_absmax, grad, b1, b2, eps, cmap_s, cmap_u,
+                                        below_s, ext_s, below_u, ext_u, first_s, first_u, block)
+    w = p.float() - step_size * n
+    w = w + decay_alpha * w
+    return w.to(p.dtype), mc, ma, vc, va
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_moments():
     return torch.compile(_moments_kernel, dynamic=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_dense():
+    return torch.compile(_dense_kernel, dynamic=False)
+
+
+def _codec_args(dev: torch.device) -> tuple:
+    below_s, ext_s, first_s = encode_tables(True, dev)
+    below_u, ext_u, first_u = encode_tables(False, dev)
+    return dynamic_map(True, dev), dynamic_map(False, dev), below_s, ext_s, below_u, ext_u, first_s, first_u
 
 
 def fused_adam_moments_(exp_avg: Blockwise8bit, exp_avg_sq: Blockwise8bit, r: torch.Tensor, beta1: float,
@@ -128,17 +151,37 @@ def fused_adam_moments_(exp_avg: Blockwise8bit, exp_avg_sq: Blockwise8bit, r: to
     as the eager path). ``r``: the low-rank gradient [rows, cols]; both moments must be quantised 2-D, with the
     signed (m) and unsigned (v) maps and the same block."""
     dev = r.device
-    below_s, ext_s, first_s = encode_tables(True, dev)
-    below_u, ext_u, first_u = encode_tables(False, dev)
     scalar = lambda v: torch.tensor(v, dtype=torch.float32, device=dev)  # noqa: E731
     r = r.float().reshape(exp_avg.codes.shape)
     _rows_dynamic(exp_avg.codes, exp_avg.absmax, exp_avg_sq.codes, exp_avg_sq.absmax, r)
     n, mc, ma, vc, va = _compiled_moments()(
-        exp_avg.codes, exp_avg.absmax, exp_avg_sq.codes, exp_avg_sq.absmax, r,
-        scalar(beta1), scalar(beta2), scalar(eps), dynamic_map(True, dev), dynamic_map(False, dev), below_s, ext_s,
-        below_u, ext_u, first_s, first_u, exp_avg.block)
+        exp_avg.codes, exp_avg.absmax, exp_avg_sq.codes, exp_avg_sq.absmax, r, scalar(beta1), scalar(beta2),
+        scalar(eps), *_codec_args(dev), exp_avg.block)
     exp_avg.codes.copy_(mc)
     exp_avg.absmax.copy_(ma)
     exp_avg_sq.codes.copy_(vc)
     exp_avg_sq.absmax.copy_(va)
     return n
+
+
+def fused_dense_adamw8_(p: torch.Tensor, grad: torch.Tensor, exp_avg: Blockwise8bit, exp_avg_sq: Blockwise8bit,
+                        step_size: float, decay_alpha: float, beta1: float, beta2: float, eps: float) -> None:
+    """In place: one AdamW step of a dense parameter with 8-bit blockwise moments, as
+    :func:`..optim.dense_adamw.dense_adamw_step` computes it (fp32 math; ``p`` may be stored narrower).
+
+    p, grad: [...] of the moments' logical shape (viewed as their [rows, cols]); ``step_size`` the bias-corrected
+    lr, ``decay_alpha = −lr·wd``.
+    """
+    dev = p.device
+    shape = exp_avg.codes.shape
+    scalar = lambda v: torch.tensor(v, dtype=torch.float32, device=dev)  # noqa: E731
+    p2, g2 = p.data.reshape(shape), grad.float().reshape(shape)
+    _rows_dynamic(p2, g2, exp_avg.codes, exp_avg.absmax, exp_avg_sq.codes, exp_avg_sq.absmax)
+    w, mc, ma, vc, va = _compiled_dense()(
+        p2, g2, exp_avg.codes, exp_avg.absmax, exp_avg_sq.codes, exp_avg_sq.absmax, scalar(step_size),
+        scalar(decay_alpha), scalar(beta1), scalar(beta2), scalar(eps), *_codec_args(dev), exp_avg.block)
+    p.data.copy_(w.reshape(p.shape))
+    exp_avg.codes.copy_(mc)
+    exp_avg.absmax.copy_(ma)
+    exp_avg_sq.codes.copy_(vc)
+    exp_avg_sq.absmax.copy_(va)
