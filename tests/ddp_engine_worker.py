@@ -36,6 +36,8 @@ STEPS = 6
 SAVE_EVERY = 3
 DIST_TIMEOUT = 20  # seconds: the dead-rank scenario must end within it
 DIES_AT = 2  # the dying rank exits inside its optimizer step of this step number
+HANG_TIMEOUT = 8  # seconds: --dist-timeout of the scenario where the last rank stops answering
+HANG_FOR = 16  # seconds the hanging rank sleeps inside its step DIES_AT (alive, sockets open)
 
 
 def base_args(spec: dict, batch: int, *extra: str) -> list[str]:
@@ -115,6 +117,7 @@ def scenarios(spec: dict, world: int, rank: int) -> list[tuple[str, list[str]]]:
         ("mismatch", base_args(spec, b, "--engine", "ddp", *(["--lr", "0.02"] if rank == world - 1 else []))),
         ("corrupt", base_args(spec, b, "--engine", "ddp", "--save-dir", str(out / f"{w}_corrupt"), "--resume",
                               "auto", "--max-steps", "8")),
+        ("hangs", base_args(spec, b, "--engine", "ddp", "--dist-timeout", str(HANG_TIMEOUT))),
         ("dies", base_args(spec, b, "--engine", "ddp", "--dist-timeout", str(DIST_TIMEOUT))),
     ]
 
@@ -158,6 +161,14 @@ def _rank(spec: dict, world: int, rank: int, ports: dict[str, int]) -> None:
             deadline = time.monotonic() + 240
             while not ckpt.is_file() and time.monotonic() < deadline:
                 time.sleep(0.5)
+        if name == "hangs" and rank == world - 1:
+            def hanging_step(self, _count=[0]):
+                _count[0] += 1
+                if _count[0] == DIES_AT:
+                    res["hung_at"] = time.time()
+                    time.sleep(HANG_FOR)  # then steps into a group its peers have left: fails at once
+                return orig_step(self)
+            DDPEngine.step = hanging_step
         if name == "dies" and rank == world - 1:
             def dying_step(self, _count=[0]):
                 _count[0] += 1
@@ -182,6 +193,7 @@ def _rank(spec: dict, world: int, rank: int, ports: dict[str, int]) -> None:
         if name == "corrupt" and rank == 0:
             res["digest_after"] = digest(out / f"w{world}_corrupt")
         record["scenarios"][name] = res
+        DDPEngine.step = orig_step
         save()
     os._exit(0)
 

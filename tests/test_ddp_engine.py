@@ -10,8 +10,8 @@ rank 0 only, with ``comm_bytes``; the job's SVD total equals the single-device c
 equals the uninterrupted run bit for bit, and at the other world size (and on one device) it continues the same
 run; ``--full-reduce micro_batch`` equals ``boundary`` and moves ``grad_accum`` times the gradient bytes; the adamw
 baseline in DistributedDataParallel; a mismatched config, a corrupted optimizer shard (exit 2 on every rank,
-nothing rewritten) and a rank that dies (the others exit 1 within ``--dist-timeout`` with one line). Bad input is
-checked in-process.
+nothing rewritten), a rank that dies and one that stops answering (the others exit 1 within ``--dist-timeout`` with
+one line). Bad input is checked in-process.
 """
 
 from __future__ import annotations
@@ -313,6 +313,20 @@ def test_a_dead_rank_ends_the_others_within_the_timeout(run, world):
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("world", W.WORLDS)
+def test_a_silent_rank_ends_the_others_within_the_timeout(run, world):
+    hung = _res(run, world, world - 1, "hangs")
+    assert hung["exit"] == 1  # it wakes up into a group its peers have left
+    for rank in range(world - 1):
+        res = _res(run, world, rank, "hangs")
+        assert res["exit"] == 1, res["stderr"][-2000:]
+        line = _one_error_line(res["stderr"])
+        assert "another rank died, hung or left" in line and f"--dist-timeout {W.HANG_TIMEOUT}s" in line
+        assert res["ended_at"] - hung["hung_at"] < W.HANG_TIMEOUT + 10
+        assert res["ended_at"] < hung["ended_at"]  # the others did not wait for it
+
+
+@pytest.mark.dist
 def test_mpirun_launches_the_real_script(run):
     if run.mpi is None:
         pytest.skip("Open MPI's mpirun or mpi4py is not installed")
@@ -350,3 +364,31 @@ def test_malformed_launcher_variables(capsys, monkeypatch):
 def test_ddp_device_must_follow_the_local_rank(capsys):
     line = _exit2(capsys, ["--engine", "ddp", "--device", "cuda:1", "--model", "llama_tiny"])
     assert "cuda" in line
+
+
+def test_full_reduce_option_in_process():
+    """One process (Collectives in local mode): micro_batch reduces to the only owner, bit-identical to boundary;
+    it needs full mode."""
+    from helpers import tiny_llama, token_batches
+
+    from qgalore_dist import QGaLoreConfig, quantize_model
+    from qgalore_dist.dist import Collectives, ShardedQGaLoreOptimizer
+
+    cfg = QGaLoreConfig(rank=8, update_proj_gap=2, lr=5e-3, weight_group_size=32, proj_group_size=32, fused=False)
+    states = []
+    for full_reduce in ("boundary", "micro_batch"):
+        model = tiny_llama(0, torch.float64)
+        quantize_model(model, group_size=32, seed=0)
+        opt = ShardedQGaLoreOptimizer(model, cfg, Collectives(), comm_mode="full", full_reduce=full_reduce,
+                                      grad_clip=0.5)
+        for i, x in enumerate(token_batches(6, seed=3)):
+            (model(input_ids=x, labels=x).loss / 2).backward()
+            if i % 2:
+                opt.step()
+                opt.zero_grad()
+        states.append(model.state_dict())
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    with pytest.raises(ValueError, match="needs comm_mode='full'"):
+        ShardedQGaLoreOptimizer(tiny_llama(0, torch.float64), cfg.replace(quantize=False), Collectives(),
+                                comm_mode="lowrank", full_reduce="micro_batch")
