@@ -13,9 +13,10 @@ partitioned across ranks). See DESIGN.md §3.
 
     "qgalore": {"optimizer": "qgalore", "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_bits": 4,
                 "gate": true, "comm_mode": "lowrank", "granularity": 1.0, "projection": "svd",
-                "dense_state_bits": 8}
+                "dense_state_bits": 8, "fused": true}
 
-Every key of the block is optional (absent: the command line's value / default), the block itself is required
+``proj_bits``: INT4 or INT8 projectors; ``dense_state_bits``: the dense AdamW moments (8-bit blockwise or fp32);
+``fused``: the torch.compile'd update + re-quantisation kernel (false: eager, no compile at start-up). Every key of the block is optional (absent: the command line's value / default), the block itself is required
 (it is what says the config was written for qgalore_dist). How the standard keys map onto the run:
 
 =====================================  ===================================================================
@@ -95,7 +96,7 @@ QGALORE_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
     "strict_replicas": ("strict_replicas", (bool,)),
 }
 # keys of the block that are the engine's own (not TrainArgs fields)
-_ENGINE_KEYS = {"proj_bits": (int,), "dense_state_bits": (int,)}
+_ENGINE_KEYS = {"proj_bits": (int,), "dense_state_bits": (int,), "fused": (bool,)}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
 
 
@@ -108,6 +109,7 @@ class DSSettings:
     proj_bits: int
     dense_state_bits: int
     source: str
+    fused: bool = True
 
 
 def _read_json(path: str) -> dict:
@@ -237,7 +239,7 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
         # one sub-group: ZeRO-3 calls the client optimizer once per sub-group, and the shared clipping norm
         # needs all of this rank's dense gradients in one call
         zo["sub_group_size"] = max(int(zo.get("sub_group_size", 10**9)), 10**12)
-    return DSSettings(ds, stage, proj_bits, dense_bits, src)
+    return DSSettings(ds, stage, proj_bits, dense_bits, src, fused=q.get("fused", True))
 
 
 def _sha256(path: Path) -> str:
@@ -309,7 +311,7 @@ class DeepSpeedEngine(Engine):
         args = self.args
         model = model.to(self.device)
         self.collectives = Collectives(timeout=datetime.timedelta(seconds=args.dist_timeout))
-        config = qgalore_config(args).replace(proj_bits=self.settings.proj_bits)
+        config = qgalore_config(args).replace(proj_bits=self.settings.proj_bits, fused=self.settings.fused)
         common = dict(target_modules=tuple(args.target_module_list), stagger_refresh=True)
         try:
             if self.stage == 3:
@@ -331,7 +333,10 @@ class DeepSpeedEngine(Engine):
                                                 config=copy.deepcopy(self.settings.ds_config))
         self.module = self.ds.module
         self.optimizer = _JointOptimizer(self)
-        return self.module, self.optimizer
+        # the loop's forward must go through DeepSpeed's engine, not the bare module: ZeRO-3 counts micro-batches
+        # in DeepSpeedEngine.forward (clear_backward_seen_flag), and without it the second micro-batch's dense
+        # gradients would overwrite the first's instead of adding to them
+        return _ThroughEngine(self.ds), self.optimizer
 
     def _shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
         """Called by FlatDenseAdamW inside DeepSpeed's step: one all-reduce of [Σ‖R‖² owned, Σ‖dense slice‖²]."""
@@ -503,8 +508,12 @@ class DeepSpeedEngine(Engine):
                 rel = p.relative_to(path).as_posix()
                 if rel != TRAINER_FILE:
                     files[rel] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            from ...checkpoint.export import quantized_modules
+
             record = {"format": FORMAT, "version": VERSION, "step": int(step), "zero_stage": self.stage,
-                      **dict(trainer_state), "world_size": self.world_size, "manifest": {"files": files}}
+                      **dict(trainer_state), "world_size": self.world_size,
+                      # names as in DeepSpeed's module file (the loop saw the engine wrapper: "module." prefixes)
+                      "quantized_modules": quantized_modules(self.module), "manifest": {"files": files}}
             tmp = path / f"{TRAINER_FILE}.tmp"
             tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
             os.replace(tmp, path / TRAINER_FILE)
@@ -555,6 +564,27 @@ class DeepSpeedEngine(Engine):
                 dist.barrier()
             finally:
                 dist.destroy_process_group()
+
+
+class _ThroughEngine(nn.Module):
+    """What the loop calls forward on: DeepSpeed's engine, with the model's own ``config`` (DeepSpeed's engine has
+    a ``config`` attribute of its own, the ds_config). Holds the engine outside ``_modules`` so module names stay
+    those of the model."""
+
+    def __init__(self, ds_engine) -> None:
+        super().__init__()
+        object.__setattr__(self, "_ds", ds_engine)
+
+    @property
+    def config(self):
+        return self._ds.module.config
+
+    def forward(self, *args, **kwargs):
+        return self._ds(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self._ds.train(mode)
+        return super().train(mode)
 
 
 class _JointOptimizer(torch.optim.Optimizer):

@@ -1,0 +1,90 @@
+"""Rank side of ``tests/test_deepspeed.py``, started the way users start DeepSpeed::
+
+    deepspeed --num_accelerators 2 --master_port P tests/deepspeed_worker.py OUT_DIR
+
+Every rank joins the default group once (:func:`qgalore_dist.dist.launch_env.init_distributed`, from the launcher's
+``RANK`` / ``WORLD_SIZE`` / ``MASTER_*``), then runs every scenario of ``OUT_DIR/scenarios.json`` in order through
+the real CLI path — ``parse_args(argv)`` → :class:`~qgalore_dist.train.engines.deepspeed.DeepSpeedEngine` →
+``train`` — each with its own ds_config (ZeRO-1/2/3). After each scenario it records, per rank, the losses, this
+rank's SVD count and resident bytes (``OUT_DIR/<name>_r<R>.json``), and rank 0 writes the final model as float
+tensors (``<name>.pt``: projected matrices dequantised, ZeRO-3's rows and dense partitions gathered).
+Failures are recorded (``error``) instead of ending the process, so one broken scenario does not hide the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def _final_state(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model in float on rank 0 (collective under ZeRO-3)."""
+    from qgalore_dist.checkpoint.export import dequantized_state_dict, quantized_modules
+
+    if engine.stage == 3:
+        return engine.sidecar.full_state(engine.module, engine.is_main)
+    if not engine.is_main:
+        return None
+    module = engine.module
+    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return dequantized_state_dict(state, quantized_modules(module))
+
+
+def run(out: Path, name: str, argv: list[str], rank: int) -> None:
+    from qgalore_dist.checkpoint.save_load import CheckpointError
+    from qgalore_dist.train.cli import UsageError, parse_args
+    from qgalore_dist.train.engines import make_engine
+    from qgalore_dist.train.loop import train
+
+    rec: dict = {"name": name}
+    try:
+        args = parse_args(argv)
+        engine = make_engine(args)
+        try:
+            result = train(args, engine)
+        except (CheckpointError, UsageError) as exc:
+            rec["user_error"] = f"{type(exc).__name__}: {exc}"
+        else:
+            rec.update(losses=result.losses, steps=result.steps, rank_svd_count=int(engine.sidecar.svd_count),
+                       memory=engine.memory_bytes(), gather_calls=getattr(engine.sidecar, "gather_calls", 0),
+                       export_dir=result.export_dir, checkpoints=result.checkpoints)
+            state = _final_state(engine)
+            if state is not None:
+                torch.save(state, out / f"{name}.pt")
+    except Exception:  # noqa: BLE001 - recorded for the test, which fails with the traceback
+        rec["error"] = traceback.format_exc()
+    (out / f"{name}_r{rank}.json").write_text(json.dumps(rec), encoding="utf-8")
+
+
+def main() -> None:
+    # the deepspeed launcher passes --local_rank=N first (the rank itself comes from the environment)
+    out = Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])
+    import datetime
+
+    from qgalore_dist.dist.launch_env import init_distributed
+
+    denv = init_distributed("gloo", timeout=datetime.timedelta(seconds=240))
+    scenarios = json.loads((out / "scenarios.json").read_text(encoding="utf-8"))
+    for sc in scenarios:
+        if "corrupt" in sc:
+            src, dst, victim = sc["corrupt"]
+            if denv.rank == 0:
+                shutil.copytree(src, dst)
+                with open(Path(dst) / victim, "r+b") as fh:
+                    fh.seek(-1, 2)
+                    last = fh.read(1)
+                    fh.seek(-1, 2)
+                    fh.write(bytes([last[0] ^ 0xFF]))
+            torch.distributed.barrier()
+        run(out, sc["name"], sc["argv"], denv.rank)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
