@@ -285,7 +285,7 @@ def test_mismatched_config_stops_every_rank_at_start_up(run, world):
         res = _res(run, world, rank, "mismatch")
         assert res["exit"] == 2, res["stderr"][-2000:]
         line = _one_error_line(res["stderr"])
-        assert "config differs" in line and f"[{world - 1}]" in line
+        assert "same settings" in line and f"--lr differs on rank(s) [{world - 1}]" in line
 
 
 @pytest.mark.dist

@@ -63,6 +63,7 @@ from .base import Engine, ResumePoint
 
 __all__ = ["DDPEngine"]
 
+_PER_RANK_ARGS = ("local_rank",)  # settings a launcher may give each rank differently
 _GLOO_PREFIX = re.compile(r"^\[[^\]]*\]\s*")  # gloo prefixes its messages with "[/path/to/pair.cc:537] "
 
 
@@ -130,7 +131,32 @@ class DDPEngine(Engine):
         except RuntimeError as exc:
             raise DistributedError(f"--engine ddp: could not join the process group within --dist-timeout "
                                    f"{args.dist_timeout:g}s ({_short(exc)})") from exc
-        return cls(args, env, timeout)
+        engine = cls(args, env, timeout)
+        try:
+            engine._check_same_args()
+        except BaseException:
+            engine.close()  # the loop never saw this engine: leave the group here
+            raise
+        return engine
+
+    def _check_same_args(self) -> None:
+        """Every rank must run the same command line (a different --max-steps or --batch-size would leave ranks in
+        different collectives): one all-gather of the settings, a mismatch raises the same UsageError on all."""
+        if self.world_size == 1:
+            return
+        mine = {k: v for k, v in self.args.to_dict().items() if k not in _PER_RANK_ARGS}
+        every: list[Any] = [None] * self.world_size
+        with self._guard("comparing the ranks' settings"):
+            dist.all_gather_object(every, mine)
+        differ: dict[str, list[int]] = {}
+        for r, theirs in enumerate(every):
+            for k in sorted(set(mine) | set(theirs)):
+                if theirs.get(k) != every[0].get(k):
+                    differ.setdefault(k, []).append(r)
+        if differ:
+            raise UsageError("--engine ddp: every rank must be started with the same settings, but compared with "
+                             "rank 0: " + "; ".join(f"--{k.replace('_', '-')} differs on rank(s) {ranks}"
+                                                    for k, ranks in differ.items()))
 
     @contextlib.contextmanager
     def _guard(self, what: str) -> Iterator[None]:
