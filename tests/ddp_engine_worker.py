@@ -111,6 +111,8 @@ def scenarios(spec: dict, world: int, rank: int) -> list[tuple[str, list[str]]]:
         ("accum_micro", base_args(spec, b, "--engine", "ddp", "--comm-mode", "full", "--grad-accum", "2",
                                   "--full-reduce", "micro_batch", "--max-steps", "3", "--metrics-jsonl",
                                   str(out / f"{w}_accum_micro.jsonl"))),
+        ("bf16_wire", base_args(spec, b, "--engine", "ddp", "--update-dtype", "bfloat16", "--max-steps", "3",
+                                "--metrics-jsonl", str(out / f"{w}_bf16_wire.jsonl"))),
         ("adamw", base_args(spec, b, "--engine", "ddp", "--optimizer", "adamw", "--max-steps", "3",
                             "--metrics-jsonl", str(out / f"{w}_adamw.jsonl"))),
         # the last rank starts with another learning rate: the start-up agreement must stop every rank

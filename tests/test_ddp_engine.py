@@ -265,6 +265,18 @@ def test_full_mode_accumulation_reduce_per_micro_batch_or_at_boundary(run, world
 
 @pytest.mark.dist
 @pytest.mark.parametrize("world", W.WORLDS)
+def test_bf16_update_broadcast_keeps_replicas_identical_with_fewer_bytes(run, world):
+    recs = _ok(run, world, "bf16_wire")
+    assert all(r["checksums"] == recs[0]["checksums"] for r in recs)
+    torch.testing.assert_close(recs[0]["losses"], run.ref.losses[:3], rtol=0, atol=0.05)
+    wire = _train_lines(run.out / f"w{world}_bf16_wire.jsonl")
+    native = _train_lines(run.out / f"w{world}_lowrank.jsonl")[:3]
+    for a, b in zip(wire, native):  # fp64 N on the wire -> bf16: the update broadcast shrinks 4x
+        assert a["comm_bytes"] < b["comm_bytes"]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world", W.WORLDS)
 def test_adamw_baseline_in_distributed_data_parallel(run, world):
     recs = _ok(run, world, "adamw")
     for res in recs:
@@ -348,10 +360,12 @@ def _exit2(capsys, argv: list[str]) -> str:
     return _one_error_line(capsys.readouterr().err)
 
 
-def test_full_reduce_needs_ddp_full_mode(capsys):
+def test_full_reduce_and_update_dtype_need_their_mode(capsys):
     assert "--full-reduce micro_batch applies to --engine ddp --comm-mode full" in _exit2(
         capsys, ["--engine", "ddp", "--full-reduce", "micro_batch"])
     assert "applies to" in _exit2(capsys, ["--comm-mode", "full", "--full-reduce", "micro_batch"])
+    assert "--update-dtype bfloat16 applies to --engine ddp --comm-mode lowrank" in _exit2(
+        capsys, ["--engine", "ddp", "--comm-mode", "full", "--update-dtype", "bfloat16"])
 
 
 def test_malformed_launcher_variables(capsys, monkeypatch):

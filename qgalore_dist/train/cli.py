@@ -125,6 +125,10 @@ class TrainArgs:
                             "(reduce each micro-batch's gradient to its owner in backward: grad-accum times the "
                             "gradient bytes, ~1/N of the gradient memory)", type=str,
                             choices=("boundary", "micro_batch"))
+    update_dtype: str = _opt("auto", "--engine ddp --comm-mode lowrank: dtype the owners broadcast the normalised "
+                             "low-rank update in: auto (its own: float32, float64 in float64 runs) or bfloat16 "
+                             "(half the float32 bytes; every rank, owner included, applies the same rounded update)",
+                             type=str, choices=("auto", "bfloat16"))
     fsdp_grad_sync: str = _opt("micro_batch", "--engine fsdp under --grad-accum: micro_batch (reduce-scatter every "
                                "micro-batch's gradients: grad-accum times the gradient bytes, 1/N of the gradient "
                                "memory) or boundary (set_requires_gradient_sync(False) before the last micro-batch: "
@@ -253,6 +257,8 @@ def validate(args: TrainArgs) -> None:
             raise UsageError(f"--ds_config {args.ds_config}: file does not exist")
     if args.full_reduce != "boundary" and (args.engine != "ddp" or args.comm_mode != "full"):
         raise UsageError(f"--full-reduce {args.full_reduce} applies to --engine ddp --comm-mode full only")
+    if args.update_dtype != "auto" and (args.engine != "ddp" or args.comm_mode != "lowrank"):
+        raise UsageError(f"--update-dtype {args.update_dtype} applies to --engine ddp --comm-mode lowrank only")
     if args.fsdp_grad_sync != "micro_batch" and args.engine != "fsdp":
         raise UsageError(f"--fsdp-grad-sync {args.fsdp_grad_sync} applies to --engine fsdp only")
     if args.replica_check_every < 0:

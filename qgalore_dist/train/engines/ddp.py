@@ -200,6 +200,7 @@ class DDPEngine(Engine):
                     self.optimizer = ShardedQGaLoreOptimizer(
                         self.model, qgalore_config(args), self.collectives, comm_mode=args.comm_mode,
                         full_reduce=args.full_reduce, replica_check_every=args.replica_check_every,
+                        update_dtype=torch.bfloat16 if args.update_dtype == "bfloat16" else None,
                         strict_replicas=args.strict_replicas,
                         dense_state_bits=8 if args.optimizer in INT8_OPTIMIZERS else 32,
                         target_modules=tuple(args.target_module_list), stagger_refresh=True,
