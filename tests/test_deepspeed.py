@@ -77,6 +77,18 @@ def _scenarios(out: Path) -> list[dict]:
     return sc
 
 
+def _open_mpi_available() -> bool:
+    import importlib.util
+
+    if shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None:
+        return False
+    try:
+        out = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Open MPI" in out.stdout + out.stderr
+
+
 def _reference(out: Path) -> dict:
     """Single-device run on the global batch, through the loop, with the side-car's settings."""
     from qgalore_dist import QGaLoreOptimizer
@@ -129,13 +141,27 @@ def run(tmp_path_factory) -> dict:
     except subprocess.TimeoutExpired:
         proc.kill()
         log = (proc.communicate()[0] or "") + "\n[killed: launcher timed out]"
+    mpi = None
+    if _open_mpi_available():  # after the launcher's run: 2 cores, do not oversubscribe them further
+        metrics = out / "mpi_metrics.jsonl"
+        mcmd = ["nice", "-n", "5", "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                *[a for v in ("OMP_NUM_THREADS", "PYTHONPATH", "GLOO_SOCKET_IFNAME", "TORCH_EXTENSIONS_DIR")
+                  if v in env for a in ("-x", v)],
+                sys.executable, str(root / "launch" / "pretrain.py"), "--ds_config", str(out / "z1.json"),
+                *COMMON[:-4], "--max-steps", "2", "--seed", "3", "--metrics-jsonl", str(metrics)]
+        try:
+            p = subprocess.run(mcmd, env=env, cwd=str(root), capture_output=True, text=True, timeout=300)
+            mpi = {"rc": p.returncode, "log": (p.stdout + p.stderr)[-4000:],
+                   "metrics": [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []}
+        except subprocess.TimeoutExpired as exc:
+            mpi = {"rc": -1, "log": f"timed out: {exc}", "metrics": []}
     recs: dict[str, list[dict]] = {}
     for sc in scenarios:
         recs[sc["name"]] = []
         for r in range(2):
             f = out / f"{sc['name']}_r{r}.json"
             recs[sc["name"]].append(json.loads(f.read_text()) if f.exists() else {"error": log[-4000:]})
-    return {"dir": out, "ref": ref, "recs": recs, "log": log}
+    return {"dir": out, "ref": ref, "recs": recs, "log": log, "mpi": mpi}
 
 
 def _ok(run, name: str) -> list[dict]:
@@ -228,6 +254,29 @@ def test_export_matches_trained_weights(run):
     sd = model.state_dict()
     for k, v in trained.items():
         assert torch.allclose(sd[k].float(), v.float(), atol=1e-6), k
+
+
+def test_no_deepspeed_op_is_compiled(run):
+    """The shm comm op comes prebuilt (scripts/setup.sh, DS_BUILD_SHM_COMM=1) and nothing else is JIT-built."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    b = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    assert b is not None and installed_ops.get(b.NAME, False), "deepspeed_shm_comm is not prebuilt: run scripts/setup.sh"
+    for marker in ("Building extension module", "Emitting ninja build file", "ninja: "):
+        assert marker not in run["log"], f"a DeepSpeed op was JIT-compiled during the run ({marker!r})"
+
+
+def test_mpirun_launch(run):
+    if run["mpi"] is None:
+        pytest.skip("Open MPI's mpirun or mpi4py is not installed")
+    mpi = run["mpi"]
+    assert mpi["rc"] == 0, mpi["log"]
+    train = [m for m in mpi["metrics"] if m.get("event") == "train"]
+    assert [m["step"] for m in train] == [1, 2]
+    assert all(m["zero_stage"] == 1 and m["comm_bytes"] > 0 for m in train)
+    # same seed, data and settings as the launcher's ZeRO-1 run: the same first two losses
+    assert [m["loss"] for m in train] == pytest.approx(run["recs"]["z1"][0]["losses"][:2], rel=1e-4, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------------
