@@ -91,13 +91,15 @@ class _GatherCounter:
 
     def __init__(self):
         self.bytes = 0
+        self.exclude: list = []
         for name in ("all_gather_into_tensor", "all_gather_single"):
             inner = getattr(dist, name, None)
             if inner is None:
                 continue
 
             def counted(out, inp, *a, _inner=inner, **k):
-                self.bytes += out.numel() * out.element_size() - inp.numel() * inp.element_size()
+                if k.get("group") not in self.exclude:  # the optimizer's own Collectives group is not FSDP2's
+                    self.bytes += out.numel() * out.element_size() - inp.numel() * inp.element_size()
                 return _inner(out, inp, *a, **k)
 
             setattr(dist, name, counted)
@@ -170,6 +172,7 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
 
     def parity():
         engine, model, opt = new_engine(cfg())
+        gathered.exclude.append(engine.collectives.group)
         # gloo averaging: this rank's rows of the first step's averaged embedding gradient
         x = global_batches(world, 1, SEEDS["parity"])[0][rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
         loss_fn(model, x).backward()

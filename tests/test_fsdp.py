@@ -209,11 +209,14 @@ def test_svd_runs_once_per_refresh_on_the_owner_only(run, world):
 @pytest.mark.parametrize("world", W.WORLDS)
 def test_int8_all_gather_moves_one_byte_per_element(run, world):
     """Counted two ways: by the subclass's pre-all-gather hook and by wrapping torch.distributed's all-gather
-    (everything FSDP2 moves: INT8 layers + the dense fp64 parameters). Forward + backward gather each layer."""
+    (everything FSDP2 moves on its group: INT8 layers + the dense fp64 parameters). Forward + backward gather
+    each layer."""
     i8 = 2 * (world - 1) * LAYERS * sum(_pad(m, world) * (n + 4 * math.ceil(n / GROUP)) for m, n in PROJECTED)
     elems = 2 * (world - 1) * LAYERS * sum(_pad(m, world) * n for m, n in PROJECTED)
-    dense = 2 * (world - 1) * (LAYERS * 2 * _pad(HIDDEN, world) * 8 + 2 * _pad(VOCAB, world) * HIDDEN * 8
-                               + _pad(HIDDEN, world) * 8)
+    # fp64 norms of every layer (gathered in forward and backward) + the root's embeddings, head and norm (once:
+    # the root stays gathered from forward to backward)
+    dense = 2 * (world - 1) * LAYERS * 2 * _pad(HIDDEN, world) * 8 \
+        + (world - 1) * (2 * _pad(VOCAB, world) * HIDDEN * 8 + _pad(HIDDEN, world) * 8)
     bf16 = 2 * elems
     for rec in _records(run, world, "parity"):
         assert rec["int8_elements"] == [elems] * W.STEPS

@@ -156,15 +156,16 @@ class FSDPEngine(Engine):
         elif any(isinstance(m, QGaLoreLinear) for m in model.modules()):
             raise UsageError(f"--engine fsdp: --optimizer {args.optimizer} trains a float model, but this one "
                              "holds INT8 weights")
-        if not dist.is_initialized():  # one process without a launcher: FSDP2 still needs a (1-rank) group
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        for layer in (layers if layers is not None else []):
-            fully_shard(layer, mesh=self.mesh, reshard_after_forward=True)
-            self.fsdp_modules.append(layer)
-        fully_shard(model, mesh=self.mesh, reshard_after_forward=True)
-        self.fsdp_modules.append(model)
+        # one rank: nothing to shard or gather, and FSDP2's world-size-1 shortcut hands an all-gather extension only
+        # its first input (the codes, not the scales), so the model stays unwrapped
+        if self.world_size > 1:
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+            layers = getattr(getattr(model, "model", None), "layers", None)
+            for layer in (layers if layers is not None else []):
+                fully_shard(layer, mesh=self.mesh, reshard_after_forward=True)
+                self.fsdp_modules.append(layer)
+            fully_shard(model, mesh=self.mesh)  # the root stays gathered from forward to backward (FSDP2 default)
+            self.fsdp_modules.append(model)
         for m in self.fsdp_modules:
             # sums on the wire, one explicit ÷N (gloo has no AVG; pytorch issue #162338)
             m.set_force_sum_reduction_for_comms(True)
@@ -342,6 +343,8 @@ class FSDPEngine(Engine):
     def _rows_dtensor(self, local: torch.Tensor, global_shape: tuple[int, ...]):
         from torch.distributed.tensor import DTensor, Shard
 
+        if self.mesh is None:  # one rank: the local rows are the whole tensor
+            return local
         stride = tuple(int(torch.tensor(global_shape[i + 1:]).prod()) for i in range(len(global_shape)))
         return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=torch.Size(global_shape),
                                   stride=stride)
