@@ -74,7 +74,8 @@ from ...checkpoint.save_load import (CheckpointError, capture_rng_state, flatten
 from ..cli import INT8_OPTIMIZERS, TrainArgs, UsageError
 from .base import Engine, ResumePoint
 
-__all__ = ["DeepSpeedEngine", "QGALORE_KEYS", "export_deepspeed_checkpoint", "resolve_ds_config"]
+__all__ = ["DeepSpeedEngine", "QGALORE_KEYS", "dense_comm_bytes", "export_deepspeed_checkpoint",
+           "resolve_ds_config"]
 
 FORMAT = "qgalore_dist.deepspeed_checkpoint"
 VERSION = 1
@@ -242,6 +243,21 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
     return DSSettings(ds, stage, proj_bits, dense_bits, src, fused=q.get("fused", True))
 
 
+def dense_comm_bytes(numel: int, elem_bytes: int, world_size: int, stage: int, grad_accum: int = 1) -> int:
+    """Ring-model bytes (sent + received, one rank) DeepSpeed moves for ``numel`` dense elements per optimizer step:
+    one reduce-scatter or all-gather moves ``2·(N−1)/N·numel·b``; ZeRO-1/2: gradients reduce-scattered (ZeRO-0/1:
+    all-reduced, two of them) + updated parameters all-gathered; ZeRO-3: per micro-batch, parameters all-gathered
+    for forward and again for backward, gradients reduce-scattered."""
+    if world_size == 1:
+        return 0
+    one = 2 * (world_size - 1) * numel * elem_bytes // world_size
+    if stage == 3:
+        return 3 * one * grad_accum
+    if stage == 2:
+        return 2 * one
+    return 3 * one if stage == 1 else 2 * one
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -407,13 +423,7 @@ class DeepSpeedEngine(Engine):
         dense = [p for p in self.module.parameters() if p.requires_grad]
         numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in dense)
         b = dense[0].element_size() if dense else 4
-        per = (n - 1) * numel * b // n  # one ring reduce-scatter or all-gather, one direction
-        if self.stage == 3:
-            return 2 * per * (1 + 2 * self.args.grad_accum)
-        if self.stage == 2:
-            return 2 * per * 2
-        # ZeRO-0/1 all-reduce gradients at the boundary (2 per) and (stage 1) all-gather parameters
-        return 2 * per * (3 if self.stage == 1 else 2)
+        return dense_comm_bytes(numel, b, n, self.stage, self.args.grad_accum)
 
     def memory_bytes(self) -> dict[str, int] | None:
         """This rank's resident weights + optimizer state, exact tensor accounting (gradients not included)."""
