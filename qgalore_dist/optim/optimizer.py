@@ -3,6 +3,9 @@
 It drives the per-matrix rule (:class:`LowRankAdamW`, or :class:`ProjFactor` with ``config.optimizer="projfactor"``)
 for every projected matrix and :func:`dense_adamw_step` for everything else. Works with ``torch.optim.lr_scheduler``
 and ``transformers.Trainer(optimizers=(opt, sched))``: the learning rate is read from ``param_groups`` at every step.
+With Trainer, clip in the optimizer (``grad_clip``) and set ``TrainingArguments(max_grad_norm=0)``: Trainer's own
+clipping sees only the dense gradients (the projected ones are consumed inside backward), so it would clip by a
+partial norm — :func:`qgalore_dist.train.hf_trainer.optimizer_for_trainer` sets both up from the TrainingArguments.
 """
 
 from __future__ import annotations
@@ -155,6 +158,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         # the whole step runs inside backward: nothing has to wait for the accumulation boundary or a global norm
         self.in_backward = layerwise and grad_accum == 1 and self.grad_clip == 0
         self._consumed_sq = 0.0  # Σ‖consumed gradient‖² of in-backward steps, reported by the next step()
+        self._stepped_in_backward: set[str] = set()  # matrices already stepped inside backward since step()
         if layerwise:
             for pm in self.matrices:
                 self._install_sink(pm)
@@ -226,6 +230,14 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _consume(self, pm: ProjectedMatrix, grad: torch.Tensor) -> None:
+        if self.in_backward:
+            if pm.name in self._stepped_in_backward:
+                # a second backward before step(): with grad_accum=1 each backward already applied an update, so
+                # accumulation (e.g. Trainer's gradient_accumulation_steps) would silently become extra steps
+                raise RuntimeError(f"{pm.name}: a second backward pass before optimizer.step(), but the optimizer was "
+                                   "built with grad_accum=1 (it steps inside backward); pass grad_accum=<micro-batches "
+                                   "per step>")
+            self._stepped_in_backward.add(pm.name)
         r = self._project_into_window(pm, grad)
         if self.in_backward:
             self._consumed_sq += float(r.double().pow(2).sum())
@@ -245,6 +257,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 closure()
         rule, lr = self._rule()
+        self._stepped_in_backward.clear()
         if not self.layerwise:  # full gradients were accumulated by backward: project them now
             for pm in self.matrices:
                 g = pm.grad()
