@@ -94,7 +94,7 @@ def _cli(tmp: Path, env: dict, out: dict) -> None:
     """torchrun: 4 steps with checkpoints at 2 and 4 and an export; then mpirun resumes step 2 -> 4."""
     common = ["--engine", "fsdp", "--model", "llama_tiny", "--batch-size", "2", "--seq-len", "32", "--rank", "8",
               "--update-proj-gap", "2", "--lr", "0.01", "--grad-clip", "1.0", "--max-steps", "4",
-              "--eval-every", "0", "--log-every", "1000"]
+              "--eval-every", "2", "--eval-batches", "1", "--log-every", "1000"]
     script = str(ROOT / "launch" / "pretrain.py")
     first = ["nice", "-n", "5", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
              "--master_port", str(_free_port()), script, *common, "--save-dir", str(tmp / "ck"), "--save-every", "2",

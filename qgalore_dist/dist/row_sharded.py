@@ -525,7 +525,8 @@ class RowShardedQGaLoreOptimizer(torch.optim.Optimizer):
         owner, r = self._owner(name), st.rank
         rows = list(s.rows_per_rank)
         k = rows[self.rank]
-        like_codes = torch.empty(0, r, dtype=torch.int8)
+        dev = s.local_tensor().device  # the rows' device (the transfer itself goes through Collectives' device)
+        like_codes = torch.empty(0, r, dtype=torch.int8, device=dev)
         if kind == "int4":
             groups = num_groups(r, min(self.config.proj_group_size, r))
             codes = scales = None
@@ -535,13 +536,14 @@ class RowShardedQGaLoreOptimizer(torch.optim.Optimizer):
                 scales = st.basis.scales
             my_codes = self.collectives.scatter_rows(codes, owner, rows, like=like_codes)
             my_scales = self.collectives.scatter_rows(scales, owner, rows,
-                                                      like=torch.empty(0, groups, dtype=torch.float32))
+                                                      like=torch.empty(0, groups, dtype=torch.float32, device=dev))
             self.basis_rows[name] = Int4Matrix(pack_int4(my_codes), my_scales.contiguous(), (k, r),
                                                self.config.proj_group_size)
         else:
             full = st.basis.contiguous() if self.rank == owner else None
             self.basis_rows[name] = self.collectives.scatter_rows(full, owner, rows,
-                                                                  like=torch.empty(0, r, dtype=torch.float32))
+                                                                  like=torch.empty(0, r, dtype=torch.float32,
+                                                                                   device=dev))
 
     # --- accounting -------------------------------------------------------------------------------------------
     @property

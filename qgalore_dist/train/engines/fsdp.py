@@ -302,6 +302,7 @@ class FSDPEngine(Engine):
         """The DCP state dict (model + optimizer tensors, all in place) and this rank's optimizer JSON tree."""
         from torch.distributed.tensor import DTensor, Shard
 
+        self._reshard()
         model_sd: dict[str, Any] = {}
         for n, p in self.model.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
@@ -339,6 +340,12 @@ class FSDPEngine(Engine):
         return state, {"tree": tree, "rows_meta": rows_meta, "left_rows": ltree,
                        "right_keys": {name: list(e["tensors"]) for name, e in osd["rows"].items()
                                       if self.optimizer.mstate[name].side == "right"}}
+
+    def _reshard(self) -> None:
+        """Back to the sharded parameters: an evaluation forward (no backward) leaves the root gathered, and
+        checkpoints / exports must see the row-sharded DTensors."""
+        for m in self.fsdp_modules:
+            m.reshard()
 
     def _rows_dtensor(self, local: torch.Tensor, global_shape: tuple[int, ...]):
         from torch.distributed.tensor import DTensor, Shard
@@ -378,7 +385,7 @@ class FSDPEngine(Engine):
                 tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             error = None
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            error = f"writing checkpoint {tmp} failed on rank {self.rank}: {exc}"
+            error = f"writing checkpoint {tmp} failed on rank {self.rank}: {type(exc).__name__}: {exc}"
         self._agree(error, CheckpointError, "writing the checkpoint")
         if self.is_main:
             try:
@@ -462,6 +469,7 @@ class FSDPEngine(Engine):
         ``_scales``, as a single-device ``QGaLoreLinear`` model stores them); None on other ranks."""
         from torch.distributed.tensor import DTensor
 
+        self._reshard()
         out: dict[str, torch.Tensor] = {}
         coll = self.collectives or Collectives(timeout=self.timeout)
         for n, p in self.model.named_parameters():
