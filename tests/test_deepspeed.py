@@ -69,6 +69,15 @@ def _scenarios(out: Path) -> list[dict]:
                                                      "--save-dir", str(out / f"ck_z{s}_resumed")]})
         acc = ds_config(out / f"z{s}_accum.json", s, micro=MICRO // 2, gas=2, comm_mode="full")
         sc.append({"name": f"z{s}_accum", "argv": ["--ds_config", acc, *COMMON]})
+    # odd MLP width (175 rows: ZeRO-3 splits them 88 / 87): uneven INT8 row shards against ZeRO-2
+    cfg = json.loads((Path(__file__).resolve().parent.parent / "qgalore_dist" / "models" / "configs" /
+                      "llama_tiny.json").read_text())
+    cfg["intermediate_size"] = 175
+    (out / "llama_odd.json").write_text(json.dumps(cfg))
+    odd = [a if a != "llama_tiny" else str(out / "llama_odd.json") for a in COMMON]
+    odd[odd.index("--max-steps") + 1] = "3"
+    for s in (2, 3):
+        sc.append({"name": f"z{s}_uneven", "argv": ["--ds_config", str(out / f"z{s}.json"), *odd]})
     # rank 0 copies ZeRO-2's step-3 checkpoint and flips one byte of rank 1's side-car file
     sc.append({"name": "corrupt", "corrupt": [str(out / "ck_z2" / "global_step3"), str(out / "corrupt" / "global_step3"),
                                               "qgalore_rank1.safetensors"],
@@ -214,6 +223,15 @@ def test_zero3_partitions_int8_rows(run):
         assert z3[r]["gather_calls"] > 0  # forward + backward gathered the INT8 rows
         # dense parameters are ZeRO-3 partitions too: half of ZeRO-2's full replica
         assert z3[r]["memory"]["dense_weights"] <= 0.51 * z2[r]["memory"]["dense_weights"]
+
+
+def test_zero3_uneven_row_shards(run):
+    z2, z3 = _ok(run, "z2_uneven"), _ok(run, "z3_uneven")
+    assert z3[0]["losses"] == pytest.approx(z2[0]["losses"], rel=2e-4, abs=2e-4)
+    a, b = _weights(run, "z2_uneven"), _weights(run, "z3_uneven")
+    assert tuple(b["model.layers.0.mlp.up_proj.weight"].shape) == (175, 64)
+    for k in a:
+        assert float((a[k].float() - b[k].float()).abs().max()) <= 0.02 * float(a[k].abs().max()) + 1e-6, k
 
 
 @pytest.mark.parametrize("stage", STAGES)
