@@ -43,7 +43,8 @@ Not supported here (``ValueError`` at construction): ProjFactor, VLoRP granulari
 moment rotation on refresh — each needs traffic this class does not implement yet.
 
 Every rank must call ``step``, ``load_state_dict`` at the same point; ``state_dict`` is local.
-See ``/work/notes/row_sharded_api.md`` (kept in docs as the engine-facing contract) for how an engine feeds it.
+An engine builds one :class:`RowShard` per matrix over its local rows and calls ``step(grads=...)`` with the averaged
+gradient rows (see README "FSDP2" and :class:`~qgalore_dist.train.engines.fsdp.FSDPEngine`).
 """
 
 from __future__ import annotations

@@ -309,7 +309,8 @@ class LowRankAdamW:
         w_rows: [rows, n_cols] float. n: the whole low-rank N (right: [m, r]; left: [r, n]). basis_rows: for left
         projection, the shard's rows of P (defaults to the whole P sliced at ``row_offset``).
         """
-        update = self.update_of_rows(st, n, w_rows.dtype, row_offset, w_rows.shape[0], basis_rows, n_row_offset)
+        kw = {} if n_row_offset is None else {"n_row_offset": n_row_offset}  # rules without it (ProjFactor) stay valid
+        update = self.update_of_rows(st, n, w_rows.dtype, row_offset, w_rows.shape[0], basis_rows, **kw)
         w = w_rows.add(update, alpha=-step_size)
         if self.config.weight_decay > 0:
             w.add_(w, alpha=-lr * self.config.weight_decay)
@@ -327,8 +328,9 @@ class LowRankAdamW:
             c = self.config
             key = stream_key(c.seed, st.step, st.name, SALT_UPDATE) if c.stochastic_round else None
             if c.fused and key is not None and compute_dtype == torch.float32:
+                kw = {} if n_row_offset is None else {"n_row_offset": n_row_offset}
                 update = self.update_of_rows(st, n, torch.float32, row_offset, weight.codes.shape[0], basis_rows,
-                                             n_row_offset)
+                                             **kw)
                 fused_update_requantize_(weight.codes, weight.scales, update, step_size, -lr * c.weight_decay, key,
                                          row_offset, weight.group_size)
                 return
