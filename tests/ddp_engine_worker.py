@@ -2,9 +2,9 @@
 ``--engine ddp`` in forked ranks.
 
 ``python tests/ddp_engine_worker.py SPEC.json`` imports torch, transformers and qgalore_dist once, then forks every
-rank of every world in ``SPEC["worlds"]``; each rank runs the scenarios of :func:`scenarios` in order, each a
-``main(argv)`` call joining a fresh process group through torchrun-style variables (127.0.0.1, one port per world
-and scenario, picked by the test). After each scenario the rank rewrites ``OUT/w{W}_r{R}.json``: exit status, the
+rank of every world in ``WORLDS``; each rank runs the scenarios of :func:`scenarios` in order, each a
+``main(argv)`` call joining a fresh process group through torchrun-style variables (127.0.0.1; the port of each
+world and scenario is picked by its rank 0 just before, see :func:`agree_port`). After each scenario the rank rewrites ``OUT/w{W}_r{R}.json``: exit status, the
 one ``error:`` line, per-step losses, and checksums of its final model (taken when the engine closes).
 
 Global batch 6 in every world (``--batch-size 3`` at world 2, ``2`` at world 3) so each world, and the single-device
@@ -19,6 +19,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -42,11 +43,12 @@ HANG_FOR = 16  # seconds the hanging rank sleeps inside its step DIES_AT (alive,
 
 def base_args(spec: dict, batch: int, *extra: str) -> list[str]:
     """The settings every run shares (single-device reference included): llama_tiny in fp64 on a 512-token BPE,
-    refreshes every 3 steps (staggered), clipping on (the CLI default)."""
+    refreshes every 3 steps (staggered), clipping on (the CLI default); a failure in a collective costs at most
+    60 s instead of the default 300."""
     return ["--model", "llama_tiny", "--tokenizer", spec["tok"], "--data", spec["corpus"], "--seq-len", "32",
             "--batch-size", str(batch), "--rank", "8", "--update-proj-gap", "3", "--eval-batches", "2",
             "--eval-every", "0", "--warmup-steps", "2", "--lr", "0.01", "--log-every", "1000", "--dtype", "float64",
-            "--device", "cpu", "--max-steps", str(STEPS), *extra]
+            "--device", "cpu", "--max-steps", str(STEPS), "--dist-timeout", "60", *extra]
 
 
 def rmsnorm_in_input_dtype(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -87,6 +89,27 @@ def flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def agree_port(out: Path, world: int, rank: int, name: str) -> int:
+    """MASTER_PORT of one scenario: rank 0 takes a free port from the OS right before it binds the store there and
+    publishes it in a file. (Ports reserved for the whole module in advance can be taken meanwhile by the ephemeral
+    ports of gloo's own connections — then the store cannot bind and the other ranks wait out --dist-timeout.)"""
+    f = out / f"port_w{world}_{name}"
+    if rank == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        tmp = f.with_name(f.name + ".tmp")
+        tmp.write_text(str(port))
+        os.replace(tmp, f)
+        return port
+    deadline = time.monotonic() + 300
+    while not f.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 never published {f.name}")
+        time.sleep(0.05)
+    return int(f.read_text())
+
+
 def scenarios(spec: dict, world: int, rank: int) -> list[tuple[str, list[str]]]:
     """(name, argv) in the order every rank of ``world`` runs them."""
     out = Path(spec["out"])
@@ -98,7 +121,7 @@ def scenarios(spec: dict, world: int, rank: int) -> list[tuple[str, list[str]]]:
                               str(out / f"{w}_lowrank"), "--save-every", str(SAVE_EVERY),
                               "--metrics-jsonl", str(out / f"{w}_lowrank.jsonl"))),
         ("full", base_args(spec, b, "--engine", "ddp", "--comm-mode", "full", "--save-dir", str(out / f"{w}_full"),
-                           "--metrics-jsonl", str(out / f"{w}_full.jsonl"))),
+                           "--metrics-jsonl", str(out / f"{w}_full.jsonl"), "--export", str(out / f"{w}_export"))),
         ("resume", base_args(spec, b, "--engine", "ddp", "--comm-mode", "lowrank", "--resume",
                              str(out / f"{w}_lowrank" / "step_000003"), "--metrics-jsonl",
                              str(out / f"{w}_resume.jsonl"))),
@@ -124,7 +147,7 @@ def scenarios(spec: dict, world: int, rank: int) -> list[tuple[str, list[str]]]:
     ]
 
 
-def _rank(spec: dict, world: int, rank: int, ports: dict[str, int]) -> None:
+def _rank(spec: dict, world: int, rank: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -150,7 +173,6 @@ def _rank(spec: dict, world: int, rank: int, ports: dict[str, int]) -> None:
         (out / f"w{world}_r{rank}.json").write_text(json.dumps(record))
 
     for name, argv in scenarios(spec, world, rank):
-        os.environ["MASTER_PORT"] = str(ports[name])
         res: dict = {}
         if name == "corrupt" and rank == 0:
             # a copy of this world's final lowrank checkpoint with one byte of rank 1's optimizer shard flipped
@@ -180,13 +202,15 @@ def _rank(spec: dict, world: int, rank: int, ports: dict[str, int]) -> None:
                     os._exit(1)
                 return orig_step(self)
             DDPEngine.step = dying_step
+        os.environ["MASTER_PORT"] = str(agree_port(out, world, rank, name))
         closed.clear()
         err = io.StringIO()
         t0 = time.time()
         try:
             with contextlib.redirect_stderr(err):
                 result = main(argv)
-            res.update(exit=0, losses=result.losses, steps=result.steps, start_step=result.start_step)
+            res.update(exit=0, losses=result.losses, steps=result.steps, start_step=result.start_step,
+                       export_dir=result.export_dir)
         except SystemExit as exc:
             res["exit"] = exc.code
         except BaseException:
@@ -212,7 +236,7 @@ def launch(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     patch_rmsnorm()
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_rank, args=(spec, world, rank, spec["ports"][str(world)]))
+    procs = [ctx.Process(target=_rank, args=(spec, world, rank))
              for world in WORLDS for rank in range(world)]
     return join_within(procs, spec.get("limit_s", 420))
 

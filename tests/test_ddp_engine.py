@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +35,6 @@ from qgalore_dist.dist.collectives import all_reduce_bytes
 from qgalore_dist.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = [name for name, _ in W.scenarios({"out": "", "tok": "", "corpus": ""}, 2, 0)]
 
 
 def _open_mpi_available() -> bool:
@@ -47,16 +45,6 @@ def _open_mpi_available() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return "Open MPI" in out.stdout + out.stderr
-
-
-def _reserve_ports(n: int) -> tuple[list[int], list[socket.socket]]:
-    """``n`` distinct free ports (the sockets hold them until the launcher starts)."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    return [s.getsockname()[1] for s in socks], socks
 
 
 def _train_lines(path: Path) -> list[dict]:
@@ -71,10 +59,7 @@ def run(tmp_path_factory) -> SimpleNamespace:
     corpus = root / "sonnets.txt"
     shutil.copy(next(p for p in default_corpus_files() if p.name.startswith("sonnets")), corpus)
     get_tokenizer(vocab_size=512, corpus=corpus, cache_dir=cache).save_pretrained(str(root / "tok"))
-    ports, socks = _reserve_ports(len(W.WORLDS) * len(SCENARIOS))
-    it = iter(ports)
-    spec = {"out": str(out), "tok": str(root / "tok"), "corpus": str(corpus), "limit_s": 400,
-            "ports": {str(w): {n: next(it) for n in SCENARIOS} for w in W.WORLDS}}
+    spec = {"out": str(out), "tok": str(root / "tok"), "corpus": str(corpus), "limit_s": 400}
     (root / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS="1", QGALORE_CACHE=str(cache),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -91,8 +76,6 @@ def run(tmp_path_factory) -> SimpleNamespace:
                      sys.executable, str(ROOT / "launch" / "pretrain.py"), "--engine", "ddp",
                      *W.base_args(spec, 3, "--max-steps", "2", "--metrics-jsonl", str(out / "mpi.jsonl"),
                                   "--save-dir", str(out / "mpi_ckpt"))])
-    for s in socks:
-        s.close()
     procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for c in cmds]
     # the single-device references, meanwhile (same patch as the ranks, one thread like them)
@@ -178,6 +161,10 @@ def test_losses_and_weights_equal_single_device(run, world, mode):
         torch.testing.assert_close(res["losses"], run.ref.losses, rtol=0, atol=1e-10)
         assert res["ddp_wrapped"] is False  # INT8 buffers never enter a DDP bucket: no DDP wrapper at all
     assert all(r["checksums"] == recs[0]["checksums"] for r in recs)  # replicas bit-identical
+    if mode == "full":  # --export: rank 0 writes the dequantised transformers model, the others nothing
+        assert [r["export_dir"] for r in recs] == [str(run.out / f"w{world}_export")] + [None] * (world - 1)
+        exported = load_file(str(run.out / f"w{world}_export" / "model.safetensors"))
+        assert "model.layers.0.self_attn.q_proj.weight" in exported and not any("codes" in k for k in exported)
     step = f"step_{W.STEPS:06d}"
     _assert_same_weights(load_file(str(run.out / f"w{world}_{mode}" / step / "model.safetensors")),
                          load_file(str(run.root / "ref" / step / "model.safetensors")))

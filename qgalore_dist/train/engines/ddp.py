@@ -416,15 +416,16 @@ class DDPEngine(Engine):
 
     def close(self) -> None:
         """Leave the process group. After a normal end, a barrier first (no rank closes its sockets while a peer
-        still reads from them); after an error, at once (a peer may be gone). torch 2.13 + gloo can abort at
-        interpreter exit when a group is left undestroyed."""
+        still reads from them); after an error, at once (a peer may be gone); after ``--export``, at once too
+        (rank 0's export communicates nothing, and a 7B export can outlast ``--dist-timeout``). torch 2.13 + gloo
+        can abort at interpreter exit when a group is left undestroyed."""
         if self._closed:
             return
         self._closed = True
         if not (dist.is_available() and dist.is_initialized()):
             return
         try:
-            if sys.exc_info()[0] is None and self.world_size > 1:
+            if sys.exc_info()[0] is None and self.world_size > 1 and not self.args.export:
                 with self._guard("the final barrier"):
                     dist.barrier()
         finally:
