@@ -233,6 +233,19 @@ def test_single_device_resumes_a_sharded_checkpoint(run, monkeypatch, tmp_path):
     torch.testing.assert_close(res.losses, run.ref.losses[W.SAVE_EVERY:], rtol=0, atol=1e-10)
 
 
+def test_export_tool_reads_a_sharded_checkpoint(run, tmp_path):
+    """``python -m qgalore_dist.checkpoint.export`` on a ddp checkpoint: the same weights as --export wrote."""
+    from qgalore_dist.checkpoint.export import main as export_main
+
+    _ok(run, 2, "full")
+    export_main([str(run.out / "w2_full" / f"step_{W.STEPS:06d}"), str(tmp_path / "exp"), "--dtype", "float64"])
+    a = load_file(str(tmp_path / "exp" / "model.safetensors"))
+    b = load_file(str(run.out / "w2_export" / "model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=1e-6, atol=0, msg=k)
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("world", W.WORLDS)
 def test_full_mode_accumulation_reduce_per_micro_batch_or_at_boundary(run, world):
