@@ -63,6 +63,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -500,33 +501,42 @@ class DeepSpeedEngine(Engine):
         root = Path(save_dir)
         tag = f"global_step{step}"
         path = root / tag
+        # everything goes into <tag>.tmp first (DeepSpeed's files included) and is renamed into place only when
+        # complete, so an interrupted save never damages an existing checkpoint of the same step
+        work = root / f"{tag}.tmp"
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
-            (path / TRAINER_FILE).unlink(missing_ok=True)  # unpublished until the new manifest is written
+            shutil.rmtree(work, ignore_errors=True)
         self.collectives.barrier()
-        self.ds.save_checkpoint(str(root), tag=tag, save_latest=True)
-        path.mkdir(parents=True, exist_ok=True)
+        self.ds.save_checkpoint(str(root), tag=work.name, save_latest=False)
+        work.mkdir(parents=True, exist_ok=True)
         tree, tensors = flatten_state(self._rank_state())
-        save_file(tensors, str(path / f"qgalore_rank{self.rank}.safetensors"), metadata={"format": FORMAT})
-        (path / f"qgalore_rank{self.rank}.json").write_text(json.dumps(tree), encoding="utf-8")
+        save_file(tensors, str(work / f"qgalore_rank{self.rank}.safetensors"), metadata={"format": FORMAT})
+        (work / f"qgalore_rank{self.rank}.json").write_text(json.dumps(tree), encoding="utf-8")
         self.collectives.barrier()
         if self.is_main:
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(path / "tokenizer"))
-            files = {}
-            for p in sorted(q for q in path.rglob("*") if q.is_file()):
-                rel = p.relative_to(path).as_posix()
-                if rel != TRAINER_FILE:
-                    files[rel] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
             from ...checkpoint.export import quantized_modules
 
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(work / "tokenizer"))
+            files = {}
+            for p in sorted(q for q in work.rglob("*") if q.is_file()):
+                rel = p.relative_to(work).as_posix()
+                files[rel] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
             record = {"format": FORMAT, "version": VERSION, "step": int(step), "zero_stage": self.stage,
                       **dict(trainer_state), "world_size": self.world_size,
                       # names as in DeepSpeed's module file (the loop saw the engine wrapper: "module." prefixes)
                       "quantized_modules": quantized_modules(self.module), "manifest": {"files": files}}
-            tmp = path / f"{TRAINER_FILE}.tmp"
-            tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-            os.replace(tmp, path / TRAINER_FILE)
+            (work / TRAINER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+            if path.exists():  # same step saved again: swap, the old one is deleted only after the new is in place
+                old = root / f"{tag}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(work, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(work, path)
+            (root / "latest").write_text(tag, encoding="utf-8")  # DeepSpeed's own pointer, for its tools
         self.collectives.barrier()
         self.collectives.reset_step()
         return path
