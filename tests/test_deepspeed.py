@@ -79,8 +79,8 @@ def _scenarios(out: Path) -> list[dict]:
     for s in (2, 3):
         sc.append({"name": f"z{s}_uneven", "argv": ["--ds_config", str(out / f"z{s}.json"), *odd]})
     # rank 0 copies ZeRO-2's step-3 checkpoint and flips one byte of rank 1's side-car file
-    sc.append({"name": "corrupt", "corrupt": [str(out / "ck_z2" / "global_step3"), str(out / "corrupt" / "global_step3"),
-                                              "qgalore_rank1.safetensors"],
+    sc.append({"name": "corrupt", "corrupt": [str(out / "ck_z2" / "global_step3"),
+                                              str(out / "corrupt" / "global_step3"), "qgalore_rank1.safetensors"],
                "argv": ["--ds_config", str(out / "z2.json"), *COMMON, "--resume",
                         str(out / "corrupt" / "global_step3")]})
     return sc
@@ -280,7 +280,8 @@ def test_no_deepspeed_op_is_compiled(run):
     from deepspeed.git_version_info import installed_ops
 
     b = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    assert b is not None and installed_ops.get(b.NAME, False), "deepspeed_shm_comm is not prebuilt: run scripts/setup.sh"
+    assert b is not None and installed_ops.get(b.NAME, False), \
+        "deepspeed_shm_comm is not prebuilt: run scripts/setup.sh"
     for marker in ("Building extension module", "Emitting ninja build file", "ninja: "):
         assert marker not in run["log"], f"a DeepSpeed op was JIT-compiled during the run ({marker!r})"
 

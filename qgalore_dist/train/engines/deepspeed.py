@@ -16,7 +16,8 @@ partitioned across ranks). See DESIGN.md §3.
                 "dense_state_bits": 8, "fused": true}
 
 ``proj_bits``: INT4 or INT8 projectors; ``dense_state_bits``: the dense AdamW moments (8-bit blockwise or fp32);
-``fused``: the torch.compile'd update + re-quantisation kernel (false: eager, no compile at start-up). Every key of the block is optional (absent: the command line's value / default), the block itself is required
+``fused``: the torch.compile'd update + re-quantisation kernel (false: eager, no compile at start-up). Every key
+of the block is optional (absent: the command line's value / default), the block itself is required
 (it is what says the config was written for qgalore_dist). How the standard keys map onto the run:
 
 =====================================  ===================================================================
