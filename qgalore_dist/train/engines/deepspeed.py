@@ -50,9 +50,11 @@ count, so DeepSpeed's own division is turned off (``scale_wrt_gas=False``).
 **Checkpoints** go to ``<save-dir>/global_step<N>/`` (DeepSpeed's layout): DeepSpeed's model / ZeRO files, one
 ``qgalore_rank<R>.safetensors`` + ``.json`` per rank (the side-car state — owned matrices' projectors, low-rank
 moments, gate state; the INT8 codes + scales this rank is the keeper of — keyed by parameter name, and this rank's
-RNG state), the tokenizer, and ``trainer.json`` written last by rank 0 with a sha256 manifest of every file, so an
-interrupted save is never listed and a damaged one fails with :class:`CheckpointError`. ``--export`` writes a
-plain transformers model; :func:`export_deepspeed_checkpoint` does the same from a checkpoint directory.
+RNG state), the tokenizer, and ``trainer.json`` with a sha256 manifest of every file. All of it is written into
+``global_step<N>.tmp`` and renamed into place by rank 0 once complete, so an interrupted save never damages an
+existing checkpoint; a damaged one fails with :class:`CheckpointError` (exit 2) before anything is built.
+``--export`` writes a plain transformers model; :func:`export_deepspeed_checkpoint` does the same from a ZeRO-1/2
+checkpoint directory.
 """
 
 from __future__ import annotations
