@@ -129,6 +129,9 @@ def scenarios(spec: dict, world: int, rank: int) -> list[tuple[str, list[str]]]:
         ("reshard", base_args(spec, b, "--engine", "ddp", "--comm-mode", "lowrank", "--resume",
                               str(out / f"w{other}_lowrank" / "step_000003"), "--metrics-jsonl",
                               str(out / f"{w}_reshard.jsonl"))),
+        # the single-device reference's checkpoint (written by the test meanwhile): one optimizer file, split here
+        ("from_local", base_args(spec, b, "--engine", "ddp", "--comm-mode", "lowrank", "--resume",
+                                 str(Path(spec["ref"]) / "step_000003"))),
         ("accum_boundary", base_args(spec, b, "--engine", "ddp", "--comm-mode", "full", "--grad-accum", "2",
                                      "--max-steps", "3", "--metrics-jsonl", str(out / f"{w}_accum_boundary.jsonl"))),
         ("accum_micro", base_args(spec, b, "--engine", "ddp", "--comm-mode", "full", "--grad-accum", "2",
@@ -180,7 +183,7 @@ def _rank(spec: dict, world: int, rank: int) -> None:
             shutil.copytree(src, dst)
             flip_byte(dst / "optimizer_rank00001.safetensors")
             res["digest_before"] = digest(dst.parent)
-        if name == "reshard":  # wait (bounded) for the other world's checkpoint
+        if name in ("reshard", "from_local"):  # wait (bounded) for the other run's checkpoint
             ckpt = Path(argv[argv.index("--resume") + 1]) / "trainer.json"
             deadline = time.monotonic() + 240
             while not ckpt.is_file() and time.monotonic() < deadline:

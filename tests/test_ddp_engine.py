@@ -59,7 +59,8 @@ def run(tmp_path_factory) -> SimpleNamespace:
     corpus = root / "sonnets.txt"
     shutil.copy(next(p for p in default_corpus_files() if p.name.startswith("sonnets")), corpus)
     get_tokenizer(vocab_size=512, corpus=corpus, cache_dir=cache).save_pretrained(str(root / "tok"))
-    spec = {"out": str(out), "tok": str(root / "tok"), "corpus": str(corpus), "limit_s": 400}
+    spec = {"out": str(out), "tok": str(root / "tok"), "corpus": str(corpus), "ref": str(root / "ref"),
+            "limit_s": 400}
     (root / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS="1", QGALORE_CACHE=str(cache),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -86,7 +87,7 @@ def run(tmp_path_factory) -> SimpleNamespace:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("QGALORE_CACHE", str(cache))
             ref = main(W.base_args(spec, W.GLOBAL_BATCH, "--engine", "local", "--save-dir", str(root / "ref"),
-                                   "--metrics-jsonl", str(root / "ref.jsonl")))
+                                   "--save-every", str(W.SAVE_EVERY), "--metrics-jsonl", str(root / "ref.jsonl")))
             ref_adamw = main(W.base_args(spec, W.GLOBAL_BATCH, "--engine", "local", "--optimizer", "adamw",
                                          "--max-steps", "3"))
     finally:
@@ -213,6 +214,18 @@ def test_resume_at_another_world_size_continues_the_run(run, world):
         assert res["start_step"] == W.SAVE_EVERY
         torch.testing.assert_close(res["losses"], run.ref.losses[W.SAVE_EVERY:], rtol=0, atol=1e-10)
     assert all(r["checksums"] == recs[0]["checksums"] for r in recs)
+    codes = {k: v for k, v in recs[0]["checksums"].items() if k.endswith("weight_codes")}
+    base = _ok(run, world, "lowrank")[0]["checksums"]
+    assert codes == {k: base[k] for k in codes}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world", W.WORLDS)
+def test_ddp_resumes_a_single_device_checkpoint(run, world):
+    recs = _ok(run, world, "from_local")
+    for res in recs:
+        assert res["start_step"] == W.SAVE_EVERY
+        torch.testing.assert_close(res["losses"], run.ref.losses[W.SAVE_EVERY:], rtol=0, atol=1e-10)
     codes = {k: v for k, v in recs[0]["checksums"].items() if k.endswith("weight_codes")}
     base = _ok(run, world, "lowrank")[0]["checksums"]
     assert codes == {k: base[k] for k in codes}
