@@ -129,7 +129,6 @@ def _rank(out_dir: str, env: dict, steps_q: int, steps_b: int) -> None:
     from qgalore_dist.dist.launch_env import init_distributed
     from qgalore_dist.models import build_model
     from qgalore_dist.nn import quantize_model
-    from qgalore_dist.nn.int8_fsdp import ALL_GATHER_COUNTER
     from qgalore_dist.train.cli import TrainArgs
     from qgalore_dist.train.engines.fsdp import FSDPEngine
 

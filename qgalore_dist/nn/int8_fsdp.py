@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from ..quant.int8 import Int8Weight, dequantize_rows
 
@@ -34,16 +33,16 @@ aten = torch.ops.aten
 
 
 class _Counter:
-    """Bytes this process contributes to (sent) / receives from FSDP2 all-gathers of INT8 weights, counted in
-    ``fsdp_pre_all_gather``: ring all-gather, ``(N-1)·P`` each way for a ``P``-byte padded shard."""
+    """Bytes this process receives through FSDP2 all-gathers of INT8 weights (each rank sends as much), counted
+    in ``fsdp_pre_all_gather``: ring all-gather, ``(N-1)·P`` for a ``P``-byte padded shard."""
 
     def __init__(self) -> None:
-        self.reset()
+        self.bytes = self.elements = self.calls = 0
 
     def reset(self) -> dict[str, int]:
-        out = {"int8_all_gather_bytes": getattr(self, "bytes", 0),
-               "int8_all_gather_elements": getattr(self, "elements", 0),
-               "int8_all_gather_calls": getattr(self, "calls", 0)}
+        """This window's counts as metrics, and a new window."""
+        out = {"int8_all_gather_bytes": self.bytes, "int8_all_gather_elements": self.elements,
+               "int8_all_gather_calls": self.calls}
         self.bytes = self.elements = self.calls = 0
         return out
 

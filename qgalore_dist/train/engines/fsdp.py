@@ -300,7 +300,7 @@ class FSDPEngine(Engine):
 
     def _dcp_state(self) -> tuple[dict[str, Any], Any]:
         """The DCP state dict (model + optimizer tensors, all in place) and this rank's optimizer JSON tree."""
-        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor import DTensor
 
         self._reshard()
         model_sd: dict[str, Any] = {}
