@@ -419,3 +419,18 @@ def test_full_reduce_option_in_process():
     with pytest.raises(ValueError, match="needs comm_mode='full'"):
         ShardedQGaLoreOptimizer(tiny_llama(0, torch.float64), cfg.replace(quantize=False), Collectives(),
                                 comm_mode="lowrank", full_reduce="micro_batch")
+
+
+def test_ddp_engine_without_a_launcher_is_one_rank(run, monkeypatch, tmp_path):
+    """No launcher variables: one process, no process group; the checkpoint is a one-shard ddp checkpoint."""
+    for k in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("QGALORE_CACHE", str(run.cache))
+    spec = {"tok": str(run.root / "tok"), "corpus": str(run.root / "sonnets.txt")}
+    res = main(W.base_args(spec, 2, "--engine", "ddp", "--max-steps", "2", "--save-dir", str(tmp_path / "ck"),
+                           "--metrics-jsonl", str(tmp_path / "m.jsonl")))
+    assert res.steps == 2 and not torch.distributed.is_initialized()
+    lines = _train_lines(tmp_path / "m.jsonl")
+    assert [r["comm_bytes"] for r in lines] == [0, 0] and lines[-1]["svd_count"] == lines[-1]["svd_count_rank"] > 0
+    trainer = json.loads((tmp_path / "ck" / "step_000002" / "trainer.json").read_text())
+    assert trainer["engine"] == "ddp" and trainer["optimizer_shards"] == 1
