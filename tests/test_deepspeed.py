@@ -353,3 +353,15 @@ def test_shipped_ds_configs_are_valid():
         assert s.ds_config["gradient_clipping"] == 0.0 and "qgalore" not in s.ds_config
         assert args.grad_clip == 1.0 and args.comm_mode == "lowrank"
     assert stages == {"qgalore.json": 2, "qgalore_zero1.json": 1, "qgalore_zero3.json": 3}
+
+
+def test_offline_export_of_a_zero2_checkpoint(run, tmp_path):
+    _ok(run, "z2")
+    from transformers import AutoModelForCausalLM
+
+    from qgalore_dist.train.engines.deepspeed import export_deepspeed_checkpoint
+
+    out = export_deepspeed_checkpoint(run["dir"] / "ck_z2" / "global_step6", tmp_path / "exp")
+    sd = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).state_dict()
+    for k, v in _weights(run, "z2").items():
+        assert torch.allclose(sd[k].float(), v.float(), atol=1e-6), k
