@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -215,7 +216,21 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
         b = run_steps(engine2, model2, batches[3:])
         save_full(engine2, "resume_b")
         files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-        return {"a": a["losses"], "b": b["losses"], "step": point.step, "files": files}
+        # a damaged shard file is refused on every rank (each rank checks every hash), nothing is loaded
+        bad = ckdir / "damaged"
+        if rank == 0:
+            shutil.copytree(path, bad)
+            f = bad / "dcp" / f"__{world - 1}_0.distcp"
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            f.write_bytes(bytes(data))
+        dist.barrier()
+        try:
+            engine2.verify_checkpoint(bad)
+            refused = None
+        except Exception as exc:  # noqa: BLE001 - the type is checked by the test
+            refused = f"{type(exc).__name__}: {exc}"
+        return {"a": a["losses"], "b": b["losses"], "step": point.step, "files": files, "refused": refused}
 
     def toy():
         from torch.distributed.device_mesh import init_device_mesh

@@ -276,6 +276,7 @@ def test_dcp_checkpoint_resumes_bit_for_bit(run, world):
         assert rec["a"] == rec["b"]
         assert "dcp/.metadata" in rec["files"] and "trainer.json" in rec["files"]
         assert all(f"optim_rank{r:05d}.json" in rec["files"] for r in range(world))
+        assert rec["refused"] is not None and rec["refused"].startswith("CheckpointError"), rec["refused"]
     a = torch.load(run["dir"] / f"w{world}_resume_a.pt")
     b = torch.load(run["dir"] / f"w{world}_resume_b.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
