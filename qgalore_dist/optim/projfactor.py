@@ -184,8 +184,14 @@ class ProjFactor(LowRankAdamW):
 
     # --- phase 3: the update of weight rows -------------------------------------------------------------------
     def update_of_rows(self, st: ProjFactorState, n: ProjFactorUpdate, dtype: torch.dtype, row_offset: int,
-                       rows: int, basis_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``scale · project_back(M) / (√V̂ + ε)`` for rows ``[row_offset, row_offset + rows)``: [rows, n]."""
+                       rows: int, basis_rows: torch.Tensor | None = None,
+                       n_row_offset: int | None = None) -> torch.Tensor:
+        """``scale · project_back(M) / (√V̂ + ε)`` for rows ``[row_offset, row_offset + rows)``: [rows, n].
+
+        ``n`` is always whole here: ``n_row_offset`` (a row-local N, :meth:`LowRankAdamW.update_of_rows`) exists for
+        the shared ``update_rows`` signature; the row-sharded optimizer refuses ProjFactor at construction."""
+        if n_row_offset:
+            raise ValueError("ProjFactor takes the whole low-rank update (n_row_offset must be None or 0)")
         back = self.back_rows(st, n.exp_avg, dtype, row_offset, rows, basis_rows)
         a = n.row_factor.to(dtype)
         # mean(a) over *all* m rows (the payload carries the whole row factor); guard an all-zero first gradient
