@@ -353,6 +353,9 @@ def test_shipped_ds_configs_are_valid():
         assert s.ds_config["gradient_clipping"] == 0.0 and "qgalore" not in s.ds_config
         assert args.grad_clip == 1.0 and args.comm_mode == "lowrank"
     assert stages == {"qgalore.json": 2, "qgalore_zero1.json": 1, "qgalore_zero3.json": 3}
+    # DeepSpeed's own spelling, and the --local_rank its launcher appends
+    args = parse_args(["--deepspeed_config", str(root / "qgalore.json"), "--local_rank=1"])
+    assert args.engine == "deepspeed" and args.ds_config == str(root / "qgalore.json")
 
 
 def test_offline_export_of_a_zero2_checkpoint(run, tmp_path):
