@@ -21,8 +21,8 @@ of the block is optional (absent: the command line's value / default), the block
 (it is what says the config was written for qgalore_dist). How the standard keys map onto the run:
 
 =====================================  ===================================================================
-``train_micro_batch_size_per_gpu``     ``--batch-size`` (the ds_config wins; a *different* explicit flag is
-                                       an error)
+``train_micro_batch_size_per_gpu``     ``--batch-size`` (the ds_config wins; a flag whose value is neither
+                                       its default nor the ds_config's is an error)
 ``gradient_accumulation_steps``        ``--grad-accum`` (same rule)
 ``train_batch_size``                   must equal micro × accumulation × world size (DeepSpeed's rule)
 ``gradient_clipping``                  ``--grad-clip``: ONE global norm over the dense and projected
