@@ -35,6 +35,7 @@ import torch
 
 import fsdp_worker as W
 from ddp_worker import global_batches, loss_fn, make_model
+from qgalore_dist.data import default_corpus_files, get_tokenizer
 from qgalore_dist.dist.collectives import Collectives
 from qgalore_dist.dist.row_sharded import (RowShard, RowShardedQGaLoreOptimizer, chunk_rows,
                                            merge_row_sharded_state_dicts)
@@ -92,7 +93,8 @@ def _reference(world: int) -> dict:
 
 def _cli(tmp: Path, env: dict, out: dict) -> None:
     """torchrun: 4 steps with checkpoints at 2 and 4 and an export; then mpirun resumes step 2 -> 4."""
-    common = ["--engine", "fsdp", "--model", "llama_tiny", "--batch-size", "2", "--seq-len", "32", "--rank", "8",
+    common = ["--engine", "fsdp", "--model", "llama_tiny", "--tokenizer", str(tmp / "tok"), "--data",
+              str(tmp / "sonnets.txt"), "--batch-size", "2", "--seq-len", "32", "--rank", "8",
               "--update-proj-gap", "2", "--lr", "0.01", "--grad-clip", "1.0", "--max-steps", "4",
               "--eval-every", "2", "--eval-batches", "1", "--log-every", "1000"]
     script = str(ROOT / "launch" / "pretrain.py")
@@ -124,6 +126,11 @@ def run(tmp_path_factory) -> dict:
     cli: dict = {}
     cli_dir = out / "cli"
     cli_dir.mkdir()
+    # a small tokenizer of our own (ranks never race to train and cache the default one)
+    sonnets = next(p for p in default_corpus_files() if p.name.startswith("sonnets"))
+    shutil.copy(sonnets, cli_dir / "sonnets.txt")
+    get_tokenizer(vocab_size=512, corpus=cli_dir / "sonnets.txt", cache_dir=cli_dir / "cache").save_pretrained(
+        str(cli_dir / "tok"))
     thread = threading.Thread(target=_cli, args=(cli_dir, env, cli))
     thread.start()
     threads = torch.get_num_threads()
