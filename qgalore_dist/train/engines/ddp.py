@@ -168,7 +168,8 @@ class DDPEngine(Engine):
                 raise
             raise DistributedError(
                 f"rank {self.rank} of {self.world_size}: {what} failed — another rank died, hung or left "
-                f"(no answer within --dist-timeout {self.args.dist_timeout:g}s): {_short(exc)}") from exc
+                f"(its sockets closed, or no answer within --dist-timeout {self.args.dist_timeout:g}s): "
+                f"{_short(exc)}") from exc
 
     def _agree(self, error: str | None, exc_type: type[Exception], what: str) -> None:
         """Collective: raise ``exc_type`` on every rank when ``error`` is set on any (so no rank waits for one that
