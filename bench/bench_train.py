@@ -130,7 +130,8 @@ class Method:
         else:
             cfg = qgalore_config(targs)
             if label == "qgalore gated":
-                cfg = cfg.replace(gate=True, queue_size=args.gate_queue, gamma_proj=args.gate_gamma)
+                cfg = cfg.replace(gate=True, queue_size=args.gate_queue, gamma_proj=args.gate_gamma,
+                                  cos_threshold=args.gate_threshold)
             elif label == "qgalore fixed gap":
                 cfg = cfg.replace(gate=False)
             self.opt = QGaLoreOptimizer(self.model, cfg, dense_state_bits=8 if self.kind == "qgalore" else 32,
@@ -316,26 +317,31 @@ def report(data: dict, png: Path | None, write: bool) -> str:
     def val_at(m, step):
         return next((v for s, v in m["evals"] if s == step), float("nan"))
 
+    common = min(len(m["losses"]) for m in ms.values())  # rounds every run (merged ones too) has done
+
+    def svd_at(m):
+        return m["svd_counts"][common - 1] if common else 0
+
     rows = []
     for label, m in ms.items():
         med = _median(steady(m))
         ph = {k: _median([p[k] for p in m["phase_s"][1:]] or [0.0]) for k in PHASES}
         mean_ph = {k: statistics.mean([p[k] for p in m["phase_s"][1:]] or [0.0]) for k in PHASES}
-        rows.append([label, f"{statistics.mean(m['losses'][-10:]):.3f}", f"{val_at(m, last_eval):.3f}",
+        rows.append([label, f"{statistics.mean(m['losses'][:common][-10:]):.3f}", f"{val_at(m, last_eval):.3f}",
                      f"{val_at(m, last_eval) / val_at(gal, last_eval):.3f}" if gal else "",
                      f"{val_at(m, last_eval) / val_at(base, last_eval):.3f}" if base else "",
                      f"{med:.2f}", f"{med / _median(steady(base)):.2f}" if base else "",
                      f"{_paired(m, base):.2f}" if base else "",
                      " / ".join(f"{ph[k]:.2f}" for k in ("forward", "backward")),
                      " / ".join(f"{mean_ph[k]:.3f}" for k in ("svd", "projection", "optimizer", "requantize")),
-                     f"{m['memory_bytes']['total'] / 2**20:.1f}", m["svd_counts"][-1] if m["svd_counts"] else 0])
+                     f"{m['memory_bytes']['total'] / 2**20:.1f}", svd_at(m)])
     md = [f"{a['model']}, batch {a['batch']}×{a['seq']}, **{done} of {a['steps']} steps**"
           f"{'' if data['finished'] else ' (PARTIAL: the run was still going)'}, rank {a['rank']}, update_proj_gap "
           f"{a['gap']}, warm-up {max(1, a['steps'] // 10)} + cosine to 0.1×, clip {a['grad_clip']}, fp32 compute, "
           f"{a['threads']} thread, all methods in one process stepped **interleaved** (round k = step k of every "
           f"method on the same batch), so load changes on this shared machine hit every method alike. Validation: "
           f"{a['eval_batches']} held-out batches every {a['eval_every']} steps (table: step {last_eval}). Gated "
-          f"run: queue {a['gate_queue']}, γ {a['gate_gamma']}, cosine threshold 0.4 — the issue's queue 5 would "
+          f"run: queue {a['gate_queue']}, γ {a['gate_gamma']}, cosine threshold {a.get('gate_threshold', 0.4)} — the issue's queue 5 would "
           f"need 5 refreshes (125 steps at gap 25) before the first lengthening and could act at most once in 300 "
           f"steps. Wall {data['wall_s'] / 60:.0f} min.", "",
           table(["method", "train loss (last 10)", f"val loss @{last_eval}", "val × galore-torch", "val × AdamW",
@@ -359,8 +365,9 @@ def report(data: dict, png: Path | None, write: bool) -> str:
         g, fx = ms["qgalore gated"], ms["qgalore fixed gap"]
         ratio = _median(steady(g)) / _median(steady(base))
         vg, vf = val_at(g, last_eval), val_at(fx, last_eval)
-        sg, sf = g["svd_counts"][-1], fx["svd_counts"][-1]
-        md.append(f"* Targets at step {last_eval}: step ≤ 1.5× AdamW → gated {ratio:.2f}× (paired "
+        sg, sf = svd_at(g), svd_at(fx)
+        md.append(f"* Targets (val at step {last_eval}, SVDs after {common} steps): step ≤ 1.5× AdamW → gated "
+                  f"{ratio:.2f}× (paired "
                   f"{_paired(g, base):.2f}×), fixed {_median(steady(fx)) / _median(steady(base)):.2f}× (paired "
                   f"{_paired(fx, base):.2f}×) "
                   f"({'met' if ratio <= 1.5 else 'MISSED'}); val ≤ 1.03× galore-torch → {vg / val_at(gal, last_eval):.3f}× "
@@ -368,16 +375,48 @@ def report(data: dict, png: Path | None, write: bool) -> str:
                   f"{vg / val_at(base, last_eval):.3f}× ({'met' if vg <= 1.03 * val_at(base, last_eval) else 'MISSED'}); "
                   f"gated SVDs ≤ 0.5× fixed → {sg} / {sf} = {sg / max(1, sf):.2f}× at val {vg / vf:.4f}× the "
                   f"fixed-gap run's ({'met' if sg <= 0.5 * sf and vg <= 1.01 * vf else 'MISSED'}). Gated intervals at "
-                  f"the end: {_interval_summary(g.get('intervals', []))}.")
+                  f"the end: {_interval_summary(g.get('intervals', []))}" + _similarity_note(g, a.get("gate_threshold", 0.4)) + ".")
+        for label, m in ms.items():
+            if label.startswith("qgalore gated,"):
+                vm, sm = val_at(m, last_eval), svd_at(m)
+                ma = m["merged_from"]["args"]
+                md.append(f"* {label} (queue {ma['gate_queue']}, γ {ma['gate_gamma']}): SVDs {sm} / {sf} = "
+                          f"{sm / max(1, sf):.2f}× the fixed gap's at val {vm / vf:.4f}× "
+                          f"({'met' if sm <= 0.5 * sf and vm <= 1.01 * vf else 'MISSED'}); intervals at the end: "
+                          f"{_interval_summary(m.get('intervals', []))}"
+                          + _similarity_note(m, ma.get("gate_threshold", 0.4)) + ".")
     if png is not None:
         _plot(data, png)
         md += ["", f"![loss curves]({png.relative_to(DOCS).as_posix()})"]
     text = "\n".join(md)
     if write:
-        write_report("bench_train", f"End-to-end training, {a['model']} (issue 4)", data, text)
+        write_report("bench_train", f"End-to-end training, {a['model']} (issue 4)", _compact(data), text)
     else:
         print(text)
     return text
+
+
+def _similarity_note(m: dict, threshold: float) -> str:
+    sims = [r[2] for r in m.get("refreshes", []) if r[2] is not None]
+    if not sims:
+        return ""
+    return (f"; subspace similarity at its {len(sims)} non-initial refreshes: mean {statistics.mean(sims):.3f}, "
+            f"min {min(sims):.3f}, max {max(sims):.3f} (threshold {threshold})")
+
+
+def _compact(data: dict) -> dict:
+    """What docs/bench/bench_train.json keeps: curves and summaries (per-step phase times and the refresh log stay
+    in the run's own JSON under runs/)."""
+    out = {k: v for k, v in data.items() if k != "methods"}
+    out["methods"] = {}
+    for label, m in data["methods"].items():
+        c = {k: v for k, v in m.items() if k not in ("phase_s", "refreshes")}
+        c["phase_s_mean"] = {k: statistics.mean([p[k] for p in m["phase_s"][1:]] or [0.0]) for k in PHASES}
+        sims = [r[2] for r in m.get("refreshes", []) if r[2] is not None]
+        if sims:
+            c["similarity"] = {"count": len(sims), "mean": statistics.mean(sims), "min": min(sims), "max": max(sims)}
+        out["methods"][label] = c
+    return out
 
 
 def _interval_summary(intervals: list[int]) -> str:
@@ -428,6 +467,8 @@ def main(argv=None) -> None:
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--gate-queue", type=int, default=2, help="gated run: similarities per lengthening")
     ap.add_argument("--gate-gamma", type=float, default=3.0, help="gated run: interval multiplier")
+    ap.add_argument("--gate-threshold", type=float, default=0.4, help="gated run: |cos| of the top singular "
+                    "vectors (mean over the queue) at or above which the interval grows")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--save-every", type=int, default=10, help="write the partial JSON every N rounds")
@@ -435,11 +476,21 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ALL_METHODS)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_train.json"), help="(partial) results JSON")
     ap.add_argument("--report-from", metavar="JSON", help="only write the report from a (partial) results JSON")
+    ap.add_argument("--merge", metavar="JSON", nargs="*", default=[],
+                    help="with --report-from: add the methods of these runs (e.g. a gated run with another "
+                    "threshold; losses and SVD counts do not depend on timing, so they compare across processes)")
     ap.add_argument("--no-report", action="store_true", help="print the table; do not touch docs/")
     args = ap.parse_args(argv)
     png = None if args.no_report else DOCS / "bench" / "bench_train.png"
     if args.report_from:
         data = json.loads(Path(args.report_from).read_text())
+        for extra in args.merge:
+            other = json.loads(Path(extra).read_text())
+            for label, m in other["methods"].items():
+                thr = other["args"].get("gate_threshold", 0.4)
+                m["merged_from"] = {"file": Path(extra).name, "rounds_done": other["rounds_done"],
+                                    "args": other["args"]}
+                data["methods"][f"{label}, threshold {thr} (separate process)"] = m
     else:
         data = run(args)
     report(data, png, write=not args.no_report)
