@@ -244,6 +244,34 @@ def load_config_file(path: str) -> dict[str, Any]:
     return {k: _coerce_file_value(k, v, str(p)) for k, v in data.items()}
 
 
+# flags the engine (and, under ddp, the optimizer) named first never reads: a non-default value would do nothing
+_NO_COMM = ("comm_mode", "strict_replicas", "replica_check_every", "dist_timeout")
+_REPLICAS = ("strict_replicas", "replica_check_every")
+_UNUSED_DIST_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "local": (_NO_COMM, "--engine local runs one process: nothing is communicated or replicated"),
+    "fsdp": (("comm_mode", *_REPLICAS), "--engine fsdp shards the weights by rows (FSDP2 all-gathers them, "
+                                         "reduce-scatters the gradients): it has no comm modes and no replicas"),
+    "ddp_dense": (("comm_mode", "full_reduce", "update_dtype", *_REPLICAS),
+                  "under --engine ddp the dense baselines run torch DistributedDataParallel (one all-reduce of the "
+                  "gradients): comm modes and replica checks belong to the Q-GaLore/GaLore sharded optimizer"),
+}
+
+
+def _refuse_unused_dist_flags(args: TrainArgs) -> None:
+    """A distributed flag set to a non-default value that the chosen engine / optimizer does not use is an error
+    (it would silently do nothing). Defaults cannot be told from explicit values here, and need not be."""
+    key = args.engine
+    if key == "ddp" and args.optimizer not in LOWRANK_OPTIMIZERS:
+        key = "ddp_dense"
+    names, why = _UNUSED_DIST_FLAGS.get(key, ((), ""))
+    for name in names:
+        value = getattr(args, name)
+        if value != _FIELDS[name].default:
+            shown = _flag(name) if _FIELDS[name].metadata["flag"] else f"{_flag(name)} {value}"
+            raise UsageError(f"{shown} does nothing with --engine {args.engine} --optimizer {args.optimizer}: "
+                             f"{why}; drop it")
+
+
 def validate(args: TrainArgs) -> None:
     """Range and combination checks that need no model or data (those fail later, still before any write)."""
     if args.engine not in ENGINES:
@@ -261,6 +289,7 @@ def validate(args: TrainArgs) -> None:
         raise UsageError(f"--update-dtype {args.update_dtype} applies to --engine ddp --comm-mode lowrank only")
     if args.fsdp_grad_sync != "micro_batch" and args.engine != "fsdp":
         raise UsageError(f"--fsdp-grad-sync {args.fsdp_grad_sync} applies to --engine fsdp only")
+    _refuse_unused_dist_flags(args)
     if args.replica_check_every < 0:
         raise UsageError(f"--replica-check-every must be >= 0, got {args.replica_check_every}")
     if not args.dist_timeout > 0:
