@@ -274,6 +274,8 @@ def _bad_cases(ws: SimpleNamespace, trained: SimpleNamespace, tmp: Path):
     other_model["hidden_size"] = 32
     other_cfg = _write(tmp / "other_model.json", json.dumps(other_model))
     ck20 = str(trained.ckpt / "step_000020")
+    foreign = tmp / "foreign"  # a deepspeed-layout checkpoint: --engine local does not list it
+    shutil.copytree(trained.ckpt / "step_000020", foreign / "global_step20")
     return {
         "unknown-model": (base_args(ws, "--model", "llama_nope", *keep), "llama_nope"),
         "missing-data": (base_args(ws, "--data", str(tmp / "nope.txt"), *keep), "nope.txt"),
@@ -297,13 +299,22 @@ def _bad_cases(ws: SimpleNamespace, trained: SimpleNamespace, tmp: Path):
         "other-optimizer": (base_args(ws, "--optimizer", "adamw", *keep), "--optimizer qgalore"),
         "other-seq-len": (base_args(ws, "--seq-len", "16", "--resume", ck20, *keep[:2]), "seq_len"),
         "save-dir-is-a-file": (base_args(ws, "--save-dir", str(trained.metrics)), "not a directory"),
-    }, [trained.ckpt, trained.metrics, corrupt, truncated]
+        "local-comm-mode": (base_args(ws, "--comm-mode", "full", *keep), "--comm-mode full does nothing"),
+        "local-strict-replicas": (base_args(ws, "--strict-replicas", *keep), "--strict-replicas does nothing"),
+        "local-replica-check": (base_args(ws, "--replica-check-every", "5", *keep), "--replica-check-every 5"),
+        "local-dist-timeout": (base_args(ws, "--dist-timeout", "30", *keep), "--dist-timeout 30"),
+        "fresh-run-beside-other-layout": (base_args(ws, "--save-dir", str(foreign)), "another engine's layout"),
+        "auto-resume-beside-other-layout": (base_args(ws, "--save-dir", str(foreign), "--resume", "auto"),
+                                            "another engine's layout"),
+    }, [trained.ckpt, trained.metrics, corrupt, truncated, foreign]
 
 
 BAD_CASES = ["unknown-model", "missing-data", "malformed-config", "unknown-config-key", "non-int-flag", "bad-choice",
              "zero-rank", "qgalore-config-value", "engine", "no-target", "save-every-without-dir",
              "fresh-run-into-checkpoints", "missing-resume-dir", "corrupted-checkpoint", "truncated-trainer-json",
-             "other-model", "other-optimizer", "other-seq-len", "save-dir-is-a-file"]
+             "other-model", "other-optimizer", "other-seq-len", "save-dir-is-a-file", "local-comm-mode",
+             "local-strict-replicas", "local-replica-check", "local-dist-timeout", "fresh-run-beside-other-layout",
+             "auto-resume-beside-other-layout"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

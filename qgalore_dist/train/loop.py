@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.export import quantized_modules
-from ..checkpoint.save_load import CheckpointError, capture_rng_state, restore_rng_state
+from ..checkpoint.save_load import TRAINER_FILE, CheckpointError, capture_rng_state, restore_rng_state
 from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
 from ..models import build_model, load_pretrained, param_count, resolve_model_config
 from ..nn import quantize_model
@@ -102,9 +103,32 @@ def resolve_tokenizer(args: TrainArgs):
     return get_tokenizer()
 
 
+# published checkpoint directories of every engine: step_NNNNNN (local, ddp, fsdp), global_stepN (deepspeed)
+_CHECKPOINT_NAMES = re.compile(r"^(step_\d+|global_step\d+)$")
+
+
+def _other_layout(save_dir: str, found: list[tuple[int, Path]]) -> list[str]:
+    """Names of checkpoints in ``save_dir`` that this engine does not list: another engine's layout, which
+    ``--resume auto`` would not see (it would start afresh beside them and mix two runs in one directory)."""
+    root = Path(save_dir).expanduser()
+    if not root.is_dir():
+        return []
+    own = {p.name for _, p in found}
+    return sorted(p.name for p in root.iterdir() if p.name not in own and _CHECKPOINT_NAMES.match(p.name)
+                  and (p / TRAINER_FILE).is_file())
+
+
 def resolve_resume(args: TrainArgs, engine: Engine) -> Path | None:
     """The checkpoint to resume from (None: fresh start). Refuses a fresh start into a directory that already
-    holds checkpoints, so a forgotten ``--resume`` can never overwrite them."""
+    holds checkpoints — this engine's or another engine's layout — so a forgotten ``--resume`` can never
+    overwrite them, and ``--resume auto`` never starts afresh beside another engine's checkpoints."""
+    if args.save_dir is not None and args.resume in (None, "auto"):
+        found = engine.list_checkpoints(args.save_dir)
+        other = _other_layout(args.save_dir, found)
+        if other:
+            raise UsageError(f"--save-dir {args.save_dir} holds checkpoints of another engine's layout "
+                             f"({', '.join(other[:3])}) that --engine {args.engine} cannot resume; resume them "
+                             "with the engine that wrote them, or choose another --save-dir")
     if args.resume == "auto":
         found = engine.list_checkpoints(args.save_dir)
         return found[-1][1] if found else None
