@@ -273,14 +273,45 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
         return {"losses": losses, "local_rows": {k: int(p.to_local().shape[0]) for k, p in params.items()},
                 "svd_count": opt.svd_count}
 
+    def same_args():
+        """Ranks started with different --max-steps: the same UsageError on every rank (one all-gather)."""
+        from qgalore_dist.train.cli import UsageError
+
+        engine = FSDPEngine(engine_args(max_steps=3 + rank), env, timeout)
+        try:
+            engine._check_same_args()
+        except UsageError as exc:
+            return {"refused": str(exc)}
+        return {"refused": None}
+
+    def dies():
+        """The last rank leaves (its sockets close) once the model is sharded; the others' next forward (FSDP2's
+        all-gather) must end in one DistributedError line, not a gloo traceback nor a wait for the timeout."""
+        from qgalore_dist.train.cli import DistributedError
+
+        engine, model, _ = new_engine(cfg())
+        dist.barrier()
+        if rank == world - 1:
+            return {"left": True}  # exits below, right after writing its record
+        time.sleep(0.5)  # let the last rank go first
+        x = global_batches(world, 1, SEEDS["parity"])[0][rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
+        t = time.monotonic()
+        try:
+            loss_fn(model, x)  # any other exception: its traceback is the scenario's "error"
+        except DistributedError as exc:
+            return {"message": str(exc), "seconds": time.monotonic() - t}
+        raise AssertionError("the forward succeeded without the last rank")
+
     scenario("parity", parity)
     scenario("toy", toy)
     scenario("accum", accum)
     scenario("resume", resume)
+    scenario("same_args", same_args)
+    scenario("dies", dies)
     record["timings"]["total_s"] = time.monotonic() - t0
     (out_dir / f"w{world}_r{rank}.json").write_text(json.dumps(record), encoding="utf-8")
-    dist.barrier()
-    dist.destroy_process_group()
+    # no final barrier nor destroy_process_group: the group has lost its last rank ("dies")
+    os._exit(0)
 
 
 def toy_config():

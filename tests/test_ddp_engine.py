@@ -385,6 +385,20 @@ def test_full_reduce_and_update_dtype_need_their_mode(capsys):
         capsys, ["--engine", "ddp", "--comm-mode", "full", "--update-dtype", "bfloat16"])
 
 
+@pytest.mark.parametrize("flags, shown", [
+    (["--comm-mode", "full"], "--comm-mode full"),
+    (["--comm-mode", "full", "--full-reduce", "micro_batch"], "--comm-mode full"),
+    (["--update-dtype", "bfloat16"], "--update-dtype bfloat16"),
+    (["--strict-replicas"], "--strict-replicas"),
+    (["--replica-check-every", "5"], "--replica-check-every 5"),
+])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_dense_baselines_refuse_the_sharded_optimizers_flags(capsys, flags, shown, optimizer):
+    """DistributedDataParallel reads none of these: a non-default value is refused, not silently ignored."""
+    line = _exit2(capsys, ["--engine", "ddp", "--optimizer", optimizer, *flags, "--model", "llama_tiny"])
+    assert f"{shown} does nothing with --engine ddp --optimizer {optimizer}" in line
+
+
 def test_malformed_launcher_variables(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -289,6 +289,25 @@ def test_dcp_checkpoint_resumes_bit_for_bit(run, world):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("world", W.WORLDS)
+def test_ranks_with_different_settings_are_refused_on_every_rank(run, world):
+    for rec in _records(run, world, "same_args"):
+        assert rec["refused"] is not None and rec["refused"].startswith("--engine fsdp: every rank must be started "
+                                                                        "with the same settings"), rec
+        assert f"--max-steps differs on rank(s) {list(range(1, world))}" in rec["refused"]
+
+
+@pytest.mark.parametrize("world", W.WORLDS)
+def test_dead_peer_is_one_distributed_error_line(run, world):
+    recs = _records(run, world, "dies")
+    assert recs[-1] == {"left": True}
+    for rec in recs[:-1]:
+        msg = rec["message"]
+        assert "\n" not in msg and "forward (FSDP2 all-gather) failed" in msg, msg
+        assert "another rank died, hung or left" in msg and "--dist-timeout 60s" in msg, msg
+        assert rec["seconds"] < 60, rec  # the closed sockets end it, not the timeout
+
+
 def test_cli_torchrun_then_mpirun_resume(run):
     code, log = run["cli"].get("torchrun", (None, "torchrun did not run"))
     assert code == 0, log
@@ -366,6 +385,11 @@ def test_unsupported_settings_are_refused():
 @pytest.mark.parametrize("argv, message", [
     (["--engine", "fsdp", "--optimizer", "projfactor"], "--engine fsdp supports"),
     (["--engine", "ddp", "--fsdp-grad-sync", "boundary"], "--fsdp-grad-sync boundary applies to --engine fsdp"),
+    # flags the fsdp engine never reads: refused instead of silently ignored
+    (["--engine", "fsdp", "--comm-mode", "full"], "--comm-mode full does nothing with --engine fsdp"),
+    (["--engine", "fsdp", "--strict-replicas"], "--strict-replicas does nothing with --engine fsdp"),
+    (["--engine", "fsdp", "--optimizer", "adamw", "--replica-check-every", "5"],
+     "--replica-check-every 5 does nothing with --engine fsdp"),
 ])
 def test_bad_flags_exit_2_with_one_error_line(argv, message, capsys, tmp_path):
     from qgalore_dist.train import main

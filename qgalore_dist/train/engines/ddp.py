@@ -154,9 +154,9 @@ class DDPEngine(Engine):
                 if theirs.get(k) != every[0].get(k):
                     differ.setdefault(k, []).append(r)
         if differ:
-            raise UsageError("--engine ddp: every rank must be started with the same settings, but compared with "
-                             "rank 0: " + "; ".join(f"--{k.replace('_', '-')} differs on rank(s) {ranks}"
-                                                    for k, ranks in differ.items()))
+            raise UsageError(f"--engine {self.name}: every rank must be started with the same settings, but "
+                             "compared with rank 0: " + "; ".join(
+                                 f"--{k.replace('_', '-')} differs on rank(s) {ranks}" for k, ranks in differ.items()))
 
     @contextlib.contextmanager
     def _guard(self, what: str) -> Iterator[None]:

@@ -53,6 +53,7 @@ from ...nn.int8_fsdp import ALL_GATHER_COUNTER, Int8FSDPLinear, Int8RowTensor, t
 from ...nn.int8_linear import QGaLoreLinear
 from ..cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, DistributedError, TrainArgs, UsageError
 from .base import Engine, ResumePoint
+from .ddp import DDPEngine, _short
 
 __all__ = ["FSDPEngine"]
 
@@ -80,6 +81,10 @@ class FSDPEngine(Engine):
     """FSDP2 training over row-sharded INT8 weights (see the module docstring)."""
 
     name = "fsdp"
+    # the ddp engine's failure handling, shared: a collective that fails because a peer died or hung becomes one
+    # DistributedError line (exit 1), and every rank must be started with the same settings
+    _guard = DDPEngine._guard
+    _check_same_args = DDPEngine._check_same_args
 
     def __init__(self, args: TrainArgs, env: DistEnv, timeout: datetime.timedelta, config=None) -> None:
         """``config``: the projected-matrix settings (default: ``qgalore_config(args)``, what the CLI asks for)."""
@@ -122,8 +127,14 @@ class FSDPEngine(Engine):
             raise UsageError(f"--engine fsdp: {exc}") from exc
         except RuntimeError as exc:
             raise DistributedError(f"--engine fsdp: could not join the process group within --dist-timeout "
-                                   f"{args.dist_timeout:g}s ({exc})") from exc
-        return cls(args, env, timeout)
+                                   f"{args.dist_timeout:g}s ({_short(exc)})") from exc
+        engine = cls(args, env, timeout)
+        try:
+            engine._check_same_args()
+        except BaseException:
+            engine.close()  # the loop never saw this engine: leave the group here
+            raise
+        return engine
 
     def _agree(self, error: str | None, exc_type: type[Exception], what: str) -> None:
         """Collective: raise ``exc_type`` on every rank when ``error`` is set on any."""
@@ -132,7 +143,8 @@ class FSDPEngine(Engine):
                 raise exc_type(error)
             return
         flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag)
+        with self._guard(what):
+            dist.all_reduce(flag)
         if error is not None:
             raise exc_type(error)
         if int(flag):
@@ -159,13 +171,15 @@ class FSDPEngine(Engine):
         # one rank: nothing to shard or gather, and FSDP2's world-size-1 shortcut hands an all-gather extension only
         # its first input (the codes, not the scales), so the model stays unwrapped
         if self.world_size > 1:
-            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-            layers = getattr(getattr(model, "model", None), "layers", None)
-            for layer in (layers if layers is not None else []):
-                fully_shard(layer, mesh=self.mesh, reshard_after_forward=True)
-                self.fsdp_modules.append(layer)
-            fully_shard(model, mesh=self.mesh)  # the root stays gathered from forward to backward (FSDP2 default)
+            with self._guard("FSDP2 start-up (device mesh, sharding)"):
+                self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+                layers = getattr(getattr(model, "model", None), "layers", None)
+                for layer in (layers if layers is not None else []):
+                    fully_shard(layer, mesh=self.mesh, reshard_after_forward=True)
+                    self.fsdp_modules.append(layer)
+                fully_shard(model, mesh=self.mesh)  # the root stays gathered from forward to backward (default)
             self.fsdp_modules.append(model)
+            self._guard_forward(model)
         for m in self.fsdp_modules:
             # sums on the wire, one explicit ÷N (gloo has no AVG; pytorch issue #162338)
             m.set_force_sum_reduction_for_comms(True)
@@ -200,13 +214,30 @@ class FSDPEngine(Engine):
                 dense.append((n, p))
                 dense_shapes[n] = tuple(p.shape)
         try:
-            self.optimizer = RowShardedQGaLoreOptimizer(
-                shards, config, self.collectives, dense=dense, dense_shapes=dense_shapes,
-                dense_state_bits=8 if args.optimizer in INT8_OPTIMIZERS else 32, grad_clip=args.grad_clip,
-                stagger_refresh=True)
+            with self._guard("start-up of the row-sharded optimizer"):
+                self.optimizer = RowShardedQGaLoreOptimizer(
+                    shards, config, self.collectives, dense=dense, dense_shapes=dense_shapes,
+                    dense_state_bits=8 if args.optimizer in INT8_OPTIMIZERS else 32, grad_clip=args.grad_clip,
+                    stagger_refresh=True)
         except ValueError as exc:
             raise UsageError(f"--engine fsdp: {exc}") from exc
         return model, self.optimizer
+
+    def _guard_forward(self, model: nn.Module) -> None:
+        """The loop calls the model itself, and FSDP2 all-gathers the parameters in forward (the root's in a
+        pre-forward hook): give this one instance a class whose ``__call__`` runs under :meth:`_guard`, the way
+        ``fully_shard`` itself swaps in an ``FSDP<Module>`` class, so a dead peer in forward is one error line."""
+        engine, cls = self, type(model)
+
+        def __call__(module, *args, **kwargs):
+            with engine._guard("forward (FSDP2 all-gather)"):
+                return cls.__call__(module, *args, **kwargs)
+
+        def __new__(_, *args, **kwargs):  # a new instance (deepcopy, container slicing) gets fully_shard's class
+            return cls.__new__(cls, *args, **kwargs)
+
+        model.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__new__": __new__,
+                                                      "__module__": cls.__module__})
 
     def _target_names(self, model: nn.Module, config) -> set[str]:
         from ...optim.optimizer import collect_projected
@@ -223,7 +254,8 @@ class FSDPEngine(Engine):
             last = self._micro % self.args.grad_accum == 0
             for m in self.fsdp_modules:
                 m.set_requires_gradient_sync(last, recurse=False)
-        loss.backward()
+        with self._guard("backward (FSDP2 all-gather / reduce-scatter)"):
+            loss.backward()
 
     def step(self) -> float | None:
         if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
@@ -231,9 +263,11 @@ class FSDPEngine(Engine):
             for name, (_, p) in self.projected.items():
                 g = p.grad
                 grads[name] = None if g is None else (g.to_local() if hasattr(g, "to_local") else g)
-            out = self.optimizer.step(grads=grads)
+            with self._guard("optimizer step"):
+                out = self.optimizer.step(grads=grads)
         else:
-            out = self.optimizer.step()
+            with self._guard("optimizer step"):
+                out = self.optimizer.step()
         return None if out is None else float(out)
 
     def zero_grad(self) -> None:
@@ -244,7 +278,8 @@ class FSDPEngine(Engine):
         if self.world_size == 1:
             return value
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        with self._guard("averaging the loss over ranks"):
+            dist.all_reduce(t)
         return float(t) / self.world_size
 
     def step_metrics(self) -> dict[str, Any]:
@@ -254,7 +289,8 @@ class FSDPEngine(Engine):
             out["comm_bytes"] = opt.comm_bytes
             svd = torch.tensor([opt.svd_count], dtype=torch.int64, device=self.device)
             if self.world_size > 1:
-                dist.all_reduce(svd)
+                with self._guard("summing SVD counts"):
+                    dist.all_reduce(svd)
             out["svd_count"] = int(svd)
         return out
 
@@ -362,9 +398,12 @@ class FSDPEngine(Engine):
 
         save_dir = Path(save_dir)
         final = save_dir / checkpoint_name(step)
-        tag = torch.tensor([os.getpid()], dtype=torch.int64)
+        # one temporary directory for all ranks, named by rank 0's pid; broadcast from the engine's device (NCCL
+        # only moves CUDA tensors)
+        tag = torch.tensor([os.getpid()], dtype=torch.int64, device=self.device)
         if self.world_size > 1:
-            dist.broadcast(tag, 0)
+            with self._guard("checkpoint set-up"):
+                dist.broadcast(tag, 0)
         tmp = save_dir / f"{final.name}.tmp-{int(tag)}"
         error = None
         if self.is_main:
@@ -493,7 +532,8 @@ class FSDPEngine(Engine):
     def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any) -> Path | None:
         from ...checkpoint.export import export_state
 
-        state = self.full_state()
+        with self._guard("gathering the model for --export"):
+            state = self.full_state()
         if not self.is_main:
             return None
         quantized = {n: m.group_size for n, m in self.model.named_modules() if isinstance(m, Int8FSDPLinear)}
