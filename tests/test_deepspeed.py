@@ -12,8 +12,8 @@ settings the ds_configs below ask for), so the comparison isolates the distribut
 * checkpoints: resume from step 3 reproduces steps 4-6 of the uninterrupted run; a corrupted checkpoint is
   refused with ``CheckpointError``; ``--export`` writes a transformers model equal to the trained weights.
 
-Bad ds_configs (no ``"qgalore"`` block, contradictory batch sizes, fp16 on CPU, ``"auto"``, unknown keys) are
-checked in-process: ``main(argv)`` exits 2 with one ``error:`` line. No DeepSpeed op is compiled: the shm comm op
+Bad ds_configs (no ``"qgalore"`` block, contradictory batch sizes, fp16 on CPU, ``"auto"``, unknown keys, stage 0),
+flags contradicting the ds_config, and replicated-side-car settings under ZeRO-3 are checked in-process: ``main(argv)`` exits 2 with one ``error:`` line. No DeepSpeed op is compiled: the shm comm op
 is prebuilt at install (scripts/setup.sh, ``DS_BUILD_SHM_COMM=1``) and the dense optimizer is a client optimizer.
 """
 
@@ -67,7 +67,9 @@ def _scenarios(out: Path) -> list[dict]:
         sc.append({"name": f"z{s}_resume", "argv": ["--ds_config", cfg, *COMMON, "--resume",
                                                      str(out / f"ck_z{s}" / "global_step3"),
                                                      "--save-dir", str(out / f"ck_z{s}_resumed")]})
-        acc = ds_config(out / f"z{s}_accum.json", s, micro=MICRO // 2, gas=2, comm_mode="full")
+        # full comm mode on the replicated side-car (ZeRO-1/2); ZeRO-3 has its own row-sharded traffic
+        acc = ds_config(out / f"z{s}_accum.json", s, micro=MICRO // 2, gas=2,
+                        comm_mode="full" if s < 3 else "lowrank")
         sc.append({"name": f"z{s}_accum", "argv": ["--ds_config", acc, *COMMON]})
     # odd MLP width (175 rows: ZeRO-3 splits them 88 / 87): uneven INT8 row shards against ZeRO-2
     cfg = json.loads((Path(__file__).resolve().parent.parent / "qgalore_dist" / "models" / "configs" /
@@ -320,6 +322,10 @@ def _exit2(capsys, argv) -> str:
     ({"fp16": {"enabled": True}}, "fp16 is not supported by DeepSpeed on CPU"),
     ({"train_micro_batch_size_per_gpu": "auto"}, "\"auto\""),
     ({"optimizer": {"type": "AdamW"}}, "remove the \"optimizer\" block"),
+    ({"zero_optimization": {"stage": 0}}, "stage 0, DeepSpeed without ZeRO, is not supported"),
+    ({"zero_optimization": None}, "stage must be 1, 2 or 3, got 0"),  # DeepSpeed's default stage is 0
+    ({"zero_optimization": {"stage": 3}, "qgalore": {"comm_mode": "full"}}, "does not apply to ZeRO-3"),
+    ({"zero_optimization": {"stage": 3}, "qgalore": {"replica_check_every": 5}}, "--replica-check-every 5"),
 ])
 def test_bad_ds_config_exits_2(tmp_path, capsys, case, expect):
     cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}, "qgalore": {"rank": 8}}
@@ -331,6 +337,39 @@ def test_bad_ds_config_exits_2(tmp_path, capsys, case, expect):
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     line = _exit2(capsys, ["--ds_config", str(tmp_path / "c.json"), "--max-steps", "1"])
     assert expect in line, line
+
+
+@pytest.mark.parametrize("flags, block, expect", [
+    (["--rank", "64"], {"rank": 8}, "\"qgalore\".rank = 8, the command line --rank 64"),
+    (["--no-gate"], {"gate": True}, "\"qgalore\".gate = true, the command line --no-gate"),
+    (["--comm-mode", "full"], {"comm_mode": "lowrank"}, "the command line --comm-mode full"),
+    (["--optimizer", "projfactor"], {"optimizer": "qgalore"}, "the command line --optimizer projfactor"),
+    (["--scale", "0.5"], {"scale": 0.25}, "the command line --scale 0.5"),
+    (["--grad-clip", "0.3"], {}, f"gradient_clipping = {CLIP}, the command line --grad-clip 0.3"),
+])
+def test_flag_contradicting_ds_config_exits_2(tmp_path, capsys, flags, block, expect):
+    """A ds_config value never silently overrides an explicit flag (a flag equal to its default cannot be told
+    apart from an absent one, so only non-default flags are refused)."""
+    path = ds_config(tmp_path / "c.json", 2)
+    cfg = json.loads(Path(path).read_text())
+    cfg["qgalore"].update(block)
+    Path(path).write_text(json.dumps(cfg))
+    line = _exit2(capsys, ["--ds_config", path, *flags, "--max-steps", "1"])
+    assert "contradictory settings" in line and expect in line, line
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--comm-mode", "full"], "--comm-mode full"),
+    (["--strict-replicas"], "--strict-replicas"),
+    (["--replica-check-every", "0"], "--replica-check-every 0"),
+])
+def test_replicated_sidecar_flags_refused_under_zero3(tmp_path, capsys, flags, expect):
+    path = ds_config(tmp_path / "c.json", 3)
+    cfg = json.loads(Path(path).read_text())
+    del cfg["qgalore"]["comm_mode"]  # the flag alone
+    Path(path).write_text(json.dumps(cfg))
+    line = _exit2(capsys, ["--ds_config", path, *flags, "--max-steps", "1"])
+    assert expect in line and "does not apply to ZeRO-3" in line, line
 
 
 def test_contradictory_batch_flag_exits_2(tmp_path, capsys):

@@ -18,20 +18,26 @@ partitioned across ranks). See DESIGN.md §3.
 ``proj_bits``: INT4 or INT8 projectors; ``dense_state_bits``: the dense AdamW moments (8-bit blockwise or fp32);
 ``fused``: the torch.compile'd update + re-quantisation kernel (false: eager, no compile at start-up). Every key
 of the block is optional (absent: the command line's value / default), the block itself is required
-(it is what says the config was written for qgalore_dist). How the standard keys map onto the run:
+(it is what says the config was written for qgalore_dist). A key that is set wins over the flag's default; a flag
+set to another, non-default value is an error (``contradictory settings``, exit 2), never silently overridden.
+Under ZeRO-3 (rows partitioned, no replicas) a non-default ``comm_mode`` / ``strict_replicas`` /
+``replica_check_every`` — flag or key — is refused: the row-sharded side-car has no use for them.
+How the standard keys map onto the run:
 
 =====================================  ===================================================================
 ``train_micro_batch_size_per_gpu``     ``--batch-size`` (the ds_config wins; a flag whose value is neither
                                        its default nor the ds_config's is an error)
 ``gradient_accumulation_steps``        ``--grad-accum`` (same rule)
 ``train_batch_size``                   must equal micro × accumulation × world size (DeepSpeed's rule)
-``gradient_clipping``                  ``--grad-clip``: ONE global norm over the dense and projected
+``gradient_clipping``                  ``--grad-clip`` (same rule): ONE global norm over the dense and projected
                                        gradients; DeepSpeed's own clipping is switched off (it would clip the
                                        dense side alone)
 ``bf16.enabled``                       ``--dtype bfloat16`` (compute and dense storage)
 ``fp16.enabled``                       refused: DeepSpeed's CPU accelerator has no fp16, and on GPU its loss
                                        scaler does not cover the side-car's projected gradients
-``zero_optimization.stage``            0/1/2: replicated INT8 side-car; 3: row-partitioned INT8 side-car
+``zero_optimization.stage``            1/2: replicated INT8 side-car; 3: row-partitioned INT8 side-car; 0
+                                       refused (its client optimizer sees the full averaged dense gradients
+                                       on every rank: the shared clipping norm would count them N times)
 ``optimizer`` / ``scheduler``          refused: the dense optimizer is qgalore_dist's
                                        (:class:`~qgalore_dist.dist.deepspeed_sidecar.FlatDenseAdamW`, passed
                                        to ``deepspeed.initialize`` as a client optimizer — nothing is
@@ -67,6 +73,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,8 +82,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ...checkpoint.save_load import (CheckpointError, capture_rng_state, flatten_state, unflatten_state)
-from ..cli import INT8_OPTIMIZERS, TrainArgs, UsageError
+from ..cli import INT8_OPTIMIZERS, DistributedError, TrainArgs, UsageError
 from .base import Engine, ResumePoint
+from .ddp import DDPEngine, _short
 
 __all__ = ["DeepSpeedEngine", "QGALORE_KEYS", "dense_comm_bytes", "export_deepspeed_checkpoint",
            "resolve_ds_config"]
@@ -102,7 +110,23 @@ QGALORE_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
 }
 # keys of the block that are the engine's own (not TrainArgs fields)
 _ENGINE_KEYS = {"proj_bits": (int,), "dense_state_bits": (int,), "fused": (bool,)}
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainArgs)}
+_DEFAULTS = {name: f.default for name, f in _FIELDS.items()}
+
+
+def _flag_text(fname: str, value: Any) -> str:
+    """How the command line spelled a (non-default) setting: ``--no-gate``, ``--rank 64``."""
+    flag = "--" + fname.replace("_", "-")
+    return flag if _FIELDS[fname].metadata.get("flag") else f"{flag} {value}"
+
+
+def _no_conflict(args: TrainArgs, fname: str, value: Any, what: str) -> None:
+    """The ds_config's ``value`` for ``fname`` wins over the default; a flag set to anything else is an error
+    (defaults cannot be told apart from explicit values, so a flag equal to its default is not refused)."""
+    flag = getattr(args, fname)
+    if flag != _DEFAULTS[fname] and flag != value:
+        raise UsageError(f"contradictory settings: {what}, the command line {_flag_text(fname, flag)} (set it in "
+                         "one place only)")
 
 
 @dataclasses.dataclass
@@ -139,8 +163,8 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
     """Validate ``args.ds_config`` and fold it into ``args`` (in place); returns what DeepSpeed gets.
 
     Raises :class:`UsageError` (one line) for: no usable ``"qgalore"`` block, unknown or mistyped keys in it,
-    contradictory batch sizes, ``"auto"`` values, fp16, a ds_config ``optimizer`` / ``scheduler``, a stage other
-    than 0-3. Pure apart from reading the file: nothing is written.
+    a flag contradicting the ds_config (batch sizes, clipping, a ``"qgalore"`` key), ``"auto"`` values, fp16, a
+    ds_config ``optimizer`` / ``scheduler``, a stage other than 1-3, replicated-side-car settings under ZeRO-3. Pure apart from reading the file: nothing is written.
     """
     src = str(args.ds_config)
     cfg = _read_json(src)
@@ -170,9 +194,10 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
             value = not value
         elif fname in ("scale", "granularity"):
             value = float(value)
-        choices = [f for f in dataclasses.fields(TrainArgs) if f.name == fname][0].metadata["choices"]
+        choices = _FIELDS[fname].metadata["choices"]
         if choices and value not in choices:
             raise UsageError(f"{where}: \"qgalore\".{key} = {value!r} is invalid: allowed: {', '.join(choices)}")
+        _no_conflict(args, fname, value, f"{where} sets \"qgalore\".{key} = {json.dumps(q[key])}")
         setattr(args, fname, value)
     if args.optimizer not in INT8_OPTIMIZERS:
         raise UsageError(f"the deepspeed engine trains {' / '.join(INT8_OPTIMIZERS)} (INT8 projected matrices); "
@@ -204,8 +229,23 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
     if not isinstance(zero, dict):
         raise UsageError(f"{where}: \"zero_optimization\" must be an object")
     stage = zero.get("stage", 0)
-    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise UsageError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if isinstance(stage, bool) or stage not in (1, 2, 3):
+        # stage 0 hands the client optimizer the full, already averaged dense gradients on every rank: the shared
+        # clipping norm (a sum of each rank's dense norm² over ranks) would count them N times
+        raise UsageError(f"{where}: zero_optimization.stage must be 1, 2 or 3, got {stage!r} (stage 0, DeepSpeed "
+                         "without ZeRO, is not supported: use --engine ddp for plain data parallelism)")
+    if stage == 3:
+        # ZeRO-3's side-car partitions the INT8 rows: no replicas to check, one traffic pattern of its own
+        # (RowShardedQGaLoreOptimizer); a setting for the replicated side-car would silently do nothing
+        unused = [(args.comm_mode != "lowrank", f"--comm-mode {args.comm_mode}", "comm_mode"),
+                  (args.strict_replicas, "--strict-replicas", "strict_replicas"),
+                  (args.replica_check_every != _DEFAULTS["replica_check_every"],
+                   f"--replica-check-every {args.replica_check_every}", "replica_check_every")]
+        for bad, text, key in unused:
+            if bad:
+                raise UsageError(f"{where}: {text} (flag or \"qgalore\".{key}) does not apply to ZeRO-3: its "
+                                 "side-car partitions the INT8 rows across ranks (no replicas, the row-sharded "
+                                 "traffic pattern); drop it or use ZeRO-1/2")
 
     def take(key: str, field: str) -> int:
         raw = cfg.get(key)
@@ -231,6 +271,7 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
     if clip is not None:
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
             raise UsageError(f"{where}: gradient_clipping must be a number >= 0, got {clip!r}")
+        _no_conflict(args, "grad_clip", float(clip), f"{where} sets gradient_clipping = {clip}")
         args.grad_clip = float(clip)
 
     ds = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "qgalore"}
@@ -274,6 +315,11 @@ class DeepSpeedEngine(Engine):
     """ZeRO 1/2/3 for the dense parameters, the qgalore side-car for the projected ones (module docstring)."""
 
     name = "deepspeed"
+    # the data-parallel engine's failure handling, shared (they need only rank, world_size, device, args):
+    # a collective that fails because a peer died / hung -> one DistributedError line; a per-rank error -> the
+    # same exception on every rank (one all-reduced flag) instead of peers waiting out --dist-timeout
+    _guard = DDPEngine._guard
+    _agree = DDPEngine._agree
 
     def __init__(self, args: TrainArgs, settings: DSSettings, denv, owns_group: bool) -> None:
         self.args = args
@@ -291,6 +337,7 @@ class DeepSpeedEngine(Engine):
         self._micro = 0
         self._proj_sq = 0.0
         self._coef = 1.0
+        self._closed = False
 
     @classmethod
     def from_args(cls, args: TrainArgs) -> "DeepSpeedEngine":
@@ -306,18 +353,38 @@ class DeepSpeedEngine(Engine):
         on_cpu = not torch.cuda.is_available() or (args.device is not None and args.device.startswith("cpu"))
         settings = resolve_ds_config(args, info.world_size, on_cpu)  # every user error before any group starts
         owns = not (dist.is_available() and dist.is_initialized())
-        denv = init_distributed("gloo" if on_cpu else None, timeout=datetime.timedelta(seconds=args.dist_timeout))
-        import deepspeed  # deferred: importing it takes seconds
+        timeout = datetime.timedelta(seconds=args.dist_timeout)
+        try:
+            denv = init_distributed("gloo" if on_cpu else None, timeout=timeout)
+            import deepspeed  # deferred: importing it takes seconds
 
-        # DeepSpeed adopts the default group started above (no MPI discovery, no second rendezvous)
-        deepspeed.init_distributed(dist_backend=denv.backend if denv.backend != "none" else "gloo",
-                                   auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=args.dist_timeout))
+            # DeepSpeed adopts the default group started above (no MPI discovery, no second rendezvous)
+            deepspeed.init_distributed(dist_backend=denv.backend if denv.backend != "none" else "gloo",
+                                       auto_mpi_discovery=False, timeout=timeout)
+        except ValueError as exc:  # malformed launcher variables
+            raise UsageError(f"--engine deepspeed: {exc}") from exc
+        except RuntimeError as exc:
+            raise DistributedError(f"--engine deepspeed: could not join the process group within --dist-timeout "
+                                   f"{args.dist_timeout:g}s ({_short(exc)})") from exc
         if denv.backend == "none":  # one process without a launcher: DeepSpeed started a world of one
             from ...dist.launch_env import DistEnv
 
             denv = DistEnv("single", 0, 1, 0, 1, "gloo", denv.device, None, None)
-        return cls(args, settings, denv, owns)
+        engine = cls(args, settings, denv, owns)
+        try:
+            engine._check_same_args()
+        except BaseException:
+            engine.close()  # the loop never saw this engine: leave the group here
+            raise
+        return engine
+
+    def _check_same_args(self) -> None:
+        """Every rank must run the same settings (after folding in the ds_config): the data-parallel engine's
+        check (one all-gather, a mismatch raises the same UsageError on every rank)."""
+        try:
+            DDPEngine._check_same_args(self)
+        except UsageError as exc:
+            raise UsageError(str(exc).replace("--engine ddp:", "--engine deepspeed:", 1)) from exc
 
     # --- model and step --------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
@@ -325,7 +392,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         from ...dist.collectives import Collectives
-        from ...dist.deepspeed_sidecar import FlatDenseAdamW, SidecarQGaLoreOptimizer
+        from ...dist.deepspeed_sidecar import FlatDenseAdamW
         from ..optimizers import ADAM_EPS, qgalore_config
 
         args = self.args
@@ -334,14 +401,8 @@ class DeepSpeedEngine(Engine):
         config = qgalore_config(args).replace(proj_bits=self.settings.proj_bits, fused=self.settings.fused)
         common = dict(target_modules=tuple(args.target_module_list), stagger_refresh=True)
         try:
-            if self.stage == 3:
-                from ...dist.deepspeed_zero3 import Zero3Sidecar
-
-                self.sidecar = Zero3Sidecar(model, config, self.collectives, grad_clip=args.grad_clip, **common)
-            else:
-                self.sidecar = SidecarQGaLoreOptimizer(
-                    model, config, self.collectives, comm_mode=args.comm_mode,
-                    replica_check_every=args.replica_check_every, strict_replicas=args.strict_replicas, **common)
+            with self._guard("start-up (the side-car's config agreement and replica check)"):
+                self._build_sidecar(model, config, common)
         except ValueError as exc:
             raise UsageError(f"cannot build the {args.optimizer} side-car: {exc}") from exc
         dense = [p for p in model.parameters() if p.requires_grad]
@@ -349,14 +410,28 @@ class DeepSpeedEngine(Engine):
                                      weight_decay=args.weight_decay, state_bits=self.settings.dense_state_bits,
                                      block=config.state_block_size, min_numel=config.state_min_numel,
                                      norm_fn=self._shared_norm)
-        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.client,
-                                                config=copy.deepcopy(self.settings.ds_config))
+        with self._guard("deepspeed.initialize"):
+            self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.client,
+                                                    config=copy.deepcopy(self.settings.ds_config))
         self.module = self.ds.module
         self.optimizer = _JointOptimizer(self)
         # the loop's forward must go through DeepSpeed's engine, not the bare module: ZeRO-3 counts micro-batches
         # in DeepSpeedEngine.forward (clear_backward_seen_flag), and without it the second micro-batch's dense
         # gradients would overwrite the first's instead of adding to them
-        return _ThroughEngine(self.ds), self.optimizer
+        return _ThroughEngine(self.ds, self._guard), self.optimizer
+
+    def _build_sidecar(self, model: nn.Module, config, common: dict) -> None:
+        from ...dist.deepspeed_sidecar import SidecarQGaLoreOptimizer
+
+        args = self.args
+        if self.stage == 3:
+            from ...dist.deepspeed_zero3 import Zero3Sidecar
+
+            self.sidecar = Zero3Sidecar(model, config, self.collectives, grad_clip=args.grad_clip, **common)
+        else:
+            self.sidecar = SidecarQGaLoreOptimizer(
+                model, config, self.collectives, comm_mode=args.comm_mode,
+                replica_check_every=args.replica_check_every, strict_replicas=args.strict_replicas, **common)
 
     def _shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
         """Called by FlatDenseAdamW inside DeepSpeed's step: one all-reduce of [Σ‖R‖² owned, Σ‖dense slice‖²]."""
@@ -375,7 +450,8 @@ class DeepSpeedEngine(Engine):
         self._micro += 1
         # DeepSpeed reduces (ZeRO-2) / accumulates at the boundary it is told about; the side-car waits for step()
         self.ds.set_gradient_accumulation_boundary(self._micro >= self.args.grad_accum)
-        self.ds.backward(loss, scale_wrt_gas=False)  # the loop already divided by grad_accum
+        with self._guard("backward"):  # ZeRO-2/3 reduce dense gradients, ZeRO-3 gathers INT8 rows, in backward
+            self.ds.backward(loss, scale_wrt_gas=False)  # the loop already divided by grad_accum
 
     def step(self) -> float | None:
         return self.optimizer.step()
@@ -387,13 +463,14 @@ class DeepSpeedEngine(Engine):
         if not self.ds.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed is not at a gradient accumulation boundary at step()")
         calls = self.client.calls
-        self._proj_sq = self.sidecar.begin_step()
-        self.ds.step()
-        if self.client.calls != calls + 1:
-            raise RuntimeError(f"DeepSpeed called the dense optimizer {self.client.calls - calls} times in one step "
-                               "(expected once: fp16 overflow skips or ZeRO-3 sub-groups would break the shared "
-                               "clipping norm)")
-        self.sidecar.finish_step(self._coef)
+        with self._guard("optimizer step"):
+            self._proj_sq = self.sidecar.begin_step()
+            self.ds.step()
+            if self.client.calls != calls + 1:
+                raise RuntimeError(f"DeepSpeed called the dense optimizer {self.client.calls - calls} times in one "
+                                   "step (expected once: fp16 overflow skips or ZeRO-3 sub-groups would break the "
+                                   "shared clipping norm)")
+            self.sidecar.finish_step(self._coef)
         self._micro = 0
         return self.client.last_norm
 
@@ -406,7 +483,8 @@ class DeepSpeedEngine(Engine):
         if self.world_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.collectives.device)
-        self.collectives.all_reduce([t])
+        with self._guard("averaging the loss over ranks"):
+            self.collectives.all_reduce([t])
         self.collectives.reset_step()  # not optimizer traffic: keep it out of the next step's bytes
         return float(t) / self.world_size
 
@@ -507,16 +585,40 @@ class DeepSpeedEngine(Engine):
         # everything goes into <tag>.tmp first (DeepSpeed's files included) and is renamed into place only when
         # complete, so an interrupted save never damages an existing checkpoint of the same step
         work = root / f"{tag}.tmp"
+        what = f"saving checkpoint {path}"
+        # a rank that cannot write (disk full, permissions) makes every rank raise CheckpointError at the next
+        # agreement point instead of leaving the others in a barrier; the existing checkpoints stay untouched
+        error = None
         if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(work, ignore_errors=True)
-        self.collectives.barrier()
-        self.ds.save_checkpoint(str(root), tag=work.name, save_latest=False)
-        work.mkdir(parents=True, exist_ok=True)
-        tree, tensors = flatten_state(self._rank_state())
-        save_file(tensors, str(work / f"qgalore_rank{self.rank}.safetensors"), metadata={"format": FORMAT})
-        (work / f"qgalore_rank{self.rank}.json").write_text(json.dumps(tree), encoding="utf-8")
-        self.collectives.barrier()
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(work, ignore_errors=True)
+            except OSError as exc:
+                error = f"{what}: cannot create {root} ({exc.strerror or exc})"
+        self._agree(error, CheckpointError, what)
+        error = None
+        try:
+            with self._guard(what):  # ZeRO-3 gathers inside DeepSpeed's save
+                self.ds.save_checkpoint(str(root), tag=work.name, save_latest=False)
+            work.mkdir(parents=True, exist_ok=True)
+            tree, tensors = flatten_state(self._rank_state())
+            save_file(tensors, str(work / f"qgalore_rank{self.rank}.safetensors"), metadata={"format": FORMAT})
+            (work / f"qgalore_rank{self.rank}.json").write_text(json.dumps(tree), encoding="utf-8")
+        except OSError as exc:
+            error = f"{what}: rank {self.rank} cannot write into {work} ({exc.strerror or exc})"
+        self._agree(error, CheckpointError, what)
+        error = None
+        try:
+            self._publish(root, tag, path, work, step, trainer_state, tokenizer)
+        except OSError as exc:
+            error = f"{what}: cannot publish {work} ({exc.strerror or exc}); existing checkpoints are untouched"
+        self._agree(error, CheckpointError, what)
+        self.collectives.reset_step()
+        return path
+
+    def _publish(self, root: Path, tag: str, path: Path, work: Path, step: int, trainer_state: dict[str, Any],
+                 tokenizer: Any) -> None:
+        """Rank 0: tokenizer, manifest, then the rename of ``work`` into ``path``."""
         if self.is_main:
             from ...checkpoint.export import quantized_modules
 
@@ -540,34 +642,45 @@ class DeepSpeedEngine(Engine):
             else:
                 os.replace(work, path)
             (root / "latest").write_text(tag, encoding="utf-8")  # DeepSpeed's own pointer, for its tools
-        self.collectives.barrier()
-        self.collectives.reset_step()
-        return path
 
     def load_checkpoint(self, path: Path) -> ResumePoint:
         from safetensors.torch import load_file
 
         path = Path(path)
-        record = self.verify_checkpoint(path)
+        what = f"loading checkpoint {path}"
+        # every rank reads its own files: a failure on one must end all of them (not leave the others waiting in
+        # DeepSpeed's load), hence the agreement after each phase
+        error, record, state = None, {}, {}
         try:
-            tensors = load_file(str(path / f"qgalore_rank{self.rank}.safetensors"))
-            tree = json.loads((path / f"qgalore_rank{self.rank}.json").read_text(encoding="utf-8"))
-            state = unflatten_state(tree, tensors)
-        except (OSError, ValueError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"checkpoint {path}: rank {self.rank}'s side-car state is unreadable ({exc})") \
-                from exc
+            record = self.verify_checkpoint(path)
+            try:
+                tensors = load_file(str(path / f"qgalore_rank{self.rank}.safetensors"))
+                tree = json.loads((path / f"qgalore_rank{self.rank}.json").read_text(encoding="utf-8"))
+                state = unflatten_state(tree, tensors)
+            except (OSError, ValueError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"checkpoint {path}: rank {self.rank}'s side-car state is unreadable "
+                                      f"({exc})") from exc
+        except CheckpointError as exc:
+            error = str(exc)
+        self._agree(error, CheckpointError, what)
+        error = None
         try:
-            loaded, _ = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                                load_optimizer_states=True, load_lr_scheduler_states=False)
-        except (RuntimeError, KeyError, ValueError, AssertionError) as exc:
-            raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it ({exc})") from exc
-        if loaded is None:
-            raise CheckpointError(f"checkpoint {path}: DeepSpeed found no checkpoint files there")
-        try:
-            self.sidecar.load_weight_state(state["weights"])
-            self.sidecar.load_state_dict(state["optimizer"])
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {path}: side-car state does not fit this run ({exc})") from exc
+            with self._guard(what):
+                loaded, _ = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise CheckpointError(f"checkpoint {path}: DeepSpeed found no checkpoint files there")
+            try:
+                self.sidecar.load_weight_state(state["weights"])
+                self.sidecar.load_state_dict(state["optimizer"])
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"checkpoint {path}: side-car state does not fit this run ({exc})") from exc
+        except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as exc:
+            if isinstance(exc, DistributedError):
+                raise
+            error = str(exc) if isinstance(exc, CheckpointError) else \
+                f"checkpoint {path}: DeepSpeed could not load it ({exc})"
+        self._agree(error, CheckpointError, what)
         self.collectives.reset_step()
         trainer = dict(record)
         trainer["rng"] = state["rng"]  # this rank's own random state
@@ -578,15 +691,26 @@ class DeepSpeedEngine(Engine):
         from ...checkpoint.export import export_model
 
         if self.stage == 3:
-            return self.sidecar.export(self.module, out_dir, tokenizer, self.is_main)
+            with self._guard("gathering the ZeRO-3 model for --export"):
+                return self.sidecar.export(self.module, out_dir, tokenizer, self.is_main)
         return export_model(self.module, out_dir, tokenizer) if self.is_main else None
 
     def close(self) -> None:
-        if self._owns_group and dist.is_available() and dist.is_initialized():
-            try:
-                dist.barrier()
-            finally:
-                dist.destroy_process_group()
+        """Leave the process group (only one this engine started). After a normal end, a barrier first (no rank
+        closes its sockets while a peer still reads from them); after an error, at once: a peer may be gone, and
+        a barrier would wait out --dist-timeout and bury the real error; after ``--export`` at once too (rank 0
+        writes alone)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not (self._owns_group and dist.is_available() and dist.is_initialized()):
+            return
+        try:
+            if sys.exc_info()[0] is None and self.world_size > 1 and not self.args.export:
+                with self._guard("the final barrier"):
+                    dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 class _ThroughEngine(nn.Module):
@@ -594,16 +718,18 @@ class _ThroughEngine(nn.Module):
     a ``config`` attribute of its own, the ds_config). Holds the engine outside ``_modules`` so module names stay
     those of the model."""
 
-    def __init__(self, ds_engine) -> None:
+    def __init__(self, ds_engine, guard) -> None:
         super().__init__()
         object.__setattr__(self, "_ds", ds_engine)
+        object.__setattr__(self, "_guard", guard)
 
     @property
     def config(self):
         return self._ds.module.config
 
     def forward(self, *args, **kwargs):
-        return self._ds(*args, **kwargs)
+        with self._guard("forward"):  # ZeRO-3 gathers dense partitions and INT8 rows here
+            return self._ds(*args, **kwargs)
 
     def train(self, mode: bool = True):
         self._ds.train(mode)
