@@ -44,11 +44,12 @@ HANG_FOR = 16  # seconds the hanging rank sleeps inside its step DIES_AT (alive,
 def base_args(spec: dict, batch: int, *extra: str) -> list[str]:
     """The settings every run shares (single-device reference included): llama_tiny in fp64 on a 512-token BPE,
     refreshes every 3 steps (staggered), clipping on (the CLI default); a failure in a collective costs at most
-    60 s instead of the default 300."""
+    60 s instead of the default 300 (not for ``--engine local``: it communicates nothing and refuses the flag)."""
+    local = ("--engine", "local") in zip(extra, extra[1:])
     return ["--model", "llama_tiny", "--tokenizer", spec["tok"], "--data", spec["corpus"], "--seq-len", "32",
             "--batch-size", str(batch), "--rank", "8", "--update-proj-gap", "3", "--eval-batches", "2",
             "--eval-every", "0", "--warmup-steps", "2", "--lr", "0.01", "--log-every", "1000", "--dtype", "float64",
-            "--device", "cpu", "--max-steps", str(STEPS), "--dist-timeout", "60", *extra]
+            "--device", "cpu", "--max-steps", str(STEPS), *([] if local else ["--dist-timeout", "60"]), *extra]
 
 
 def rmsnorm_in_input_dtype(self, hidden_states: torch.Tensor) -> torch.Tensor:
