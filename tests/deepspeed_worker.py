@@ -9,13 +9,17 @@ the real CLI path — ``parse_args(argv)`` → :class:`~qgalore_dist.train.engin
 rank's SVD count and resident bytes (``OUT_DIR/<name>_r<R>.json``), and rank 0 writes the final model as float
 tensors (``<name>.pt``: projected matrices dequantised, ZeRO-3's rows and dense partitions gathered).
 Failures are recorded (``error``) instead of ending the process, so one broken scenario does not hide the rest.
+A scenario may give each rank its own argv (``rank_argv``: ranks started with different settings); the last one,
+``dies``, has rank 1 leave in the middle of training (its sockets close) and rank 0 record the error it ended with.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -35,20 +39,41 @@ def _final_state(engine) -> dict[str, torch.Tensor] | None:
     return dequantized_state_dict(state, quantized_modules(module))
 
 
+def _leave_at_backward(engine, n: int, out: Path, name: str, rank: int) -> None:
+    """Make this rank leave (process exit: its sockets close) on its ``n``-th backward, after writing its record."""
+    calls = [0]
+    backward = engine.backward
+
+    def wrapped(loss):
+        calls[0] += 1
+        if calls[0] == n:
+            (out / f"{name}_r{rank}.json").write_text(json.dumps({"name": name, "left": True}), encoding="utf-8")
+            os._exit(0)
+        backward(loss)
+
+    engine.backward = wrapped
+
+
 def run(out: Path, name: str, argv: list[str], rank: int) -> None:
     from qgalore_dist.checkpoint.save_load import CheckpointError
-    from qgalore_dist.train.cli import UsageError, parse_args
+    from qgalore_dist.train.cli import DistributedError, UsageError, parse_args
     from qgalore_dist.train.engines import make_engine
     from qgalore_dist.train.loop import train
 
     rec: dict = {"name": name}
+    t0 = time.monotonic()
     try:
         args = parse_args(argv)
-        engine = make_engine(args)
         try:
+            engine = make_engine(args)
+            if name == "dies" and rank == 1:
+                _leave_at_backward(engine, 2, out, name, rank)
             result = train(args, engine)
         except (CheckpointError, UsageError) as exc:
             rec["user_error"] = f"{type(exc).__name__}: {exc}"
+        except DistributedError as exc:
+            rec["dist_error"] = str(exc)
+            rec["seconds"] = time.monotonic() - t0
         else:
             rec.update(losses=result.losses, steps=result.steps, rank_svd_count=int(engine.sidecar.svd_count),
                        memory=engine.memory_bytes(), gather_calls=getattr(engine.sidecar, "gather_calls", 0),
@@ -81,7 +106,9 @@ def main() -> None:
                     fh.seek(-1, 2)
                     fh.write(bytes([last[0] ^ 0xFF]))
             torch.distributed.barrier()
-        run(out, sc["name"], sc["argv"], denv.rank)
+        run(out, sc["name"], sc["rank_argv"][denv.rank] if "rank_argv" in sc else sc["argv"], denv.rank)
+    if any(sc["name"] == "dies" for sc in scenarios):
+        os._exit(0)  # the group lost rank 1: no final barrier nor destroy_process_group
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

@@ -11,6 +11,8 @@ settings the ds_configs below ask for), so the comparison isolates the distribut
 * gradient accumulation: 2 micro-batches of b == 1 of 2b (ZeRO-1/2 in ``full`` comm mode, ZeRO-3);
 * checkpoints: resume from step 3 reproduces steps 4-6 of the uninterrupted run; a corrupted checkpoint is
   refused with ``CheckpointError``; ``--export`` writes a transformers model equal to the trained weights.
+* failures: ranks started with different settings are refused on every rank; a rank that leaves mid-training
+  ends the other with one ``DistributedError`` line, at once (closed sockets), not after the timeout.
 
 Bad ds_configs (no ``"qgalore"`` block, contradictory batch sizes, fp16 on CPU, ``"auto"``, unknown keys, stage 0),
 flags contradicting the ds_config, and replicated-side-car settings under ZeRO-3 are checked in-process: ``main(argv)`` exits 2 with one ``error:`` line. No DeepSpeed op is compiled: the shm comm op
@@ -85,6 +87,15 @@ def _scenarios(out: Path) -> list[dict]:
                                               str(out / "corrupt" / "global_step3"), "qgalore_rank1.safetensors"],
                "argv": ["--ds_config", str(out / "z2.json"), *COMMON, "--resume",
                         str(out / "corrupt" / "global_step3")]})
+    # ranks started with different settings: refused on every rank before anything is built
+    rank_argv = []
+    for r in range(2):
+        argv = ["--ds_config", str(out / "z2.json"), *COMMON]
+        argv[argv.index("--max-steps") + 1] = str(3 + r)
+        rank_argv.append(argv)
+    sc.append({"name": "same_args", "rank_argv": rank_argv})
+    # last (it breaks the group): rank 1 leaves at its second backward; rank 0 must end with one line
+    sc.append({"name": "dies", "argv": ["--ds_config", str(out / "z2.json"), *COMMON, "--dist-timeout", "60"]})
     return sc
 
 
@@ -263,6 +274,24 @@ def test_corrupted_checkpoint_is_refused(run):
         assert "error" not in rec, rec["error"]
         assert "CheckpointError" in rec.get("user_error", ""), rec
         assert "corrupted" in rec["user_error"]
+
+
+def test_ranks_with_different_settings_are_refused_on_every_rank(run):
+    for rec in run["recs"]["same_args"]:
+        assert "error" not in rec, rec["error"]
+        msg = rec.get("user_error", "")
+        assert msg.startswith("UsageError: --engine deepspeed: every rank must be started with the same settings"), rec
+        assert "--max-steps differs on rank(s) [1]" in msg, msg
+
+
+def test_dead_peer_is_one_distributed_error_line(run):
+    survivor, left = run["recs"]["dies"]
+    assert left == {"name": "dies", "left": True}, left
+    assert "error" not in survivor, survivor["error"]
+    msg = survivor.get("dist_error", "")
+    assert msg and "\n" not in msg and "another rank died, hung or left" in msg, survivor
+    assert "--dist-timeout 60s" in msg, msg
+    assert survivor["seconds"] < 60, survivor  # the closed sockets end it, not the timeout
 
 
 def test_export_matches_trained_weights(run):

@@ -320,6 +320,7 @@ class DeepSpeedEngine(Engine):
     # same exception on every rank (one all-reduced flag) instead of peers waiting out --dist-timeout
     _guard = DDPEngine._guard
     _agree = DDPEngine._agree
+    _check_same_args = DDPEngine._check_same_args  # every rank the same settings (after the ds_config folded in)
 
     def __init__(self, args: TrainArgs, settings: DSSettings, denv, owns_group: bool) -> None:
         self.args = args
@@ -377,14 +378,6 @@ class DeepSpeedEngine(Engine):
             engine.close()  # the loop never saw this engine: leave the group here
             raise
         return engine
-
-    def _check_same_args(self) -> None:
-        """Every rank must run the same settings (after folding in the ds_config): the data-parallel engine's
-        check (one all-gather, a mismatch raises the same UsageError on every rank)."""
-        try:
-            DDPEngine._check_same_args(self)
-        except UsageError as exc:
-            raise UsageError(str(exc).replace("--engine ddp:", "--engine deepspeed:", 1)) from exc
 
     # --- model and step --------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
