@@ -330,8 +330,9 @@ def report(data: dict, png: Path | None, write: bool) -> str:
         rows.append([label, f"{statistics.mean(m['losses'][:common][-10:]):.3f}", f"{val_at(m, last_eval):.3f}",
                      f"{val_at(m, last_eval) / val_at(gal, last_eval):.3f}" if gal else "",
                      f"{val_at(m, last_eval) / val_at(base, last_eval):.3f}" if base else "",
-                     f"{med:.2f}", f"{med / _median(steady(base)):.2f}" if base else "",
-                     f"{_paired(m, base):.2f}" if base else "",
+                     *(["–", "–", "– (separate process)"] if "merged_from" in m else [
+                         f"{med:.2f}", f"{med / _median(steady(base)):.2f}" if base else "",
+                         f"{_paired(m, base):.2f}" if base else ""]),
                      " / ".join(f"{ph[k]:.2f}" for k in ("forward", "backward")),
                      " / ".join(f"{mean_ph[k]:.3f}" for k in ("svd", "projection", "optimizer", "requantize")),
                      f"{m['memory_bytes']['total'] / 2**20:.1f}", svd_at(m)])
@@ -358,9 +359,10 @@ def report(data: dict, png: Path | None, write: bool) -> str:
                    f"{'met' if meas <= 0.18e9 else 'MISSED'}; dense weights are fp32 here "
                    f"({f['dense_weights_fp32']:,.0f} B), bf16 storage would give "
                    f"{(meas - f['dense_weights_bf16_alternative']) / 1e9:.4f} GB."]
-    md.append(f"* Peak RSS of the whole process (all {len(ms)} models resident at once): "
+    own = {k: m for k, m in ms.items() if "merged_from" not in m}
+    md.append(f"* Peak RSS of the whole process (all {len(own)} models resident at once): "
               f"{data['peak_rss_bytes'] / 2**20:.0f} MiB; RSS added by building each: " +
-              ", ".join(f"{k} {m['rss_build_bytes'] / 2**20:.0f} MiB" for k, m in ms.items()) + ".")
+              ", ".join(f"{k} {m['rss_build_bytes'] / 2**20:.0f} MiB" for k, m in own.items()) + ".")
     if base and gal and "qgalore gated" in ms and "qgalore fixed gap" in ms:
         g, fx = ms["qgalore gated"], ms["qgalore fixed gap"]
         ratio = _median(steady(g)) / _median(steady(base))
@@ -382,7 +384,8 @@ def report(data: dict, png: Path | None, write: bool) -> str:
                 ma = m["merged_from"]["args"]
                 md.append(f"* {label} (queue {ma['gate_queue']}, γ {ma['gate_gamma']}): SVDs {sm} / {sf} = "
                           f"{sm / max(1, sf):.2f}× the fixed gap's at val {vm / vf:.4f}× "
-                          f"({'met' if sm <= 0.5 * sf and vm <= 1.01 * vf else 'MISSED'}); intervals at the end: "
+                          f"({'met' if sm <= 0.5 * sf and vm <= 1.01 * vf else 'MISSED'}); intervals after its "
+                          f"{len(m['losses'])} steps: "
                           f"{_interval_summary(m.get('intervals', []))}"
                           + _similarity_note(m, ma.get("gate_threshold", 0.4)) + ".")
     if png is not None:
