@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import site
+import statistics
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -59,9 +62,13 @@ def tensor_bytes(t) -> int:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rank", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-report", action="store_true", help="print only; do not touch docs/")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    prev_path = Path(__file__).resolve().parent.parent / "docs" / "bench" / "bench_core.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.is_file() else None
     torch.manual_seed(0)
     mats = llama60m_matrices()
     numel = sum(m * n for _, (m, n) in mats)
@@ -79,8 +86,8 @@ def main(argv=None) -> None:
 
     adamw_step()
     state = sum(tensor_bytes(v) for s in opt.state.values() for k, v in s.items() if k != "step")
-    results["torch AdamW fp32"] = {"weights": sum(tensor_bytes(p) for p in params), "state": state, "projectors": 0,
-                                   "step_s": median_time(adamw_step, args.repeats)}
+    results["torch AdamW fp32"] = {"weights": sum(tensor_bytes(p) for p in params), "state": state, "projectors": 0}
+    step_fns = {"torch AdamW fp32": adamw_step}
 
     # --- galore-torch GaLoreAdamW ---
     GaLoreAdamW = galore_adamw_class()
@@ -98,8 +105,8 @@ def main(argv=None) -> None:
     results["galore-torch GaLoreAdamW fp32"] = {
         "weights": sum(tensor_bytes(p) for p in params),
         "state": sum(tensor_bytes(s["exp_avg"]) + tensor_bytes(s["exp_avg_sq"]) for s in st),
-        "projectors": sum(tensor_bytes(s["projector"]) for s in st),
-        "step_s": median_time(galore_step, args.repeats)}
+        "projectors": sum(tensor_bytes(s["projector"]) for s in st)}
+    step_fns["galore-torch GaLoreAdamW fp32"] = galore_step
 
     # --- qgalore_dist, float reference and quantised ---
     for label, quantize in (("qgalore_dist float mode", False), ("qgalore_dist INT8/INT4/8-bit", True)):
@@ -120,7 +127,21 @@ def main(argv=None) -> None:
         wb = sum(w.nbytes() if quantize else tensor_bytes(w) for w in weights)
         sb = [s.state_bytes() for s in states]
         results[label] = {"weights": wb, "state": sum(b["moments"] for b in sb),
-                          "projectors": sum(b["projector"] for b in sb), "step_s": median_time(q_step, args.repeats)}
+                          "projectors": sum(b["projector"] for b in sb)}
+        step_fns[label] = q_step
+        q_step()  # warm-up (compilation) outside the timed rounds
+
+    # interleaved rounds: one timed step of every method per round, so load changes on a shared machine hit
+    # every method alike; median over rounds
+    times: dict[str, list[float]] = {k: [] for k in step_fns}
+    for _ in range(args.repeats):
+        for label, fn in step_fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t0)
+    for label, ts in times.items():
+        results[label]["step_s"] = statistics.median(ts)
+        results[label]["step_s_all"] = ts
 
     # --- refresh cost: exact SVD vs randomized SVD over the whole stack ---
     def refresh(method):
@@ -148,7 +169,9 @@ def main(argv=None) -> None:
     proj_elems = sum((args.rank * n if projection_side(m, n) == "right" else m * args.rank) for _, (m, n) in mats)
     proj_scale_bytes = q["projectors"] - proj_elems // 2
     md = [f"LLaMA-60M-shaped stack: {len(mats)} projected matrices, {numel / 1e6:.2f} M elements, rank {args.rank}. "
-          f"Step time = median of {args.repeats} non-refresh optimizer steps (refresh SVDs excluded).", "",
+          f"Step time = median of {args.repeats} non-refresh optimizer steps (refresh SVDs excluded), {args.threads} "
+          "thread; the methods are timed in interleaved rounds (one step of each per round) so load changes on this "
+          "shared machine hit all alike.", "",
           table(["method", "weights MiB", "moments MiB", "projectors MiB", "total MiB", "× galore-torch",
                  "step ms", "step × AdamW"], rows), "",
           f"* Target: qgalore_dist weights+state ≤ 0.35× galore-torch's → measured **{q['vs_galore']:.3f}×** "
@@ -157,6 +180,10 @@ def main(argv=None) -> None:
           f"+ {proj_scale_bytes:,} bytes of fp32 group scales.",
           f"* Refresh of the whole stack: exact SVD {svd_s:.2f} s, randomized SVD (rank {args.rank}, oversample 8, "
           f"2 power iterations) {rsvd_s:.2f} s → {svd_s / rsvd_s:.1f}× faster."]
+    if prev and "methods" in prev:
+        md.append("* Previous run (commit {}, {}): step × AdamW {}.".format(
+            prev.get("git"), prev.get("date"), ", ".join(
+                f"{k} {v['step_vs_adamw']:.2f}" for k, v in prev["methods"].items() if "step_vs_adamw" in v)))
     data = {"rank": args.rank, "matrices": len(mats), "elements": numel, "methods": results,
             "refresh_svd_s": svd_s, "refresh_rsvd_s": rsvd_s, "int4_code_bytes": proj_elems // 2,
             "int4_scale_bytes": proj_scale_bytes}
