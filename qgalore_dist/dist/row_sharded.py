@@ -355,8 +355,9 @@ class RowShardedQGaLoreOptimizer(torch.optim.Optimizer):
             dg = self._group("dense")
             for n, p in dense:
                 g = dense_grads[n] if coef == 1.0 else dense_grads[n] * coef
+                # same kernel choice as the single-device optimizer (the fused 8-bit kernel works on row shards)
                 self._timed("optimizer", dense_adamw_step, _local(p), g, self.dense_state[n], dg["lr"],
-                            self.config.betas, self.config.eps, dg["weight_decay"])
+                            self.config.betas, self.config.eps, dg["weight_decay"], fused=self.config.fused)
         self.steps_taken += 1
         self.last_comm = self.collectives.reset_step()
         return norm

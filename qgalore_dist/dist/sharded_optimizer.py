@@ -521,8 +521,9 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
             dg = self._group("dense")
             for n, p in dense:
                 g = p.grad if coef == 1.0 else p.grad * coef
+                # same kernel choice as the single-device optimizer, so N ranks reproduce its dense steps
                 dense_adamw_step(p, g, self.dense_state[n], dg["lr"], self.config.betas, self.config.eps,
-                                 dg["weight_decay"])
+                                 dg["weight_decay"], fused=self.config.fused)
         self._end_window()
         self.steps_taken += 1
         if self.replica_check_every and self.steps_taken % self.replica_check_every == 0:
