@@ -34,7 +34,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -48,19 +48,24 @@ __all__ = [
     "capture_rng_state",
     "checkpoint_name",
     "finalize_checkpoint",
+    "build_manifest",
+    "file_sha256",
     "flatten_state",
     "latest_checkpoint",
+    "manifest_files",
     "list_checkpoints",
     "load_checkpoint",
     "optimizer_shard_files",
     "publish_checkpoint",
     "read_optimizer_shards",
+    "read_record",
     "read_state",
     "restore_rng_state",
     "save_checkpoint",
     "trainer_shard_file",
     "unflatten_state",
     "verify_checkpoint",
+    "verify_files",
     "write_state",
 ]
 
@@ -192,7 +197,8 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- manifest
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -210,13 +216,15 @@ def _tensor_index(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _build_manifest(root: Path) -> dict[str, Any]:
+def build_manifest(root: Path) -> dict[str, Any]:
+    """``{"files": {relative path: {sha256, bytes[, tensors]}}}`` of every file under ``root`` but ``trainer.json``
+    (safetensors files also list their tensors' names, dtypes and shapes)."""
     files = {}
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
         rel = p.relative_to(root).as_posix()
         if rel == TRAINER_FILE:
             continue
-        entry: dict[str, Any] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        entry: dict[str, Any] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
         if p.suffix == ".safetensors":
             entry["tensors"] = _tensor_index(p)
         files[rel] = entry
@@ -252,7 +260,7 @@ def finalize_checkpoint(tmp: Path, step: int, trainer_state: Mapping[str, Any]) 
     """Write ``trainer.json`` (format tag, ``step``, ``trainer_state`` and the manifest of every file already in
     ``tmp``) last, then flush everything to disk."""
     record = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step),
-              **dict(trainer_state), "manifest": _build_manifest(tmp)}
+              **dict(trainer_state), "manifest": build_manifest(tmp)}
     (tmp / TRAINER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     _fsync_tree(tmp)
 
@@ -321,34 +329,35 @@ def latest_checkpoint(save_dir: str | os.PathLike[str]) -> Path | None:
     return found[-1][1] if found else None
 
 
-def verify_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check format, version, every file's size and sha256 and every tensor's name/dtype/shape against the
-    manifest; return the parsed ``trainer.json``. Raises :class:`CheckpointError` naming the first problem."""
-    root = Path(ckpt_dir)
+def read_record(root: Path, what: str = "checkpoint") -> dict[str, Any]:
+    """The parsed ``trainer.json`` of checkpoint directory ``root``; :class:`CheckpointError` when the directory or
+    the file is missing or unreadable (``what`` completes "incomplete or not a ...")."""
     if not root.is_dir():
         raise CheckpointError(f"checkpoint {root} does not exist or is not a directory")
     tfile = root / TRAINER_FILE
     if not tfile.is_file():
-        raise CheckpointError(f"checkpoint {root} has no {TRAINER_FILE} (incomplete or not a checkpoint)")
+        raise CheckpointError(f"checkpoint {root} has no {TRAINER_FILE} (incomplete or not a {what})")
     try:
         record = json.loads(tfile.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is unreadable ({exc})") from exc
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is not a {CHECKPOINT_FORMAT} record")
-    if record.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {root}: format version {record.get('version')!r} is not supported "
-                              f"(this build reads version {CHECKPOINT_VERSION})")
+    if not isinstance(record, dict):
+        raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is not a checkpoint record")
+    return record
+
+
+def manifest_files(root: Path, record: Mapping[str, Any], required: Callable[[Mapping], bool] = bool
+                   ) -> dict[str, Any]:
+    """The manifest's ``files`` map of ``record``; :class:`CheckpointError` unless it is a dict for which
+    ``required(files)`` holds (the engine's own must-have files)."""
     files = (record.get("manifest") or {}).get("files")
-    shards = record.get(SHARDS_KEY)
-    if shards is None:
-        optim_files = [OPTIM_TENSORS_FILE]
-    elif isinstance(shards, int) and not isinstance(shards, bool) and shards >= 1:
-        optim_files = [f for r in range(shards) for f in optimizer_shard_files(r)]
-    else:
-        raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has an invalid {SHARDS_KEY} ({shards!r})")
-    if not isinstance(files, dict) or any(f not in files for f in (MODEL_FILE, *optim_files)):
+    if not isinstance(files, dict) or not required(files):
         raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has no valid manifest")
+    return files
+
+
+def verify_files(root: Path, files: Mapping[str, Any]) -> None:
+    """Every manifest entry's size, sha256 and (safetensors) tensor index against the files under ``root``."""
     for rel, entry in files.items():
         p = root / rel
         if not p.is_file():
@@ -356,7 +365,7 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
         if p.stat().st_size != entry.get("bytes"):
             raise CheckpointError(f"checkpoint {root} is corrupted: {rel} has {p.stat().st_size} bytes, the "
                                   f"manifest says {entry.get('bytes')}")
-        if _sha256(p) != entry.get("sha256"):
+        if file_sha256(p) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint {root} is corrupted: {rel} does not match its sha256")
         if "tensors" in entry:
             try:
@@ -365,6 +374,27 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
                 raise CheckpointError(f"checkpoint {root} is corrupted: {rel} is not readable ({exc})") from exc
             if index != entry["tensors"]:
                 raise CheckpointError(f"checkpoint {root} is corrupted: tensors in {rel} differ from the manifest")
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check format, version, every file's size and sha256 and every tensor's name/dtype/shape against the
+    manifest; return the parsed ``trainer.json``. Raises :class:`CheckpointError` naming the first problem."""
+    root = Path(ckpt_dir)
+    record = read_record(root)
+    if record.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is not a {CHECKPOINT_FORMAT} record")
+    if record.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {root}: format version {record.get('version')!r} is not supported "
+                              f"(this build reads version {CHECKPOINT_VERSION})")
+    shards = record.get(SHARDS_KEY)
+    if shards is None:
+        optim_files = [OPTIM_TENSORS_FILE]
+    elif isinstance(shards, int) and not isinstance(shards, bool) and shards >= 1:
+        optim_files = [f for r in range(shards) for f in optimizer_shard_files(r)]
+    else:
+        raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has an invalid {SHARDS_KEY} ({shards!r})")
+    verify_files(root, manifest_files(root, record,
+                                      lambda files: all(f in files for f in (MODEL_FILE, *optim_files))))
     return record
 
 

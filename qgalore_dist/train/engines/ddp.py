@@ -33,16 +33,13 @@ once or within the timeout, never a hang.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import inspect
 import json
 import os
-import re
 import shutil
-import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -59,28 +56,10 @@ from ...dist.replicas import ReplicaMismatch
 from ...dist.sharded_optimizer import ShardedQGaLoreOptimizer, merge_state_dicts
 from ...nn.int8_linear import QGaLoreLinear
 from ..cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, DistributedError, TrainArgs, UsageError
-from .base import Engine, ResumePoint
+from .base import ResumePoint
+from .distributed import DistributedEngine, short_error
 
 __all__ = ["DDPEngine"]
-
-_PER_RANK_ARGS = ("local_rank",)  # settings a launcher may give each rank differently
-_GLOO_PREFIX = re.compile(r"^\[[^\]]*\]\s*")  # gloo prefixes its messages with "[/path/to/pair.cc:537] "
-
-
-def _is_comm_failure(exc: BaseException) -> bool:
-    """A collective failed because a peer is gone or silent (not a bug of ours nor a user error)."""
-    if isinstance(exc, dist.DistError):
-        return True
-    msg = str(exc)
-    return isinstance(exc, RuntimeError) and ("gloo" in msg or "NCCL" in msg or "Connection reset" in msg
-                                              or "Connection closed" in msg or "Timed out" in msg)
-
-
-def _short(exc: BaseException) -> str:
-    """The first line of a communication error, without gloo's source path and boilerplate."""
-    msg = _GLOO_PREFIX.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-    return msg.split(". This is typically")[0].rstrip(".")
-
 
 class _DDP(nn.parallel.DistributedDataParallel):
     """DDP that still answers ``.config`` (the loop reads the transformers config off the model it trains)."""
@@ -90,7 +69,7 @@ class _DDP(nn.parallel.DistributedDataParallel):
         return self.module.config
 
 
-class DDPEngine(Engine):
+class DDPEngine(DistributedEngine):
     """Data-parallel training over a replicated model (see the module docstring)."""
 
     name = "ddp"
@@ -130,7 +109,7 @@ class DDPEngine(Engine):
             raise UsageError(f"--engine ddp: {exc}") from exc
         except RuntimeError as exc:
             raise DistributedError(f"--engine ddp: could not join the process group within --dist-timeout "
-                                   f"{args.dist_timeout:g}s ({_short(exc)})") from exc
+                                   f"{args.dist_timeout:g}s ({short_error(exc)})") from exc
         engine = cls(args, env, timeout)
         try:
             engine._check_same_args()
@@ -138,53 +117,6 @@ class DDPEngine(Engine):
             engine.close()  # the loop never saw this engine: leave the group here
             raise
         return engine
-
-    def _check_same_args(self) -> None:
-        """Every rank must run the same command line (a different --max-steps or --batch-size would leave ranks in
-        different collectives): one all-gather of the settings, a mismatch raises the same UsageError on all."""
-        if self.world_size == 1:
-            return
-        mine = {k: v for k, v in self.args.to_dict().items() if k not in _PER_RANK_ARGS}
-        every: list[Any] = [None] * self.world_size
-        with self._guard("comparing the ranks' settings"):
-            dist.all_gather_object(every, mine)
-        differ: dict[str, list[int]] = {}
-        for r, theirs in enumerate(every):
-            for k in sorted(set(mine) | set(theirs)):
-                if theirs.get(k) != every[0].get(k):
-                    differ.setdefault(k, []).append(r)
-        if differ:
-            raise UsageError(f"--engine {self.name}: every rank must be started with the same settings, but "
-                             "compared with rank 0: " + "; ".join(
-                                 f"--{k.replace('_', '-')} differs on rank(s) {ranks}" for k, ranks in differ.items()))
-
-    @contextlib.contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
-        """Turn a collective that failed because a peer died / hung into one clear :class:`DistributedError`."""
-        try:
-            yield
-        except RuntimeError as exc:
-            if isinstance(exc, DistributedError) or not _is_comm_failure(exc):
-                raise
-            raise DistributedError(
-                f"rank {self.rank} of {self.world_size}: {what} failed — another rank died, hung or left "
-                f"(its sockets closed, or no answer within --dist-timeout {self.args.dist_timeout:g}s): "
-                f"{_short(exc)}") from exc
-
-    def _agree(self, error: str | None, exc_type: type[Exception], what: str) -> None:
-        """Collective: raise ``exc_type`` on every rank when ``error`` is set on any (so no rank waits for one that
-        already gave up); a barrier otherwise."""
-        if self.world_size == 1 or not dist.is_initialized():
-            if error is not None:
-                raise exc_type(error)
-            return
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
-        with self._guard(what):
-            dist.all_reduce(flag)
-        if error is not None:
-            raise exc_type(error)
-        if int(flag):
-            raise exc_type(f"{what} failed on another rank (its error message names the problem)")
 
     def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
                 ) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -414,20 +346,3 @@ class DDPEngine(Engine):
     # --- end -------------------------------------------------------------------------------------------------
     def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any) -> Path | None:
         return super().export(self.model, out_dir, tokenizer)
-
-    def close(self) -> None:
-        """Leave the process group. After a normal end, a barrier first (no rank closes its sockets while a peer
-        still reads from them); after an error, at once (a peer may be gone); after ``--export``, at once too
-        (rank 0's export communicates nothing, and a 7B export can outlast ``--dist-timeout``). torch 2.13 + gloo
-        can abort at interpreter exit when a group is left undestroyed."""
-        if self._closed:
-            return
-        self._closed = True
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        try:
-            if sys.exc_info()[0] is None and self.world_size > 1 and not self.args.export:
-                with self._guard("the final barrier"):
-                    dist.barrier()
-        finally:
-            dist.destroy_process_group()

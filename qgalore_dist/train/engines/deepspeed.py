@@ -68,12 +68,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,17 +79,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ...checkpoint.save_load import (CheckpointError, capture_rng_state, flatten_state, unflatten_state)
+from ...checkpoint.save_load import (TRAINER_FILE, CheckpointError, build_manifest, capture_rng_state, flatten_state,
+                                     manifest_files, read_record, unflatten_state, verify_files)
 from ..cli import INT8_OPTIMIZERS, DistributedError, TrainArgs, UsageError
-from .base import Engine, ResumePoint
-from .ddp import DDPEngine, _short
+from .base import ResumePoint
+from .distributed import DistributedEngine, short_error
 
 __all__ = ["DeepSpeedEngine", "QGALORE_KEYS", "dense_comm_bytes", "export_deepspeed_checkpoint",
            "resolve_ds_config"]
 
 FORMAT = "qgalore_dist.deepspeed_checkpoint"
 VERSION = 1
-TRAINER_FILE = "trainer.json"
 _TAG_RE = re.compile(r"^global_step(\d+)$")
 
 # "qgalore" block key -> (TrainArgs field, type check, transform)
@@ -303,24 +301,10 @@ def dense_comm_bytes(numel: int, elem_bytes: int, world_size: int, stage: int, g
     return 3 * one if stage == 1 else 2 * one
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(DistributedEngine):
     """ZeRO 1/2/3 for the dense parameters, the qgalore side-car for the projected ones (module docstring)."""
 
     name = "deepspeed"
-    # the data-parallel engine's failure handling, shared (they need only rank, world_size, device, args):
-    # a collective that fails because a peer died / hung -> one DistributedError line; a per-rank error -> the
-    # same exception on every rank (one all-reduced flag) instead of peers waiting out --dist-timeout
-    _guard = DDPEngine._guard
-    _agree = DDPEngine._agree
-    _check_same_args = DDPEngine._check_same_args  # every rank the same settings (after the ds_config folded in)
 
     def __init__(self, args: TrainArgs, settings: DSSettings, denv, owns_group: bool) -> None:
         self.args = args
@@ -366,7 +350,7 @@ class DeepSpeedEngine(Engine):
             raise UsageError(f"--engine deepspeed: {exc}") from exc
         except RuntimeError as exc:
             raise DistributedError(f"--engine deepspeed: could not join the process group within --dist-timeout "
-                                   f"{args.dist_timeout:g}s ({_short(exc)})") from exc
+                                   f"{args.dist_timeout:g}s ({short_error(exc)})") from exc
         if denv.backend == "none":  # one process without a launcher: DeepSpeed started a world of one
             from ...dist.launch_env import DistEnv
 
@@ -530,17 +514,8 @@ class DeepSpeedEngine(Engine):
 
     def verify_checkpoint(self, path: Path) -> dict[str, Any]:
         root = Path(path)
-        if not root.is_dir():
-            raise CheckpointError(f"checkpoint {root} does not exist or is not a directory")
-        tfile = root / TRAINER_FILE
-        if not tfile.is_file():
-            raise CheckpointError(f"checkpoint {root} has no {TRAINER_FILE} (incomplete or not a deepspeed "
-                                  "checkpoint of this engine)")
-        try:
-            record = json.loads(tfile.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is unreadable ({exc})") from exc
-        if not isinstance(record, dict) or record.get("format") != FORMAT:
+        record = read_record(root, "deepspeed checkpoint of this engine")
+        if record.get("format") != FORMAT:
             raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is not a {FORMAT} record")
         if record.get("version") != VERSION:
             raise CheckpointError(f"checkpoint {root}: format version {record.get('version')!r} is not supported")
@@ -550,18 +525,8 @@ class DeepSpeedEngine(Engine):
         if record.get("zero_stage") != self.stage:
             raise CheckpointError(f"checkpoint {root} was saved under ZeRO stage {record.get('zero_stage')}, this "
                                   f"run uses stage {self.stage}")
-        files = (record.get("manifest") or {}).get("files")
-        if not isinstance(files, dict) or f"qgalore_rank{self.rank}.safetensors" not in files:
-            raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has no valid manifest")
-        for rel, entry in files.items():
-            p = root / rel
-            if not p.is_file():
-                raise CheckpointError(f"checkpoint {root} is corrupted: {rel} is missing")
-            if p.stat().st_size != entry.get("bytes"):
-                raise CheckpointError(f"checkpoint {root} is corrupted: {rel} has {p.stat().st_size} bytes, the "
-                                      f"manifest says {entry.get('bytes')}")
-            if _sha256(p) != entry.get("sha256"):
-                raise CheckpointError(f"checkpoint {root} is corrupted: {rel} does not match its sha256")
+        verify_files(root, manifest_files(root, record,
+                                          lambda files: f"qgalore_rank{self.rank}.safetensors" in files))
         return record
 
     def _rank_state(self) -> dict[str, Any]:
@@ -617,14 +582,10 @@ class DeepSpeedEngine(Engine):
 
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(work / "tokenizer"))
-            files = {}
-            for p in sorted(q for q in work.rglob("*") if q.is_file()):
-                rel = p.relative_to(work).as_posix()
-                files[rel] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
             record = {"format": FORMAT, "version": VERSION, "step": int(step), "zero_stage": self.stage,
                       **dict(trainer_state), "world_size": self.world_size,
                       # names as in DeepSpeed's module file (the loop saw the engine wrapper: "module." prefixes)
-                      "quantized_modules": quantized_modules(self.module), "manifest": {"files": files}}
+                      "quantized_modules": quantized_modules(self.module), "manifest": build_manifest(work)}
             (work / TRAINER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
             if path.exists():  # same step saved again: swap, the old one is deleted only after the new is in place
                 old = root / f"{tag}.old"
@@ -687,23 +648,6 @@ class DeepSpeedEngine(Engine):
             with self._guard("gathering the ZeRO-3 model for --export"):
                 return self.sidecar.export(self.module, out_dir, tokenizer, self.is_main)
         return export_model(self.module, out_dir, tokenizer) if self.is_main else None
-
-    def close(self) -> None:
-        """Leave the process group (only one this engine started). After a normal end, a barrier first (no rank
-        closes its sockets while a peer still reads from them); after an error, at once: a peer may be gone, and
-        a barrier would wait out --dist-timeout and bury the real error; after ``--export`` at once too (rank 0
-        writes alone)."""
-        if self._closed:
-            return
-        self._closed = True
-        if not (self._owns_group and dist.is_available() and dist.is_initialized()):
-            return
-        try:
-            if sys.exc_info()[0] is None and self.world_size > 1 and not self.args.export:
-                with self._guard("the final barrier"):
-                    dist.barrier()
-        finally:
-            dist.destroy_process_group()
 
 
 class _ThroughEngine(nn.Module):

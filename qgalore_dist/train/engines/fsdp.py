@@ -32,7 +32,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -43,17 +42,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ...checkpoint.save_load import (TOKENIZER_DIR, TRAINER_FILE, CheckpointError, capture_rng_state,
+from ...checkpoint.save_load import (TOKENIZER_DIR, CheckpointError, capture_rng_state,
                                      checkpoint_name, finalize_checkpoint, flatten_state, list_checkpoints,
-                                     publish_checkpoint, restore_rng_state, unflatten_state)
+                                     manifest_files, publish_checkpoint, read_record, restore_rng_state,
+                                     unflatten_state, verify_files)
 from ...dist.collectives import Collectives
 from ...dist.launch_env import DistEnv, init_distributed
 from ...dist.row_sharded import RowShard, RowShardedQGaLoreOptimizer, chunk_rows
 from ...nn.int8_fsdp import ALL_GATHER_COUNTER, Int8FSDPLinear, Int8RowTensor, to_fsdp_int8
 from ...nn.int8_linear import QGaLoreLinear
 from ..cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, DistributedError, TrainArgs, UsageError
-from .base import Engine, ResumePoint
-from .ddp import DDPEngine, _short
+from .base import ResumePoint
+from .distributed import DistributedEngine, short_error
 
 __all__ = ["FSDPEngine"]
 
@@ -69,22 +69,10 @@ def _trainer_json(rank: int) -> str:
     return f"trainer_rank{rank:05d}.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class FSDPEngine(Engine):
+class FSDPEngine(DistributedEngine):
     """FSDP2 training over row-sharded INT8 weights (see the module docstring)."""
 
     name = "fsdp"
-    # the ddp engine's failure handling, shared: a collective that fails because a peer died or hung becomes one
-    # DistributedError line (exit 1), and every rank must be started with the same settings
-    _guard = DDPEngine._guard
-    _check_same_args = DDPEngine._check_same_args
 
     def __init__(self, args: TrainArgs, env: DistEnv, timeout: datetime.timedelta, config=None) -> None:
         """``config``: the projected-matrix settings (default: ``qgalore_config(args)``, what the CLI asks for)."""
@@ -127,7 +115,7 @@ class FSDPEngine(Engine):
             raise UsageError(f"--engine fsdp: {exc}") from exc
         except RuntimeError as exc:
             raise DistributedError(f"--engine fsdp: could not join the process group within --dist-timeout "
-                                   f"{args.dist_timeout:g}s ({_short(exc)})") from exc
+                                   f"{args.dist_timeout:g}s ({short_error(exc)})") from exc
         engine = cls(args, env, timeout)
         try:
             engine._check_same_args()
@@ -135,20 +123,6 @@ class FSDPEngine(Engine):
             engine.close()  # the loop never saw this engine: leave the group here
             raise
         return engine
-
-    def _agree(self, error: str | None, exc_type: type[Exception], what: str) -> None:
-        """Collective: raise ``exc_type`` on every rank when ``error`` is set on any."""
-        if self.world_size == 1 or not dist.is_initialized():
-            if error is not None:
-                raise exc_type(error)
-            return
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
-        with self._guard(what):
-            dist.all_reduce(flag)
-        if error is not None:
-            raise exc_type(error)
-        if int(flag):
-            raise exc_type(f"{what} failed on another rank (its error message names the problem)")
 
     def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
                 ) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -310,28 +284,15 @@ class FSDPEngine(Engine):
         return record
 
     def _verify(self, root: Path) -> dict[str, Any]:
-        tfile = root / TRAINER_FILE
-        if not tfile.is_file():
-            raise CheckpointError(f"checkpoint {root} has no {TRAINER_FILE} (incomplete or not a checkpoint)")
-        try:
-            record = json.loads(tfile.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} is unreadable ({exc})") from exc
-        if not isinstance(record, dict) or record.get("fsdp_format") != FORMAT:
+        record = read_record(root)
+        if record.get("fsdp_format") != FORMAT:
             raise CheckpointError(f"checkpoint {root} was not written by --engine fsdp (resume it with the engine "
-                                  f"that wrote it: {record.get('engine') if isinstance(record, dict) else '?'})")
+                                  f"that wrote it: {record.get('engine')})")
         if record.get("world_size") != self.world_size:
             raise CheckpointError(f"checkpoint {root} was written by {record.get('world_size')} ranks, this run has "
                                   f"{self.world_size} (an fsdp checkpoint resumes at its own world size)")
-        files = (record.get("manifest") or {}).get("files")
-        if not isinstance(files, dict) or not any(f.startswith(DCP_DIR + "/") for f in files):
-            raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has no valid manifest")
-        for rel, entry in files.items():
-            p = root / rel
-            if not p.is_file():
-                raise CheckpointError(f"checkpoint {root} is corrupted: {rel} is missing")
-            if p.stat().st_size != entry.get("bytes") or _sha256(p) != entry.get("sha256"):
-                raise CheckpointError(f"checkpoint {root} is corrupted: {rel} does not match its manifest entry")
+        verify_files(root, manifest_files(root, record,
+                                          lambda files: any(f.startswith(DCP_DIR + "/") for f in files)))
         return record
 
     def _dcp_state(self) -> tuple[dict[str, Any], Any]:
@@ -544,13 +505,6 @@ class FSDPEngine(Engine):
     def memory_bytes(self) -> dict[str, int] | None:
         fn = getattr(self.optimizer, "memory_bytes", None)
         return fn() if fn is not None else None
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _tensor_keys(tree: Any) -> set[str]:
