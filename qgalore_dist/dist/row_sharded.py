@@ -50,7 +50,6 @@ gradient rows (see README "FSDP2" and :class:`~qgalore_dist.train.engines.fsdp.F
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -59,6 +58,7 @@ import torch
 from ..config import QGaLoreConfig
 from ..optim.dense_adamw import DenseState, dense_adamw_step
 from ..optim.lowrank_adamw import LowRankAdamW, MatrixState
+from ..optim.optimizer import PhasedGroups
 from ..optim.projfactor import make_rule
 from ..projection.projector import basis_shape, lowrank_shape, project
 from ..quant.groups import num_groups
@@ -135,7 +135,7 @@ def _numel(shape: Iterable[int]) -> int:
     return math.prod(int(s) for s in shape)
 
 
-class RowShardedQGaLoreOptimizer(torch.optim.Optimizer):
+class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
     """Q-GaLore AdamW over row shards (see the module docstring).
 
     Args:
@@ -264,25 +264,6 @@ class RowShardedQGaLoreOptimizer(torch.optim.Optimizer):
         shape = tuple(local.shape)
         return DenseState(Blockwise8bit(shape, True, c.state_block_size, min_numel, local.device, bits, fdt),
                           Blockwise8bit(shape, False, c.state_block_size, min_numel, local.device, bits, fdt))
-
-    def _group(self, kind: str) -> dict:
-        for g in self.param_groups:
-            if g.get("kind") == kind:
-                return g
-        raise KeyError(kind)
-
-    def _rule(self) -> tuple[LowRankAdamW, float]:
-        pg = self._group("projected")
-        lr, wd = pg["lr"], pg["weight_decay"]
-        if wd != self.rule.config.weight_decay:
-            self.rule = type(self.rule)(self.rule.config.replace(weight_decay=wd))
-        return self.rule, lr
-
-    def _timed(self, phase: str, fn, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        self.phase_times[phase] += time.perf_counter() - t0
-        return out
 
     def _off(self, name: str) -> int:
         return self._shard[name].row_offset(self.rank)

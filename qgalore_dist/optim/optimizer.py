@@ -84,7 +84,37 @@ def collect_projected(model: nn.Module, config: QGaLoreConfig, target_modules=DE
     return out
 
 
-class QGaLoreOptimizer(torch.optim.Optimizer):
+class PhasedGroups:
+    """What every Q-GaLore optimizer (single-device, row-sharded) shares over its ``param_groups``: the groups by
+    ``kind`` ("projected" / "dense"), the per-matrix rule at the projected group's current lr / weight decay, and
+    wall time per phase (``phase_times``)."""
+
+    rule: LowRankAdamW
+    phase_times: dict[str, float]
+
+    def _group(self, kind: str) -> dict:
+        for g in self.param_groups:
+            if g.get("kind") == kind:
+                return g
+        raise KeyError(kind)
+
+    def _rule(self) -> tuple[LowRankAdamW, float]:
+        """The rule with the projected group's current lr / weight decay (schedulers edit param_groups)."""
+        pg = self._group("projected")
+        lr, wd = pg["lr"], pg["weight_decay"]
+        rule = self.rule
+        if wd != rule.config.weight_decay:
+            rule = self.rule = type(rule)(rule.config.replace(weight_decay=wd))
+        return rule, lr
+
+    def _timed(self, phase: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.phase_times[phase] += time.perf_counter() - t0
+        return out
+
+
+class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
     """Q-GaLore AdamW for the targeted matrices, AdamW (fp32 or 8-bit state) for the rest.
 
     Args:
@@ -175,28 +205,6 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                                     t.dtype if t.is_floating_point() else torch.float32,
                                     granularity=self.granularity[pm.name])
 
-    # --- groups ---------------------------------------------------------------------------------------------
-    def _group(self, kind: str) -> dict:
-        for g in self.param_groups:
-            if g.get("kind") == kind:
-                return g
-        raise KeyError(kind)
-
-    def _rule(self) -> tuple[LowRankAdamW, float]:
-        """The rule with the projected group's current lr / weight decay (schedulers edit param_groups)."""
-        pg = self._group("projected")
-        lr, wd = pg["lr"], pg["weight_decay"]
-        rule = self.rule
-        if wd != rule.config.weight_decay:
-            rule = self.rule = type(rule)(rule.config.replace(weight_decay=wd))
-        return rule, lr
-
-    # --- timed phases ---------------------------------------------------------------------------------------
-    def _timed(self, phase: str, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.phase_times[phase] += time.perf_counter() - t0
-        return out
 
     def _project_into_window(self, pm: ProjectedMatrix, grad: torch.Tensor) -> torch.Tensor:
         """Refresh (first micro-batch of the window only) and project one gradient; returns R."""
