@@ -55,6 +55,7 @@ __all__ = [
     "manifest_files",
     "list_checkpoints",
     "load_checkpoint",
+    "load_model_state",
     "optimizer_shard_files",
     "publish_checkpoint",
     "read_optimizer_shards",
@@ -396,6 +397,21 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
     verify_files(root, manifest_files(root, record,
                                       lambda files: all(f in files for f in (MODEL_FILE, *optim_files))))
     return record
+
+
+def load_model_state(model: "torch.nn.Module", state: Mapping[str, torch.Tensor], where: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` after checking names and shapes, so a checkpoint of another
+    model raises :class:`CheckpointError` naming the first difference instead of torch's multi-line error."""
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint {where} does not match this model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise CheckpointError(f"checkpoint {where} does not match this model: {k} has shape "
+                                  f"{tuple(state[k].shape)}, the model {tuple(v.shape)}")
+    model.load_state_dict(state, strict=True)
 
 
 @dataclass

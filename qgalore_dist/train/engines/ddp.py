@@ -48,8 +48,9 @@ from torch import nn
 
 from ...checkpoint.save_load import (MODEL_FILE, OPTIM_JSON_FILE, OPTIM_TENSORS_FILE, SHARDS_KEY, TOKENIZER_DIR,
                                      CheckpointError, checkpoint_name, finalize_checkpoint, list_checkpoints,
-                                     optimizer_shard_files, publish_checkpoint, read_optimizer_shards, read_state,
-                                     trainer_shard_file, verify_checkpoint, write_state)
+                                     load_model_state, optimizer_shard_files, publish_checkpoint,
+                                     read_optimizer_shards, read_state, trainer_shard_file, verify_checkpoint,
+                                     write_state)
 from ...dist.collectives import Collectives, all_reduce_bytes
 from ...dist.launch_env import DistEnv, init_distributed
 from ...dist.replicas import ReplicaMismatch
@@ -286,18 +287,6 @@ class DDPEngine(DistributedEngine):
             raise
         return final
 
-    def _load_model_state(self, state: dict[str, torch.Tensor], where: str) -> None:
-        own = self.model.state_dict()
-        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or extra:
-            raise CheckpointError(f"checkpoint {where} does not match this model: missing {missing[:3]}, "
-                                  f"unexpected {extra[:3]}")
-        for k, v in own.items():
-            if tuple(v.shape) != tuple(state[k].shape):
-                raise CheckpointError(f"checkpoint {where} does not match this model: {k} has shape "
-                                      f"{tuple(state[k].shape)}, the model {tuple(v.shape)}")
-        self.model.load_state_dict(state, strict=True)
-
     def _read_optimizer_state(self, root: Path, record: dict[str, Any]) -> dict[str, Any]:
         """This rank's optimizer state: its own shard when the checkpoint's ownership is this run's, else the
         merge of every shard (another world size), else the single optimizer file (single-device / baseline)."""
@@ -318,7 +307,7 @@ class DDPEngine(DistributedEngine):
         error, record, opt_state = None, None, None
         try:
             record = verify_checkpoint(root)
-            self._load_model_state(load_file(str(root / MODEL_FILE), device=str(self.device)), str(root))
+            load_model_state(self.model, load_file(str(root / MODEL_FILE), device=str(self.device)), str(root))
             opt_state = self._read_optimizer_state(root, record)
             mine = root / trainer_shard_file(self.rank)
             if self.rank < int(record.get("ranks", 1)) and mine.is_file():

@@ -8,8 +8,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ...checkpoint.save_load import (CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint,
-                                     verify_checkpoint)
+from ...checkpoint.save_load import (CheckpointError, list_checkpoints, load_checkpoint, load_model_state,
+                                     save_checkpoint, verify_checkpoint)
 from .base import Engine, ResumePoint
 
 __all__ = ["LocalEngine"]
@@ -63,16 +63,7 @@ class LocalEngine(Engine):
 
     def load_state(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any], where: str) -> None:
         """Load a checkpoint's model and optimizer state; a mismatch raises :class:`CheckpointError`."""
-        own = self.model.state_dict()
-        missing, extra = sorted(set(own) - set(model_state)), sorted(set(model_state) - set(own))
-        if missing or extra:
-            raise CheckpointError(f"checkpoint {where} does not match this model: missing {missing[:3]}, "
-                                  f"unexpected {extra[:3]}")
-        for k, v in own.items():
-            if tuple(v.shape) != tuple(model_state[k].shape):
-                raise CheckpointError(f"checkpoint {where} does not match this model: {k} has shape "
-                                      f"{tuple(model_state[k].shape)}, the model {tuple(v.shape)}")
-        self.model.load_state_dict(model_state, strict=True)
+        load_model_state(self.model, model_state, where)
         try:
             self.optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
