@@ -58,7 +58,7 @@ from ...dist.sharded_optimizer import ShardedQGaLoreOptimizer, merge_state_dicts
 from ...nn.int8_linear import QGaLoreLinear
 from ..cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, DistributedError, TrainArgs, UsageError
 from .base import ResumePoint
-from .distributed import DistributedEngine, short_error
+from .distributed import DistributedEngine, joining, rank_backend
 
 __all__ = ["DDPEngine"]
 
@@ -93,31 +93,11 @@ class DDPEngine(DistributedEngine):
     @classmethod
     def from_args(cls, args: TrainArgs) -> "DDPEngine":
         """Join the process group the launcher describes (torchrun / mpirun / none: one process)."""
-        from ..loop import resolve_device
-
-        if args.device is not None:
-            dev = resolve_device(args.device)
-            if dev.type == "cuda" and dev.index is not None:
-                raise UsageError(f"--engine ddp --device {args.device}: every rank uses cuda:<its local rank>; "
-                                 "pass --device cuda (or cpu)")
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-        else:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = rank_backend(args)
         timeout = datetime.timedelta(seconds=args.dist_timeout)
-        try:
+        with joining(args):
             env = init_distributed(backend, timeout=timeout)
-        except ValueError as exc:  # malformed launcher variables
-            raise UsageError(f"--engine ddp: {exc}") from exc
-        except RuntimeError as exc:
-            raise DistributedError(f"--engine ddp: could not join the process group within --dist-timeout "
-                                   f"{args.dist_timeout:g}s ({short_error(exc)})") from exc
-        engine = cls(args, env, timeout)
-        try:
-            engine._check_same_args()
-        except BaseException:
-            engine.close()  # the loop never saw this engine: leave the group here
-            raise
-        return engine
+        return cls(args, env, timeout)._started()
 
     def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
                 ) -> tuple[nn.Module, torch.optim.Optimizer]:

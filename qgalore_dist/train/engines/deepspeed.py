@@ -83,7 +83,7 @@ from ...checkpoint.save_load import (TRAINER_FILE, CheckpointError, build_manife
                                      manifest_files, read_record, unflatten_state, verify_files)
 from ..cli import INT8_OPTIMIZERS, DistributedError, TrainArgs, UsageError
 from .base import ResumePoint
-from .distributed import DistributedEngine, short_error
+from .distributed import DistributedEngine, joining
 
 __all__ = ["DeepSpeedEngine", "QGALORE_KEYS", "dense_comm_bytes", "export_deepspeed_checkpoint",
            "resolve_ds_config"]
@@ -339,29 +339,18 @@ class DeepSpeedEngine(DistributedEngine):
         settings = resolve_ds_config(args, info.world_size, on_cpu)  # every user error before any group starts
         owns = not (dist.is_available() and dist.is_initialized())
         timeout = datetime.timedelta(seconds=args.dist_timeout)
-        try:
+        with joining(args):
             denv = init_distributed("gloo" if on_cpu else None, timeout=timeout)
             import deepspeed  # deferred: importing it takes seconds
 
             # DeepSpeed adopts the default group started above (no MPI discovery, no second rendezvous)
             deepspeed.init_distributed(dist_backend=denv.backend if denv.backend != "none" else "gloo",
                                        auto_mpi_discovery=False, timeout=timeout)
-        except ValueError as exc:  # malformed launcher variables
-            raise UsageError(f"--engine deepspeed: {exc}") from exc
-        except RuntimeError as exc:
-            raise DistributedError(f"--engine deepspeed: could not join the process group within --dist-timeout "
-                                   f"{args.dist_timeout:g}s ({short_error(exc)})") from exc
         if denv.backend == "none":  # one process without a launcher: DeepSpeed started a world of one
             from ...dist.launch_env import DistEnv
 
             denv = DistEnv("single", 0, 1, 0, 1, "gloo", denv.device, None, None)
-        engine = cls(args, settings, denv, owns)
-        try:
-            engine._check_same_args()
-        except BaseException:
-            engine.close()  # the loop never saw this engine: leave the group here
-            raise
-        return engine
+        return cls(args, settings, denv, owns)._started()
 
     # --- model and step --------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]

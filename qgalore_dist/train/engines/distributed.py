@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..cli import DistributedError, UsageError
 from .base import Engine
 
-__all__ = ["DistributedEngine", "short_error"]
+__all__ = ["DistributedEngine", "joining", "rank_backend", "short_error"]
 
 _PER_RANK_ARGS = ("local_rank",)  # settings a launcher may give each rank differently
 _GLOO_PREFIX = re.compile(r"^\[[^\]]*\]\s*")  # gloo prefixes its messages with "[/path/to/pair.cc:537] "
@@ -40,11 +40,48 @@ def short_error(exc: BaseException) -> str:
     return msg.split(". This is typically")[0].rstrip(".")
 
 
+def rank_backend(args) -> str:
+    """nccl when the ranks run on CUDA (``--device cuda`` or, by default, when CUDA exists), else gloo; a fixed
+    ``--device cuda:N`` is refused (every rank takes cuda:<its local rank>)."""
+    from ..loop import resolve_device
+
+    if args.device is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    dev = resolve_device(args.device)
+    if dev.type == "cuda" and dev.index is not None:
+        raise UsageError(f"--engine {args.engine} --device {args.device}: every rank uses cuda:<its local rank>; "
+                         "pass --device cuda (or cpu)")
+    return "nccl" if dev.type == "cuda" else "gloo"
+
+
+@contextlib.contextmanager
+def joining(args) -> Iterator[None]:
+    """Around joining the process group: malformed launcher variables -> UsageError (exit 2), a group that never
+    forms -> one DistributedError line."""
+    try:
+        yield
+    except ValueError as exc:
+        raise UsageError(f"--engine {args.engine}: {exc}") from exc
+    except RuntimeError as exc:
+        raise DistributedError(f"--engine {args.engine}: could not join the process group within --dist-timeout "
+                               f"{args.dist_timeout:g}s ({short_error(exc)})") from exc
+
+
 class DistributedEngine(Engine):
     """An engine over a process group. Subclasses set ``rank``, ``world_size``, ``device``, ``args`` and
     ``_closed = False``; ``_owns_group`` is False where the group belongs to someone else (it is then left open)."""
 
     _owns_group = True
+
+    def _started(self):
+        """This engine, once every rank is known to run the same settings (else the group is left and the
+        error raised: the loop never saw this engine, so nobody else would close it)."""
+        try:
+            self._check_same_args()
+        except BaseException:
+            self.close()
+            raise
+        return self
 
     def _check_same_args(self) -> None:
         """Every rank must run the same command line (a different --max-steps or --batch-size would leave ranks in

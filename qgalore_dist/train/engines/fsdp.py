@@ -51,9 +51,9 @@ from ...dist.launch_env import DistEnv, init_distributed
 from ...dist.row_sharded import RowShard, RowShardedQGaLoreOptimizer, chunk_rows
 from ...nn.int8_fsdp import ALL_GATHER_COUNTER, Int8FSDPLinear, Int8RowTensor, to_fsdp_int8
 from ...nn.int8_linear import QGaLoreLinear
-from ..cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, DistributedError, TrainArgs, UsageError
+from ..cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs, UsageError
 from .base import ResumePoint
-from .distributed import DistributedEngine, short_error
+from .distributed import DistributedEngine, joining, rank_backend
 
 __all__ = ["FSDPEngine"]
 
@@ -95,34 +95,14 @@ class FSDPEngine(DistributedEngine):
     # --- set-up ----------------------------------------------------------------------------------------------
     @classmethod
     def from_args(cls, args: TrainArgs) -> "FSDPEngine":
-        from ..loop import resolve_device
-
         if args.optimizer not in ("qgalore", "galore", "adamw"):
             raise UsageError(f"--engine fsdp supports --optimizer qgalore, galore or adamw, not {args.optimizer} "
                              "(ProjFactor and 8-bit dense AdamW over DTensors are not implemented here)")
-        if args.device is not None:
-            dev = resolve_device(args.device)
-            if dev.type == "cuda" and dev.index is not None:
-                raise UsageError(f"--engine fsdp --device {args.device}: every rank uses cuda:<its local rank>; "
-                                 "pass --device cuda (or cpu)")
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-        else:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = rank_backend(args)
         timeout = datetime.timedelta(seconds=args.dist_timeout)
-        try:
+        with joining(args):
             env = init_distributed(backend, timeout=timeout)
-        except ValueError as exc:
-            raise UsageError(f"--engine fsdp: {exc}") from exc
-        except RuntimeError as exc:
-            raise DistributedError(f"--engine fsdp: could not join the process group within --dist-timeout "
-                                   f"{args.dist_timeout:g}s ({short_error(exc)})") from exc
-        engine = cls(args, env, timeout)
-        try:
-            engine._check_same_args()
-        except BaseException:
-            engine.close()  # the loop never saw this engine: leave the group here
-            raise
-        return engine
+        return cls(args, env, timeout)._started()
 
     def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
                 ) -> tuple[nn.Module, torch.optim.Optimizer]:
