@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -302,6 +302,23 @@ class Collectives:
                 for o in range(self.world_size):
                     if per_owner[o]:
                         self.broadcast(per_owner[o], o)
+
+    def broadcast_owner_updates(self, names: Sequence[str], owner: Callable[[str], int],
+                                tensors: Callable[[str], Sequence[torch.Tensor]],
+                                scalars: Mapping[str, float]) -> dict[str, float]:
+        """:meth:`broadcast_from_owners` of each matrix's ``tensors(name)`` (owner: source, others: receive
+        buffers) plus one float64 scalar per matrix (``scalars``: this rank's owned names -> value, e.g. the
+        step size), packed with its owner's payload; returns ``{name: scalar}`` for every name, on every rank."""
+        mine = {o: [n for n in names if owner(n) == o] for o in range(self.world_size)}
+        sizes = {o: torch.tensor([scalars[n] for n in ns] if o == self.rank else [0.0] * len(ns),
+                                 dtype=torch.float64, device=self.device) for o, ns in mine.items() if ns}
+        by_owner: dict[int, list[torch.Tensor]] = {}
+        for n in names:
+            by_owner.setdefault(owner(n), []).extend(tensors(n))
+        for o, t in sizes.items():
+            by_owner[o].append(t)
+        self.broadcast_from_owners(by_owner)
+        return {n: v for o, t in sizes.items() for n, v in zip(mine[o], t.tolist())}
 
     def _all_gather_owners(self, per_owner: dict[int, list[torch.Tensor]]) -> None:
         mine = self._pack(per_owner[self.rank]).reshape(-1)  # gloo's all_gather wants 1-D

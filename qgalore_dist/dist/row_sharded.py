@@ -372,33 +372,18 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         if not left:
             return
         wire: dict[str, torch.Tensor] = {}
-        sizes: dict[int, torch.Tensor] = {}
-        for o in range(self.world_size):
-            count = sum(1 for n in left if self._owner(n) == o)
-            if count:
-                sizes[o] = torch.empty(count, dtype=torch.float64, device=self.collectives.device)
-        mine = [n for n in left if n in self.owned]
-        for i, n in enumerate(mine):
+        sizes: dict[str, float] = {}
+        for n in left:
             r = lowrank[n]
-            nrm, step_size = self._timed("optimizer", rule.normalise, self.mstate[n],
-                                         r.mul_(coef) if coef < 1.0 else r, lr)
-            sizes[self.rank][i] = step_size
-            wire[n] = nrm.to(r.dtype)
+            if n in self.owned:
+                nrm, sizes[n] = self._timed("optimizer", rule.normalise, self.mstate[n],
+                                            r.mul_(coef) if coef < 1.0 else r, lr)
+                wire[n] = nrm.to(r.dtype)
+            else:
+                wire[n] = r  # spent partial sum: the receive buffer (same shape and dtype as N)
+        step_sizes = self.collectives.broadcast_owner_updates(left, self._owner, lambda n: [wire[n]], sizes)
         for n in left:
-            if n not in self.owned:
-                wire[n] = lowrank[n]  # spent partial sum: the receive buffer (same shape and dtype as N)
-        by_owner: dict[int, list[torch.Tensor]] = {}
-        for n in left:
-            by_owner.setdefault(self._owner(n), []).append(wire[n])
-        for o, t in sizes.items():
-            by_owner[o].append(t)
-        self.collectives.broadcast_from_owners(by_owner)
-        step_sizes = {o: t.tolist() for o, t in sizes.items()}
-        index = {o: 0 for o in sizes}
-        for n in left:
-            o = self._owner(n)
-            step_size = step_sizes[o][index[o]]
-            index[o] += 1
+            step_size = step_sizes[n]
             st = self.mstate[n]
             if n not in self.owned:
                 st.step += 1

@@ -592,31 +592,19 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
     def _apply_lowrank(self, mats: Sequence[str], rule, lr: float, coef: float) -> None:
         """Owners normalise; N and the step sizes are broadcast; every rank applies them to its replica."""
         wire: dict[str, list[torch.Tensor]] = {}
-        sizes: dict[int, torch.Tensor] = {}
-        mine = [n for n in mats if n in self.owned]
-        for o in range(self.world_size):
-            count = sum(1 for n in mats if self._owner(n) == o)
-            if count:
-                sizes[o] = torch.empty(count, dtype=torch.float64, device=self.collectives.device)
-        for i, n in enumerate(mine):
-            r = self.accum[n]
-            update, step_size = self._timed("optimizer", rule.normalise, self.mstate[n],
-                                            r.mul_(coef) if coef < 1.0 else r, lr)
-            sizes[self.rank][i] = step_size
-            wire[n] = self._wire(n, update)
+        sizes: dict[str, float] = {}
         for n in mats:
-            if n not in self.owned:
+            if n in self.owned:
+                r = self.accum[n]
+                update, sizes[n] = self._timed("optimizer", rule.normalise, self.mstate[n],
+                                               r.mul_(coef) if coef < 1.0 else r, lr)
+                wire[n] = self._wire(n, update)
+            else:
                 wire[n] = self._wire(n, None)
-        by_owner = self._by_owner(mats, lambda n: wire[n])
-        for o, t in sizes.items():
-            by_owner[o].append(t)
-        self.collectives.broadcast_from_owners(by_owner)
-        step_sizes = {o: t.tolist() for o, t in sizes.items()}
-        index = {o: 0 for o in sizes}
+        step_sizes = self.collectives.broadcast_owner_updates(mats, self._owner,
+                                                              lambda n: [flat_view(t) for t in wire[n]], sizes)
         for n in mats:
-            o = self._owner(n)
-            step_size = step_sizes[o][index[o]]
-            index[o] += 1
+            step_size = step_sizes[n]
             st = self.mstate[n]
             if n not in self.owned:
                 st.step += 1  # the owner's normalise advanced its copy: the SR stream is keyed by this count
