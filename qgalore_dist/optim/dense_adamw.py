@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..quant.bf16 import stochastic_round_bf16
 from ..quant.fused import fused_dense_adamw8_
 from ..quant.state8 import Blockwise8bit
 
@@ -45,29 +46,55 @@ def init_dense_state(p: torch.Tensor, state_bits: int = 32, block: int = 256, mi
 
 
 def dense_adamw_step(p: torch.Tensor, grad: torch.Tensor, st: DenseState, lr: float, betas: tuple[float, float],
-                     eps: float, weight_decay: float, fused: bool = False) -> None:
+                     eps: float, weight_decay: float, fused: bool = False, sr_key: tuple[int, int] | None = None,
+                     chunk_elems: int = 1 << 22) -> None:
     """In-place AdamW step of parameter ``p`` (any shape) with gradient ``grad`` (same shape).
 
     ``fused``: with 8-bit moments and a non-fp64 parameter, one compiled kernel (:func:`..quant.fused.
     fused_dense_adamw8_`) instead of ~40 eager passes over the parameter — equal up to fp32 rounding (a moment code
-    may differ by one step), so every rank / engine that must agree with another has to pass the same flag."""
+    may differ by one step), so every rank / engine that must agree with another has to pass the same flag.
+
+    ``sr_key``: a bf16-stored ``p`` is rounded stochastically with this key (:func:`..quant.bf16.
+    stochastic_round_bf16`) instead of to nearest, so updates below half an ulp are not lost.
+
+    The parameter is stepped ``chunk_elems`` elements (whole rows of the [rows, cols] layout) at a time: the math is
+    element-wise and the 8-bit blocks lie inside rows, so the result is the same as one pass, but the fp32
+    temporaries stay ~16 MB instead of 4-5× the parameter (a LLaMA-7B embedding is 131 M elements: 2.6 GB).
+    """
     b1, b2 = betas
-    if (fused and st.exp_avg.quantized and st.exp_avg_sq.quantized and p.dtype != torch.float64
-            and st.exp_avg.block == st.exp_avg_sq.block):
-        st.step += 1
-        step_size = lr * math.sqrt(1.0 - b2 ** st.step) / (1.0 - b1 ** st.step)
-        fused_dense_adamw8_(p, grad, st.exp_avg, st.exp_avg_sq, step_size, -lr * weight_decay, b1, b2, eps)
-        return
-    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
-    g = grad.to(compute)
-    m = st.exp_avg.to_float(compute).mul_(b1).add_(g, alpha=1.0 - b1)
-    v = st.exp_avg_sq.to_float(compute).mul_(b2).addcmul_(g, g, value=1.0 - b2)
     st.step += 1
     step_size = lr * math.sqrt(1.0 - b2 ** st.step) / (1.0 - b1 ** st.step)
-    w = p.data.to(compute)
-    w.add_(m / v.sqrt().add_(eps), alpha=-step_size)  # galore-torch's op order: bit-equal in float mode
-    if weight_decay > 0:
-        w.add_(w, alpha=-lr * weight_decay)
-    p.data.copy_(w)
-    st.exp_avg.from_float(m)
-    st.exp_avg_sq.from_float(v)
+    rows, cols = st.exp_avg._rows_cols()
+    if not p.data.is_contiguous():
+        raise ValueError("dense_adamw_step needs a contiguous parameter")
+    p2 = p.data.view(rows, cols)
+    g2 = grad.reshape(rows, cols)
+    use_fused = (fused and st.exp_avg.quantized and st.exp_avg_sq.quantized and p.dtype != torch.float64
+                 and st.exp_avg.block == st.exp_avg_sq.block)
+    chunk = rows if rows * cols <= chunk_elems else max(1, chunk_elems // cols)
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        pc, gc = p2[r0:r1], g2[r0:r1]
+        m8 = st.exp_avg if (r0, r1) == (0, rows) else st.exp_avg.rows(r0, r1)
+        v8 = st.exp_avg_sq if (r0, r1) == (0, rows) else st.exp_avg_sq.rows(r0, r1)
+
+        def store(w: torch.Tensor, pc=pc, r0=r0) -> None:
+            if sr_key is not None and pc.dtype == torch.bfloat16:
+                pc.copy_(stochastic_round_bf16(w.reshape(pc.shape).float(), sr_key, r0 * cols))
+            else:
+                pc.copy_(w.reshape(pc.shape))
+
+        if use_fused:
+            fused_dense_adamw8_(pc, gc, m8, v8, step_size, -lr * weight_decay, b1, b2, eps, store=store)
+            continue
+        compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+        g = gc.to(compute)
+        m = m8.to_float(compute).reshape(g.shape).mul_(b1).add_(g, alpha=1.0 - b1)
+        v = v8.to_float(compute).reshape(g.shape).mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        w = pc.to(compute)
+        w.add_(m / v.sqrt().add_(eps), alpha=-step_size)  # galore-torch's op order: bit-equal in float mode
+        if weight_decay > 0:
+            w.add_(w, alpha=-lr * weight_decay)
+        store(w)
+        m8.from_float(m)
+        v8.from_float(v)

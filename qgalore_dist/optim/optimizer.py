@@ -22,6 +22,8 @@ from ..nn.convert import DEFAULT_TARGET_MODULES, find_target_linears
 from ..nn.int8_linear import QGaLoreLinear
 from ..projection.vlorp import resolve_granularity
 from ..quant.int8 import Int8Weight
+from ..quant.bf16 import SALT_DENSE_SR
+from ..quant.rng import stream_key
 from .dense_adamw import DenseState, dense_adamw_step, init_dense_state
 from .lowrank_adamw import LowRankAdamW, MatrixState, effective_rank
 from .projfactor import make_rule
@@ -230,11 +232,19 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
 
     @torch.no_grad()
     def _dense_in_backward(self, name: str, p: torch.Tensor) -> None:
-        dg = self._group("dense")
         self._consumed_sq += float(p.grad.double().pow(2).sum())
-        dense_adamw_step(p, p.grad, self.dense_state[name], dg["lr"], self.config.betas, self.config.eps,
-                         dg["weight_decay"], fused=self.config.fused)
+        self._dense_step(name, p, p.grad)
         p.grad = None
+
+    def _dense_step(self, name: str, p: torch.Tensor, grad: torch.Tensor) -> None:
+        dg = self._group("dense")
+        st = self.dense_state[name]
+        # a bf16-stored dense weight is rounded stochastically (keyed by seed, step, name: resumable), so updates
+        # below half a bf16 ulp still move it on average
+        key = (stream_key(self.config.seed, st.step + 1, name, SALT_DENSE_SR)
+               if p.dtype == torch.bfloat16 and self.config.stochastic_round else None)
+        dense_adamw_step(p, grad, st, dg["lr"], self.config.betas, self.config.eps, dg["weight_decay"],
+                         fused=self.config.fused, sr_key=key)
 
     @torch.no_grad()
     def _consume(self, pm: ProjectedMatrix, grad: torch.Tensor) -> None:
@@ -283,12 +293,8 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
             r = self.accum.pop(pm.name, None)
             if r is not None:
                 self._apply(pm, r.mul_(coef) if coef < 1.0 else r, rule, lr)
-        if dense:
-            dg = self._group("dense")
-            for n, p in dense:
-                g = p.grad if coef == 1.0 else p.grad * coef
-                dense_adamw_step(p, g, self.dense_state[n], dg["lr"], self.config.betas, self.config.eps,
-                                 dg["weight_decay"], fused=self.config.fused)
+        for n, p in dense:
+            self._dense_step(n, p, p.grad if coef == 1.0 else p.grad * coef)
         return norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:

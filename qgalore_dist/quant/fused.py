@@ -128,7 +128,7 @@ def _dense_kernel(p: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, m_
                                         below_s, ext_s, below_u, ext_u, first_s, first_u, block)
     w = p.float() - step_size * n
     w = w + decay_alpha * w
-    return w.to(p.dtype), mc, ma, vc, va
+    return w, mc, ma, vc, va  # fp32: the caller rounds to the storage dtype (nearest or stochastic)
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,12 +168,14 @@ def fused_adam_moments_(exp_avg: Blockwise8bit, exp_avg_sq: Blockwise8bit, r: to
 
 
 def fused_dense_adamw8_(p: torch.Tensor, grad: torch.Tensor, exp_avg: Blockwise8bit, exp_avg_sq: Blockwise8bit,
-                        step_size: float, decay_alpha: float, beta1: float, beta2: float, eps: float) -> None:
+                        step_size: float, decay_alpha: float, beta1: float, beta2: float, eps: float,
+                        store=None) -> None:
     """In place: one AdamW step of a dense parameter with 8-bit blockwise moments, as
     :func:`..optim.dense_adamw.dense_adamw_step` computes it (fp32 math; ``p`` may be stored narrower).
 
     p, grad: [...] of the moments' logical shape (viewed as their [rows, cols]); ``step_size`` the bias-corrected
-    lr, ``decay_alpha = −lr·wd``.
+    lr, ``decay_alpha = −lr·wd``. ``store(w)``: writes the fp32 result [rows, cols] into ``p`` (default: a cast,
+    i.e. round to nearest).
     """
     dev = p.device
     shape = exp_avg.codes.shape
@@ -183,7 +185,10 @@ def fused_dense_adamw8_(p: torch.Tensor, grad: torch.Tensor, exp_avg: Blockwise8
     w, mc, ma, vc, va = _compiled_dense()(
         p2, g2, exp_avg.codes, exp_avg.absmax, exp_avg_sq.codes, exp_avg_sq.absmax, scalar(step_size),
         scalar(decay_alpha), scalar(beta1), scalar(beta2), scalar(eps), *_codec_args(dev), exp_avg.block)
-    p.data.copy_(w.reshape(p.shape))
+    if store is None:
+        p.data.copy_(w.reshape(p.shape))
+    else:
+        store(w)
     exp_avg.codes.copy_(mc)
     exp_avg.absmax.copy_(ma)
     exp_avg_sq.codes.copy_(vc)

@@ -156,7 +156,7 @@ class Blockwise8bit:
 
     def from_float(self, x: torch.Tensor) -> None:
         if not self.quantized:
-            self.data.copy_(x)
+            self.data.copy_(x.reshape(self.data.shape))
             return
         rows, cols = self._rows_cols()
         x2 = x.float().reshape(rows, cols)
@@ -166,6 +166,22 @@ class Blockwise8bit:
         idx = encode_unit(xg, *encode_tables(self.signed, x2.device))
         self.codes.copy_(from_groups(idx.to(torch.uint8), cols))
         self.absmax.copy_(absmax)
+
+    def rows(self, start: int, stop: int) -> "Blockwise8bit":
+        """A view of rows ``[start, stop)`` of the [rows, cols] layout sharing this tensor's storage (blocks lie
+        inside rows, so a row range is a whole set of blocks): ``from_float`` on the view writes through."""
+        rows, cols = self._rows_cols()
+        if not 0 <= start < stop <= rows:
+            raise ValueError(f"row range [{start}, {stop}) outside 0..{rows}")
+        view = object.__new__(Blockwise8bit)
+        view.shape = (stop - start, cols)
+        view.signed, view.block, view.quantized = self.signed, self.block, self.quantized
+        if self.quantized:
+            view.codes, view.absmax, view.data = self.codes[start:stop], self.absmax[start:stop], None
+        else:
+            view.codes = view.absmax = None
+            view.data = self.data.view(rows, cols)[start:stop]
+        return view
 
     def nbytes(self) -> int:
         if not self.quantized:
