@@ -158,8 +158,9 @@ def test_export_loads_in_transformers_with_same_logits(trained: SimpleNamespace,
 @pytest.mark.parametrize("extra", [
     ("--optimizer", "qgalore", "--grad-accum", "2"),             # low-rank accumulators, clipped step
     ("--optimizer", "qgalore", "--grad-clip", "0"),              # whole step inside backward
+    ("--optimizer", "qgalore", "--dense-dtype", "bfloat16"),  # bf16-stored dense weights, stochastic rounding
     ("--optimizer", "adamw"),
-], ids=["qgalore-accum2", "qgalore-inbackward", "adamw"])
+], ids=["qgalore-accum2", "qgalore-inbackward", "qgalore-bf16-dense", "adamw"])
 def test_resume_reproduces_uninterrupted_run_exactly(ws: SimpleNamespace, tmp_path: Path, extra) -> None:
     common = base_args(ws, "--max-steps", "20", "--update-proj-gap", "4", "--eval-every", "0", "--eval-batches",
                        "1", *extra)
@@ -303,6 +304,9 @@ def _bad_cases(ws: SimpleNamespace, trained: SimpleNamespace, tmp: Path):
         "local-strict-replicas": (base_args(ws, "--strict-replicas", *keep), "--strict-replicas does nothing"),
         "local-replica-check": (base_args(ws, "--replica-check-every", "5", *keep), "--replica-check-every 5"),
         "local-dist-timeout": (base_args(ws, "--dist-timeout", "30", *keep), "--dist-timeout 30"),
+        "dense-dtype-adamw": (base_args(ws, "--optimizer", "adamw", "--dense-dtype", "bfloat16", *keep),
+                              "--dense-dtype bfloat16 applies to --optimizer qgalore"),
+        "dense-dtype-wider": (base_args(ws, "--dense-dtype", "float64", *keep), "must be narrower"),
         "fresh-run-beside-other-layout": (base_args(ws, "--save-dir", str(foreign)), "another engine's layout"),
         "auto-resume-beside-other-layout": (base_args(ws, "--save-dir", str(foreign), "--resume", "auto"),
                                             "another engine's layout"),
@@ -313,7 +317,8 @@ BAD_CASES = ["unknown-model", "missing-data", "malformed-config", "unknown-confi
              "zero-rank", "qgalore-config-value", "engine", "no-target", "save-every-without-dir",
              "fresh-run-into-checkpoints", "missing-resume-dir", "corrupted-checkpoint", "truncated-trainer-json",
              "other-model", "other-optimizer", "other-seq-len", "save-dir-is-a-file", "local-comm-mode",
-             "local-strict-replicas", "local-replica-check", "local-dist-timeout", "fresh-run-beside-other-layout",
+             "local-strict-replicas", "local-replica-check", "local-dist-timeout", "dense-dtype-adamw",
+             "dense-dtype-wider", "fresh-run-beside-other-layout",
              "auto-resume-beside-other-layout"]
 
 

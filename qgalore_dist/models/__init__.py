@@ -9,6 +9,7 @@ Typical use::
 from qgalore_dist.models.build import (
     ModelSpecError,
     build_model,
+    enable_activation_checkpointing,
     load_pretrained,
     param_count,
     rebuild_rotary_buffers,
@@ -19,6 +20,7 @@ from qgalore_dist.models.build import (
 __all__ = [
     "ModelSpecError",
     "build_model",
+    "enable_activation_checkpointing",
     "load_pretrained",
     "param_count",
     "rebuild_rotary_buffers",

@@ -231,3 +231,16 @@ def rebuild_rotary_buffers(model: torch.nn.Module, device: str | torch.device) -
                 setattr(module, attr, getattr(fresh, attr))
         rebuilt += 1
     return rebuilt
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them.
+
+    Non-reentrant: works when the checkpointed block's inputs need no grad, and with in-backward optimizer steps.
+    transformers >= 5 renamed the method (the old name warns); older releases only have the old one.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -114,6 +114,10 @@ class TrainArgs:
     device: str | None = _opt(None, "cpu, cuda, cuda:N (default: cuda when available, else cpu)", type=str)
     dtype: str | None = _opt(None, "compute dtype (default: float32 on CPU, bfloat16 on CUDA)", type=str,
                              choices=DTYPES)
+    dense_dtype: str | None = _opt(None, "--optimizer qgalore, --engine local: storage dtype of the dense parameters "
+                                   "(embeddings, norms, lm_head, biases); default the compute dtype. bfloat16 under a "
+                                   "float32 compute dtype keeps them in bf16 and upcasts them where they are used "
+                                   "(half their memory; updates rounded stochastically)", type=str, choices=DTYPES)
     activation_checkpointing: bool = _opt(False, "recompute each decoder layer in backward (less activation "
                                           "memory, ~30%% more compute)", flag=True)
     # distributed engines (ddp, fsdp, deepspeed)
@@ -289,6 +293,8 @@ def validate(args: TrainArgs) -> None:
         raise UsageError(f"--update-dtype {args.update_dtype} applies to --engine ddp --comm-mode lowrank only")
     if args.fsdp_grad_sync != "micro_batch" and args.engine != "fsdp":
         raise UsageError(f"--fsdp-grad-sync {args.fsdp_grad_sync} applies to --engine fsdp only")
+    if args.dense_dtype is not None and (args.optimizer not in INT8_OPTIMIZERS or args.engine != "local"):
+        raise UsageError(f"--dense-dtype {args.dense_dtype} applies to --optimizer qgalore with --engine local only")
     _refuse_unused_dist_flags(args)
     if args.replica_check_every < 0:
         raise UsageError(f"--replica-check-every must be >= 0, got {args.replica_check_every}")

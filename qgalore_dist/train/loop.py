@@ -27,8 +27,9 @@ from torch import nn
 from ..checkpoint.export import quantized_modules
 from ..checkpoint.save_load import TRAINER_FILE, CheckpointError, capture_rng_state, restore_rng_state
 from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
-from ..models import build_model, load_pretrained, param_count, resolve_model_config
+from ..models import build_model, enable_activation_checkpointing, load_pretrained, param_count, resolve_model_config
 from ..nn import quantize_model
+from ..nn.dense_storage import store_dense_params
 from ..nn.materialize import materialize_quantized
 from .cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs, UsageError
 from .engines import Engine, make_engine
@@ -162,18 +163,17 @@ def build_training_model(args: TrainArgs, config, device: torch.device, dtype: t
         model = build_model(config, device=device, dtype=dtype)
     model.config.use_cache = False
     if args.activation_checkpointing:
-        # non-reentrant: works when the checkpointed block's inputs need no grad, and with in-backward steps.
-        # transformers >= 5 renamed the method (the old name warns); older releases only have the old one.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_activation_checkpointing(model)
     if from_dir and args.optimizer in INT8_OPTIMIZERS:
         try:
             quantize_model(model, tuple(args.target_module_list), group_size=WEIGHT_GROUP_SIZE, seed=args.seed)
         except ValueError as exc:
             raise UsageError(f"--target-modules: {exc}") from exc
+    if args.dense_dtype is not None:  # after quantisation: the INT8 weights are buffers, only dense params remain
+        try:
+            store_dense_params(model, _DTYPES[args.dense_dtype], dtype)
+        except ValueError as exc:
+            raise UsageError(f"--dense-dtype {args.dense_dtype}: {exc}") from exc
     model.train()
     return model
 
