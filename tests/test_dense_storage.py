@@ -100,7 +100,11 @@ def test_bf16_dense_step_rounds_stochastically():
     assert ref.mean().item() > 1.004
 
 
-def test_upcast_linear_matches_fp32_linear():
+@pytest.mark.parametrize("chunk_rows", [4096, 20])  # one block; three blocks, the last one short
+def test_upcast_linear_matches_fp32_linear(chunk_rows, monkeypatch):
+    import qgalore_dist.nn.dense_storage as ds
+
+    monkeypatch.setattr(ds, "_CHUNK_ROWS", chunk_rows)
     torch.manual_seed(0)
     lin = nn.Linear(64, 48, bias=True)
     ref = nn.Linear(64, 48, bias=True)

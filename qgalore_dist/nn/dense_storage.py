@@ -5,8 +5,8 @@ The parameters that are not projected (embeddings, norms, lm_head, biases) are a
 needed. On CPU, bf16 matmuls run ~100× slower than fp32 (AVX2 has no bf16 dot product), so the model computes in
 fp32 while these parameters *live* in bf16 and are upcast transiently where they are used:
 
-* ``nn.Linear`` (an untied lm_head): :class:`UpcastLinear` saves the bf16 weight for backward, not an fp32 copy;
-  the fp32 copy exists only inside forward and backward.
+* ``nn.Linear`` (an untied lm_head): :class:`UpcastLinear` saves the bf16 weight for backward, not an fp32 copy,
+  and upcasts it a block of rows at a time inside forward and backward.
 * ``nn.Embedding``: the lookup runs on the bf16 table (a gather, no math) and the rows are upcast after it.
 * norms that multiply their weight into an fp32 tensor (the LLaMA/Mistral/Qwen ``*RMSNorm`` family) promote by
   themselves; ``nn.LayerNorm`` becomes :class:`UpcastLayerNorm`.
@@ -26,25 +26,37 @@ from torch import nn
 from .int8_linear import QGaLoreLinear
 
 
+_CHUNK_ROWS = 4096  # weight rows upcast at a time: 4096 x 4096 fp32 = 64 MB for a LLaMA-7B lm_head
+
+
 class _UpcastLinearFn(torch.autograd.Function):
-    """y = x Wᵀ + b with a narrow-stored W [out, in] upcast to x's dtype only inside forward/backward."""
+    """y = x Wᵀ + b with a narrow-stored W [out, in] upcast to x's dtype ``_CHUNK_ROWS`` rows at a time, in forward
+    and backward: a full fp32 copy of a 32000×4096 lm_head would be 0.5 GB at the moment backward starts."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):  # noqa: D401 - autograd signature
         ctx.save_for_backward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        out = torch.cat([F.linear(x, weight[r:r + _CHUNK_ROWS].to(x.dtype))
+                         for r in range(0, weight.shape[0], _CHUNK_ROWS)], dim=-1)
+        return out if bias is None else out.add_(bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         go2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (go2.mT @ x.reshape(-1, x.shape[-1]).to(go2.dtype)).to(weight.dtype)
-        grad_b = go2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
+        x2 = x.reshape(-1, x.shape[-1]).to(go2.dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = torch.zeros_like(x2) if need_x else None
+        grad_w = torch.empty_like(weight) if need_w else None  # in the storage dtype: the fp32 rows are transient
+        for r in range(0, weight.shape[0], _CHUNK_ROWS):
+            g = go2[:, r:r + _CHUNK_ROWS]
+            if need_x:
+                grad_x.addmm_(g, weight[r:r + _CHUNK_ROWS].to(go2.dtype))
+            if need_w:
+                grad_w[r:r + _CHUNK_ROWS] = g.mT @ x2
+        grad_b = go2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need_b else None
+        return None if grad_x is None else grad_x.reshape(x.shape).to(x.dtype), grad_w, grad_b
 
 
 class UpcastLinear(nn.Linear):
