@@ -38,6 +38,7 @@ from torch import nn
 
 from ..config import QGaLoreConfig
 from ..optim.dense_adamw import DenseState, dense_adamw_step, init_dense_state
+from ..optim.norms import squared_norm
 from .collectives import Collectives
 from .sharded_optimizer import ShardedQGaLoreOptimizer
 
@@ -83,7 +84,7 @@ class SidecarQGaLoreOptimizer(ShardedQGaLoreOptimizer):
             self._reduce_lowrank(mats)
         order = list(self._window) if self.comm_mode == "lowrank" else mats
         live = set(mats)
-        sq = sum(float(self.accum[n].double().pow(2).sum()) for n in order if n in live and n in self.owned)
+        sq = sum(squared_norm(self.accum[n]) for n in order if n in live and n in self.owned)
         self._open = (mats, rule, lr)
         return sq
 
@@ -182,7 +183,7 @@ class FlatDenseAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 closure()
         live = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        local_sq = sum(float(p.grad.double().pow(2).sum()) for _, p in live)
+        local_sq = sum(squared_norm(p.grad) for _, p in live)
         if self.norm_fn is not None:
             norm, coef = self.norm_fn(local_sq)
         else:

@@ -58,6 +58,7 @@ import torch
 from ..config import QGaLoreConfig
 from ..optim.dense_adamw import DenseState, dense_adamw_step
 from ..optim.lowrank_adamw import LowRankAdamW, MatrixState
+from ..optim.norms import squared_norm
 from ..optim.optimizer import PhasedGroups
 from ..optim.projfactor import make_rule
 from ..projection.projector import basis_shape, lowrank_shape, project
@@ -321,11 +322,11 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
             by_owner.setdefault(self._owner(n), []).append(lowrank[n])
         self.collectives.reduce_to_owners(by_owner)
         # global norm
-        sq = sum(float(lowrank[n].double().pow(2).sum()) for n in mats
+        sq = sum(squared_norm(lowrank[n]) for n in mats
                  if self.mstate[n].side == "right" or n in self.owned)
         dense = [(n, p) for n, p in self.dense_named if p.grad is not None]
         dense_grads = {n: _local(p.grad) for n, p in dense}
-        sq += sum(float(g.double().pow(2).sum()) for g in dense_grads.values())
+        sq += sum(squared_norm(g) for g in dense_grads.values())
         v = torch.tensor([sq + float(extra_sq)], dtype=torch.float64, device=self.collectives.device)
         self.collectives.all_reduce([v])
         norm = float(v[0]) ** 0.5

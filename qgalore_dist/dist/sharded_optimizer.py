@@ -97,6 +97,7 @@ from ..config import QGaLoreConfig
 from ..nn.convert import DEFAULT_TARGET_MODULES
 from ..optim.dense_adamw import dense_adamw_step
 from ..optim.lowrank_adamw import MatrixState
+from ..optim.norms import squared_norm
 from ..optim.optimizer import ProjectedMatrix, QGaLoreOptimizer
 from ..optim.projfactor import ProjFactorState, ProjFactorUpdate
 from ..projection.projector import basis_shape, lowrank_shape
@@ -486,8 +487,8 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         bit for bit."""
         order = list(self._window) if self.comm_mode == "lowrank" else mats
         live = set(mats)
-        sq = sum(float(self.accum[n].double().pow(2).sum()) for n in order if n in live and n in self.owned)
-        dsq = sum(float(g.double().pow(2).sum()) for g in dense_grads) if self.rank == 0 else 0.0
+        sq = sum(squared_norm(self.accum[n]) for n in order if n in live and n in self.owned)
+        dsq = sum(squared_norm(g) for g in dense_grads) if self.rank == 0 else 0.0
         v = torch.tensor([sq, dsq], dtype=torch.float64, device=self.collectives.device)
         self.collectives.all_reduce([v])
         return (float(v[0]) + float(v[1])) ** 0.5

@@ -13,6 +13,7 @@ from torch import nn
 from ..config import QGaLoreConfig
 from ..optim import QGaLoreOptimizer
 from ..optim.dense_adamw import dense_adamw_step, init_dense_state
+from ..optim.norms import squared_norm
 from .cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs, UsageError
 
 __all__ = ["ADAM_EPS", "WEIGHT_GROUP_SIZE", "DenseAdamW8bit", "TorchAdamW", "make_optimizer", "qgalore_config"]
@@ -24,7 +25,7 @@ WEIGHT_GROUP_SIZE = 256  # INT8 weight group (DESIGN.md §5 reference setting)
 
 def _global_norm(grads: Iterable[torch.Tensor]) -> float:
     """√(Σ‖g‖²), accumulated in float64: the same definition QGaLoreOptimizer clips by."""
-    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+    return math.sqrt(sum(squared_norm(g) for g in grads))
 
 
 class TorchAdamW(torch.optim.AdamW):
