@@ -21,11 +21,12 @@ from ..config import QGaLoreConfig
 from ..nn.convert import DEFAULT_TARGET_MODULES, find_target_linears
 from ..nn.int8_linear import QGaLoreLinear
 from ..projection.vlorp import resolve_granularity
-from ..quant.int8 import Int8Weight
 from ..quant.bf16 import SALT_DENSE_SR
+from ..quant.int8 import Int8Weight
 from ..quant.rng import stream_key
 from .dense_adamw import DenseState, dense_adamw_step, init_dense_state
 from .lowrank_adamw import LowRankAdamW, MatrixState, effective_rank
+from .norms import squared_norm
 from .projfactor import make_rule
 
 
@@ -114,6 +115,9 @@ class PhasedGroups:
         out = fn(*args, **kwargs)
         self.phase_times[phase] += time.perf_counter() - t0
         return out
+
+
+_APPLY_CHUNK = 1 << 22  # weight elements re-quantised per block in _apply (matrices above this are split by rows)
 
 
 class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
@@ -218,7 +222,22 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
     def _apply(self, pm: ProjectedMatrix, lowrank_grad: torch.Tensor, rule: LowRankAdamW, lr: float) -> None:
         st = self.mstate[pm.name]
         n, step_size = self._timed("optimizer", rule.normalise, st, lowrank_grad, lr)
-        self._timed("requantize", rule.apply_rows, st, pm.weight(), n, step_size, lr)
+        w = pm.weight()
+        rows, cols = pm.shape
+        if not (pm.quantized and rows * cols > _APPLY_CHUNK and st.granularity == 1.0 and st.basis is not None
+                and type(rule) is LowRankAdamW):
+            self._timed("requantize", rule.apply_rows, st, w, n, step_size, lr)
+            return
+        # large INT8 matrices are updated a block of rows at a time, as a row-sharded engine does (same keyed
+        # rounding by global index): the fp32 update and the requantisation temporaries of a 11008×4096 LLaMA-7B
+        # MLP matrix are ~0.4 GB at once, ~25 MB per block
+        chunk = max(1, _APPLY_CHUNK // cols)
+        basis = st.basis_float(torch.float32) if st.side == "left" else None
+        for r0 in range(0, rows, chunk):
+            r1 = min(rows, r0 + chunk)
+            block = Int8Weight(w.codes[r0:r1], w.scales[r0:r1], w.group_size)
+            self._timed("requantize", rule.apply_rows, st, block, n, step_size, lr, r0,
+                        None if basis is None else basis[r0:r1])
 
     # --- layer-wise: gradients consumed inside backward -----------------------------------------------------
     def _install_sink(self, pm: ProjectedMatrix) -> None:
@@ -232,7 +251,7 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
 
     @torch.no_grad()
     def _dense_in_backward(self, name: str, p: torch.Tensor) -> None:
-        self._consumed_sq += float(p.grad.double().pow(2).sum())
+        self._consumed_sq += squared_norm(p.grad)
         self._dense_step(name, p, p.grad)
         p.grad = None
 
@@ -258,7 +277,7 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
             self._stepped_in_backward.add(pm.name)
         r = self._project_into_window(pm, grad)
         if self.in_backward:
-            self._consumed_sq += float(r.double().pow(2).sum())
+            self._consumed_sq += squared_norm(r)
             rule, lr = self._rule()
             self._apply(pm, r, rule, lr)  # the whole step inside backward: no accumulator
             return
@@ -284,8 +303,8 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
                     pm.clear_grad()
         dense = [(n, p) for n, p in self.dense_named if p.grad is not None]
         # the global norm is always measured (metrics want it); it drives clipping when grad_clip > 0
-        sq = self._consumed_sq + sum(float(r.double().pow(2).sum()) for r in self.accum.values())
-        sq += sum(float(p.grad.double().pow(2).sum()) for _, p in dense)
+        sq = self._consumed_sq + sum(squared_norm(r) for r in self.accum.values())
+        sq += sum(squared_norm(p.grad) for _, p in dense)
         self._consumed_sq = 0.0
         norm = sq ** 0.5
         coef = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
