@@ -20,12 +20,19 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import table, write_report  # noqa: E402
 from qgalore_dist import QGaLoreConfig, QGaLoreOptimizer  # noqa: E402
-from qgalore_dist.models import build_model, resolve_model_config  # noqa: E402
+from qgalore_dist.models import build_model, enable_activation_checkpointing, resolve_model_config  # noqa: E402
+from qgalore_dist.nn.dense_storage import store_dense_params  # noqa: E402
 from qgalore_dist.nn.materialize import materialize_quantized  # noqa: E402
+from qgalore_dist.train.metrics import limit_heap_retention  # noqa: E402
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def main(argv=None) -> None:
@@ -36,21 +43,36 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rsvd-niter", type=int, default=1)
+    ap.add_argument("--dense-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="storage of embeddings / norms / lm_head (on CPU computed in fp32 all the same)")
+    ap.add_argument("--no-activation-checkpointing", action="store_true",
+                    help="keep every layer's activations for backward instead of recomputing them")
+    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (quick proxy runs)")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     seq = args.seq_len or (256 if dev.type == "cuda" else 128)
-    dense_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dense_dtype = getattr(torch, args.dense_dtype)
+    compute_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dev.type == "cpu":
+        limit_heap_retention()
     t0 = time.perf_counter()
     cfg = resolve_model_config(args.model)
+    if args.layers:
+        cfg.num_hidden_layers = args.layers
     model = build_model(cfg, meta=True)
     materialize_quantized(model, seed=0, device=dev, dense_dtype=dense_dtype)
+    store_dense_params(model, dense_dtype, compute_dtype)
     model.config.use_cache = False
+    if not args.no_activation_checkpointing:
+        enable_activation_checkpointing(model)
     build_s = time.perf_counter() - t0
     rss_after_build = peak_rss_bytes()
+    rss_points = {"after_build": current_rss_bytes()}
     qcfg = QGaLoreConfig(rank=args.rank, update_proj_gap=500, max_proj_gap=5000, scale=0.25, lr=0.004,
                          projection="rsvd", rsvd_niter=args.rsvd_niter)
     opt = QGaLoreOptimizer(model, qcfg, dense_state_bits=8, layerwise=True, grad_accum=1, stagger_refresh=True)
+    rss_points["after_optimizer_init"] = current_rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator().manual_seed(0)
@@ -66,6 +88,10 @@ def main(argv=None) -> None:
         opt.zero_grad()
         step_s.append(time.perf_counter() - t)
         losses.append(float(loss))
+        rss_points[f"after_step_{len(losses) - 1}"] = current_rss_bytes()
+        print(f"step {len(losses) - 1}: loss {losses[-1]:.3f}, {step_s[-1]:.0f} s, RSS now "
+              f"{rss_points[f'after_step_{len(losses) - 1}'] / 2**30:.2f} GiB, peak {peak_rss_bytes() / 2**30:.2f} GiB",
+              flush=True)
     mem = opt.memory_bytes()
     n_proj = sum(pm.shape[0] * pm.shape[1] for pm in opt.matrices)
     n_dense = sum(p.numel() for _, p in opt.dense_named)
@@ -95,6 +121,7 @@ def main(argv=None) -> None:
           f"(step 0 includes every matrix's randomized SVD); losses {', '.join(f'{x:.3f}' for x in losses)}."]
     data = {"model": args.model, "rank": r, "seq_len": seq, "device": dev.type, "steps": args.steps,
             "memory_bytes": mem, "formula_bytes": formula, "peak_bytes": peak, "rss_after_build": rss_after_build,
+            "rss_points": rss_points,
             "step_s": step_s, "losses": losses, "build_s": build_s}
     if args.no_report:
         print("\n".join(md))

@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["MetricsWriter", "Progress", "peak_memory_bytes", "perplexity"]
+__all__ = ["MetricsWriter", "Progress", "limit_heap_retention", "peak_memory_bytes", "perplexity"]
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -24,6 +24,25 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def limit_heap_retention(threshold: int = 1 << 20) -> bool:
+    """Make glibc return freed tensor memory to the OS (CPU runs); returns whether it could be set.
+
+    glibc serves allocations below its mmap threshold from the heap, and raises that threshold dynamically (up to
+    32 MiB) each time a larger mmapped block is freed — after which the layer-sized temporaries of a training step
+    (gradients, SVD workspaces, 1-30 MiB each) come from the heap and stay resident after ``free`` when other
+    blocks pin the heap around them; the peak RSS then counts memory nobody uses. A fixed threshold turns the
+    dynamic adjustment off, so every block of ``threshold`` bytes or more is its own mapping, unmapped on free
+    (``mallopt(3)``, M_MMAP_THRESHOLD). No effect (False) where libc is not glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
 
 
 def perplexity(loss: float) -> float:
