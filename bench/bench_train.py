@@ -357,7 +357,7 @@ def report(data: dict, png: Path | None, write: bool) -> str:
                    f"({', '.join(f'{k} {v:,}' for k, v in m['memory_bytes'].items() if k != 'total')}); formula "
                    f"{f['total']:,.0f} B ({meas / f['total'] - 1:+.3%}). Target ≤ 0.18 GB: "
                    f"{'met' if meas <= 0.18e9 else 'MISSED'}; dense weights are fp32 here "
-                   f"({f['dense_weights_fp32']:,.0f} B), bf16 storage would give "
+                   f"({f['dense_weights_fp32']:,.0f} B); with `--dense-dtype bfloat16` (bf16 storage, fp32 compute) they would give "
                    f"{(meas - f['dense_weights_bf16_alternative']) / 1e9:.4f} GB."]
     own = {k: m for k, m in ms.items() if "merged_from" not in m}
     md.append(f"* Peak RSS of the whole process (all {len(own)} models resident at once): "
