@@ -214,7 +214,7 @@ def _rank(spec: dict, world: int, rank: int) -> None:
             with contextlib.redirect_stderr(err):
                 result = main(argv)
             res.update(exit=0, losses=result.losses, steps=result.steps, start_step=result.start_step,
-                       export_dir=result.export_dir)
+                       export_dir=result.export_dir, evals=result.evals)
         except SystemExit as exc:
             res["exit"] = exc.code
         except BaseException:

@@ -160,6 +160,9 @@ def test_losses_and_weights_equal_single_device(run, world, mode):
     recs = _ok(run, world, mode)
     for res in recs:  # every rank reports the global mean loss
         torch.testing.assert_close(res["losses"], run.ref.losses, rtol=0, atol=1e-10)
+        # each rank evaluated its slice of every global held-out batch: the sum is the single-device value
+        assert [s for s, _ in res["evals"]] == [s for s, _ in run.ref.evals]
+        torch.testing.assert_close([v for _, v in res["evals"]], [v for _, v in run.ref.evals], rtol=0, atol=1e-10)
         assert res["ddp_wrapped"] is False  # INT8 buffers never enter a DDP bucket: no DDP wrapper at all
     assert all(r["checksums"] == recs[0]["checksums"] for r in recs)  # replicas bit-identical
     if mode == "full":  # --export: rank 0 writes the dequantised transformers model, the others nothing
@@ -192,6 +195,10 @@ def test_metrics_from_rank0_only_with_comm_bytes_and_job_svd_total(run, world):
     assert quiet, "no step without a refresh"
     for i in quiet:
         assert by_mode["lowrank"][i]["comm_bytes"] < by_mode["full"][i]["comm_bytes"]
+    # evaluation is split too: rank 0 ran its slice (batch GLOBAL_BATCH / world) of each of the 2 global batches
+    ev = [json.loads(ln) for ln in (run.out / f"w{world}_lowrank.jsonl").read_text().splitlines()]
+    ev = [r for r in ev if r.get("event") == "eval"]
+    assert ev and all(r["eval_batches_this_rank"] == 2 for r in ev)
 
 
 @pytest.mark.dist

@@ -53,20 +53,33 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, red
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batcher: TokenBatcher, batches: int, batch_size: int,
-             device: torch.device) -> float:
-    """Mean token loss over the first ``batches`` held-out batches (deterministic: same windows every time)."""
+def evaluate_sums(model: nn.Module, batcher: TokenBatcher, batches: int, batch_size: int, device: torch.device,
+                  shard: bool = False) -> tuple[float, int, int]:
+    """(Σ token loss, token count, batches run here) over the first ``batches`` held-out batches.
+
+    ``shard``: the batches are global batches of ``batch_size × world size`` windows split by rank like training
+    batches (:meth:`TokenBatcher.val_batches`), so N ranks each run 1/N of the evaluation, in lockstep (every rank
+    the same number of equal forwards: safe where forwards are collectives), and the sums added over ranks give
+    the value one device gets with ``batch_size × N``."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, done = 0.0, 0, 0
     try:
-        for i, (x, y) in enumerate(batcher.val_batches(batch_size)):
+        for i, (x, y) in enumerate(batcher.val_batches(batch_size, shard=shard)):
             if i >= batches:
                 break
             total += float(lm_loss(model, x.to(device), y.to(device), reduction="sum"))
             count += y.numel()
+            done += 1
     finally:
         model.train(was_training)
+    return total, count, done
+
+
+def evaluate(model: nn.Module, batcher: TokenBatcher, batches: int, batch_size: int,
+             device: torch.device) -> float:
+    """Mean token loss over the first ``batches`` held-out batches (deterministic: same windows every time)."""
+    total, count, _ = evaluate_sums(model, batcher, batches, batch_size, device)
     return total / count if count else math.nan
 
 
@@ -322,10 +335,19 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
 
         def run_eval(step: int) -> None:
             t0 = time.perf_counter()
-            val = engine.mean_over_ranks(evaluate(model, batcher, args.eval_batches, args.batch_size, device))
+            # each rank evaluates its slice of every global batch; a held-out split smaller than one global batch
+            # is evaluated whole by every rank instead (same value everywhere)
+            shard = 1 < engine.world_size and args.batch_size * engine.world_size <= batcher.n_val_windows()
+            total, count, done = evaluate_sums(model, batcher, args.eval_batches, args.batch_size, device, shard)
+            if shard:
+                total, count = engine.sum_over_ranks([total, float(count)])
+            val = total / count if count else math.nan
+            if not shard:
+                val = engine.mean_over_ranks(val)
             result.evals.append((step, val))
             metrics.write({"event": "eval", "step": step, "tokens": tokens, "val_loss": val,
-                           "val_ppl": perplexity(val), "eval_time_s": time.perf_counter() - t0})
+                           "val_ppl": perplexity(val), "eval_time_s": time.perf_counter() - t0,
+                           "eval_batches_this_rank": done})
             progress.note(f"step {step}: val_loss {val:.4f} val_ppl {perplexity(val):.2f}")
 
         def save(step: int) -> None:

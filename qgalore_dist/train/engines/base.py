@@ -61,6 +61,10 @@ class Engine:
         """Average a scalar (loss, evaluation loss) over ranks; every rank gets the result."""
         return value
 
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Element-wise sum of a few scalars over ranks (fp64); every rank gets the result."""
+        return list(values)
+
     def step_metrics(self) -> dict[str, Any]:
         """Extra fields for this step's metrics line (e.g. ``comm_bytes``); called once after each ``step``."""
         return {}

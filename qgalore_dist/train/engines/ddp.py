@@ -170,14 +170,6 @@ class DDPEngine(DistributedEngine):
             out = self.optimizer.step()
         return None if out is None else float(out)
 
-    def mean_over_ranks(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        with self._guard("averaging the loss over ranks"):
-            dist.all_reduce(t)  # a scalar on the default group: metrics, not optimizer traffic
-        return float(t) / self.world_size
-
     def step_metrics(self) -> dict[str, Any]:
         """This step's bytes through this rank's link (sent + received) and the job's SVD total."""
         if not self.sharded:

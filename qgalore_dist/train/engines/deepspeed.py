@@ -445,14 +445,12 @@ class DeepSpeedEngine(DistributedEngine):
         self.sidecar.zero_grad()
         self._micro = 0
 
-    def mean_over_ranks(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.collectives.device)
-        with self._guard("averaging the loss over ranks"):
-            self.collectives.all_reduce([t])
+    def _metric_device(self) -> torch.device:
+        return self.collectives.device
+
+    def _metric_all_reduce(self, t: torch.Tensor) -> None:
+        self.collectives.all_reduce([t])
         self.collectives.reset_step()  # not optimizer traffic: keep it out of the next step's bytes
-        return float(t) / self.world_size
 
     def step_metrics(self) -> dict[str, Any]:
         c = self.sidecar.last_comm

@@ -130,6 +130,24 @@ class DistributedEngine(Engine):
         if int(flag):
             raise exc_type(f"{what} failed on another rank (its error message names the problem)")
 
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Element-wise fp64 sum of a few scalars (losses, token counts) over ranks; every rank gets the result."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._metric_device())
+        with self._guard("adding metrics (loss, evaluation) over ranks"):
+            self._metric_all_reduce(t)
+        return t.tolist()
+
+    def mean_over_ranks(self, value: float) -> float:
+        return self.sum_over_ranks([value])[0] / self.world_size
+
+    def _metric_device(self) -> torch.device:
+        return self.device
+
+    def _metric_all_reduce(self, t: torch.Tensor) -> None:
+        dist.all_reduce(t)  # a few scalars on the default group: metrics, not optimizer traffic
+
     def close(self) -> None:
         """Leave the process group. After a normal end, a barrier first (no rank closes its sockets while a peer
         still reads from them); after an error, at once (a peer may be gone); after ``--export``, at once too

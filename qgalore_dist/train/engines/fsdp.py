@@ -228,14 +228,6 @@ class FSDPEngine(DistributedEngine):
         self._micro = 0  # a new accumulation window: the grad_accum-th backward after this one syncs
         self.optimizer.zero_grad(set_to_none=True)
 
-    def mean_over_ranks(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        with self._guard("averaging the loss over ranks"):
-            dist.all_reduce(t)
-        return float(t) / self.world_size
-
     def step_metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(ALL_GATHER_COUNTER.reset())
         opt = self.optimizer
