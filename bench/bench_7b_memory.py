@@ -54,6 +54,11 @@ def main(argv=None) -> None:
     seq = args.seq_len or (256 if dev.type == "cuda" else 128)
     dense_dtype = getattr(torch, args.dense_dtype)
     compute_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if torch.finfo(dense_dtype).bits > torch.finfo(compute_dtype).bits:
+        ap.error(f"--dense-dtype {args.dense_dtype} is wider than the {compute_dtype} compute dtype on {dev.type}")
+    if args.layers and not args.no_report:
+        print(f"--layers {args.layers} is a proxy run: the report in docs/ is left alone", file=sys.stderr)
+        args.no_report = True
     if dev.type == "cpu":
         limit_heap_retention()
     t0 = time.perf_counter()
@@ -110,7 +115,8 @@ def main(argv=None) -> None:
     rows = [[k, f"{v / 2**30:.3f}"] for k, v in mem.items()]
     md = [f"{args.model} ({n_proj / 1e9:.2f} B projected + {n_dense / 1e6:.0f} M dense parameters), rank {r}, "
           f"batch 1 × seq {seq}, grad_accum 1 (in-backward steps), randomized SVD ({args.rsvd_niter} power "
-          f"iteration), {args.steps} optimizer steps on {dev.type}; dense weights {dense_dtype}.", "",
+          f"iteration), {args.steps} optimizer steps on {dev.type}; dense weights stored in {dense_dtype} "
+          f"(computed in {compute_dtype}), activation checkpointing {'off' if args.no_activation_checkpointing else 'on'}.", "",
           table(["resident tensor class", "GiB"], rows), "",
           f"* Formula (DESIGN.md §5 byte arithmetic with this model's shapes): {formula_total / 2**30:.3f} GiB; "
           f"measured {mem['total'] / 2**30:.3f} GiB ({mem['total'] / formula_total - 1:+.2%}).",
@@ -122,7 +128,9 @@ def main(argv=None) -> None:
     data = {"model": args.model, "rank": r, "seq_len": seq, "device": dev.type, "steps": args.steps,
             "memory_bytes": mem, "formula_bytes": formula, "peak_bytes": peak, "rss_after_build": rss_after_build,
             "rss_points": rss_points,
-            "step_s": step_s, "losses": losses, "build_s": build_s}
+            "step_s": step_s, "losses": losses, "build_s": build_s,
+            "dense_dtype": args.dense_dtype, "activation_checkpointing": not args.no_activation_checkpointing,
+            "layers": cfg.num_hidden_layers}
     if args.no_report:
         print("\n".join(md))
     else:

@@ -202,3 +202,45 @@ def test_row_blocked_apply_equals_whole_matrix_apply(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9, msg=k)
     codes = [k for k in out[0] if k.endswith("weight_codes")]
     assert sum(torch.equal(out[0][k], out[1][k]) for k in codes) >= len(codes) - 1
+
+
+def test_upcast_embedding_sums_gradients_in_fp32():
+    """Many same-sign contributions to one row: a bf16 running sum stalls (each addend falls below half an ulp
+    of the total); the fp32 per-token sum rounded once stays within bf16 precision."""
+    from qgalore_dist.nn.dense_storage import UpcastEmbedding
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 16, padding_idx=3)
+    ref = nn.Embedding(50, 16, padding_idx=3)
+    with torch.no_grad():
+        emb.weight.copy_(emb.weight.to(torch.bfloat16).float())
+    ref.load_state_dict(emb.state_dict())
+    store_dense_params(nn.Sequential(emb), torch.bfloat16, torch.float32)
+    assert type(emb) is UpcastEmbedding and emb.weight.dtype == torch.bfloat16
+    ids = torch.cat([torch.full((20000,), 7), torch.randint(0, 50, (500,))]).reshape(10, -1)
+    out, out_ref = emb(ids), ref(ids)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, out_ref)
+    (out * 1e-3).sum().backward()
+    (out_ref * 1e-3).sum().backward()
+    g, gr = emb.weight.grad.float(), ref.weight.grad
+    assert emb.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(g, gr, rtol=2 ** -8, atol=0)  # one bf16 rounding of the fp32 sum
+    assert torch.equal(g[3], torch.zeros(16))  # padding row gets no gradient
+    # what the plain route (upcast after the bf16 gather) would give for row 7: far off
+    w = nn.Parameter(emb.weight.detach().clone())
+    (nn.functional.embedding(ids, w).float() * 1e-3).sum().backward()
+    assert abs(float(w.grad[7, 0]) - float(gr[7, 0])) > 0.05 * abs(float(gr[7, 0]))
+
+
+def test_norms_that_compute_in_the_weight_dtype_are_refused():
+    class CastsDownRMSNorm(nn.Module):  # casts its input to the weight's dtype, as some RMSNorm variants do
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return self.weight * x.to(self.weight.dtype)
+
+    with pytest.raises(ValueError, match="CastsDownRMSNorm.*computes in torch.bfloat16"):
+        store_dense_params(nn.Sequential(CastsDownRMSNorm()), torch.bfloat16, torch.float32)

@@ -307,6 +307,8 @@ def _bad_cases(ws: SimpleNamespace, trained: SimpleNamespace, tmp: Path):
         "dense-dtype-adamw": (base_args(ws, "--optimizer", "adamw", "--dense-dtype", "bfloat16", *keep),
                               "--dense-dtype bfloat16 applies to --optimizer qgalore"),
         "dense-dtype-wider": (base_args(ws, "--dense-dtype", "float64", *keep), "must be narrower"),
+        "dense-dtype-on-resume": (base_args(ws, "--dense-dtype", "bfloat16", "--resume", ck20, *keep[:2]),
+                                  "stores its dense parameters in torch.float32"),
         "fresh-run-beside-other-layout": (base_args(ws, "--save-dir", str(foreign)), "another engine's layout"),
         "auto-resume-beside-other-layout": (base_args(ws, "--save-dir", str(foreign), "--resume", "auto"),
                                             "another engine's layout"),
@@ -318,7 +320,7 @@ BAD_CASES = ["unknown-model", "missing-data", "malformed-config", "unknown-confi
              "fresh-run-into-checkpoints", "missing-resume-dir", "corrupted-checkpoint", "truncated-trainer-json",
              "other-model", "other-optimizer", "other-seq-len", "save-dir-is-a-file", "local-comm-mode",
              "local-strict-replicas", "local-replica-check", "local-dist-timeout", "dense-dtype-adamw",
-             "dense-dtype-wider", "fresh-run-beside-other-layout",
+             "dense-dtype-wider", "dense-dtype-on-resume", "fresh-run-beside-other-layout",
              "auto-resume-beside-other-layout"]
 
 

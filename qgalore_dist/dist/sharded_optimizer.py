@@ -610,8 +610,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
             if n not in self.owned:
                 st.step += 1  # the owner's normalise advanced its copy: the SR stream is keyed by this count
             # the owner too applies what went over the wire, so a bf16 wire cannot split the replicas
-            self._timed("requantize", rule.apply_rows, st, self._pm[n].weight(), self._unwire(n, wire[n]),
-                        step_size, lr)
+            self._apply_rows_blocked(self._pm[n], self._unwire(n, wire[n]), step_size, rule, lr)
 
     def _end_window(self) -> None:
         self.accum.clear()

@@ -71,7 +71,7 @@ def dense_adamw_step(p: torch.Tensor, grad: torch.Tensor, st: DenseState, lr: fl
     g2 = grad.reshape(rows, cols)
     use_fused = (fused and st.exp_avg.quantized and st.exp_avg_sq.quantized and p.dtype != torch.float64
                  and st.exp_avg.block == st.exp_avg_sq.block)
-    chunk = rows if rows * cols <= chunk_elems else max(1, chunk_elems // cols)
+    chunk = max(1, rows if rows * cols <= chunk_elems else chunk_elems // cols)  # 0 rows: an empty shard
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
         pc, gc = p2[r0:r1], g2[r0:r1]

@@ -222,17 +222,25 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
     def _apply(self, pm: ProjectedMatrix, lowrank_grad: torch.Tensor, rule: LowRankAdamW, lr: float) -> None:
         st = self.mstate[pm.name]
         n, step_size = self._timed("optimizer", rule.normalise, st, lowrank_grad, lr)
+        self._apply_rows_blocked(pm, n, step_size, rule, lr)
+
+    def _apply_rows_blocked(self, pm: ProjectedMatrix, n: torch.Tensor, step_size: float, rule: LowRankAdamW,
+                            lr: float) -> None:
+        """``rule.apply_rows`` on the whole matrix — or, for INT8 matrices above ``_APPLY_CHUNK`` elements, a block
+        of rows at a time, as a row-sharded engine does (same keyed rounding by global index): the fp32 update and
+        the requantisation temporaries of a 11008×4096 LLaMA-7B MLP matrix are ~0.4 GB at once, ~25 MB per block.
+        A block's matmul may round its last bit differently from the whole matrix's, so every engine that must
+        reproduce this optimizer bit for bit applies its updates through here too."""
+        st = self.mstate[pm.name]
         w = pm.weight()
         rows, cols = pm.shape
         if not (pm.quantized and rows * cols > _APPLY_CHUNK and st.granularity == 1.0 and st.basis is not None
                 and type(rule) is LowRankAdamW):
             self._timed("requantize", rule.apply_rows, st, w, n, step_size, lr)
             return
-        # large INT8 matrices are updated a block of rows at a time, as a row-sharded engine does (same keyed
-        # rounding by global index): the fp32 update and the requantisation temporaries of a 11008×4096 LLaMA-7B
-        # MLP matrix are ~0.4 GB at once, ~25 MB per block
         chunk = max(1, _APPLY_CHUNK // cols)
-        basis = st.basis_float(torch.float32) if st.side == "left" else None
+        basis = st.basis_float(torch.float64 if n.dtype == torch.float64 else torch.float32) \
+            if st.side == "left" else None
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
             block = Int8Weight(w.codes[r0:r1], w.scales[r0:r1], w.group_size)

@@ -99,7 +99,8 @@ class TrainArgs:
     seed: int = _opt(0, "seed of model init, data order and stochastic rounding", type=int)
     # evaluation, checkpoints, telemetry
     eval_every: int = _opt(50, "evaluate on the held-out split every N steps (0: only at the end)", type=int)
-    eval_batches: int = _opt(8, "held-out batches (of --batch-size sequences) per evaluation", type=int)
+    eval_batches: int = _opt(8, "held-out batches per evaluation: global batches of --batch-size × world size "
+                             "sequences, each rank evaluating its --batch-size slice", type=int)
     save_dir: str | None = _opt(None, "checkpoint root; checkpoints go to <save-dir>/step_NNNNNN/", type=str)
     save_every: int = _opt(0, "checkpoint every N steps (0: only at the end); needs --save-dir", type=int)
     resume: str | None = _opt(None, "checkpoint directory to resume from, or 'auto' (latest in --save-dir; "
@@ -114,7 +115,7 @@ class TrainArgs:
     device: str | None = _opt(None, "cpu, cuda, cuda:N (default: cuda when available, else cpu)", type=str)
     dtype: str | None = _opt(None, "compute dtype (default: float32 on CPU, bfloat16 on CUDA)", type=str,
                              choices=DTYPES)
-    dense_dtype: str | None = _opt(None, "--optimizer qgalore, --engine local: storage dtype of the dense parameters "
+    dense_dtype: str | None = _opt(None, "--optimizer qgalore/projfactor, --engine local: storage dtype of the dense parameters "
                                    "(embeddings, norms, lm_head, biases); default the compute dtype. bfloat16 under a "
                                    "float32 compute dtype keeps them in bf16 and upcasts them where they are used "
                                    "(half their memory; updates rounded stochastically)", type=str, choices=DTYPES)
@@ -294,7 +295,8 @@ def validate(args: TrainArgs) -> None:
     if args.fsdp_grad_sync != "micro_batch" and args.engine != "fsdp":
         raise UsageError(f"--fsdp-grad-sync {args.fsdp_grad_sync} applies to --engine fsdp only")
     if args.dense_dtype is not None and (args.optimizer not in INT8_OPTIMIZERS or args.engine != "local"):
-        raise UsageError(f"--dense-dtype {args.dense_dtype} applies to --optimizer qgalore with --engine local only")
+        raise UsageError(f"--dense-dtype {args.dense_dtype} applies to --optimizer qgalore or projfactor with "
+                         "--engine local only")
     _refuse_unused_dist_flags(args)
     if args.replica_check_every < 0:
         raise UsageError(f"--replica-check-every must be >= 0, got {args.replica_check_every}")

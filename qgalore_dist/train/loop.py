@@ -107,6 +107,11 @@ def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
     return _DTYPES[spec]
 
 
+def dense_storage_dtype(spec: str | None, compute: torch.dtype) -> torch.dtype:
+    """``--dense-dtype``: the storage dtype of the dense parameters (default: the compute dtype)."""
+    return compute if spec is None else _DTYPES[spec]
+
+
 def resolve_tokenizer(args: TrainArgs):
     """``--tokenizer``, else the model directory's own tokenizer, else the default BPE (trained once, cached)."""
     if args.tokenizer is not None:
@@ -165,11 +170,12 @@ def build_training_model(args: TrainArgs, config, device: torch.device, dtype: t
         model = load_pretrained(args.model, dtype=dtype, device=device)
     elif args.optimizer in INT8_OPTIMIZERS:
         # a fresh model goes from the meta device straight into INT8, one matrix at a time: a 7B model never
-        # exists in fp32/bf16 (dense modules are materialised in the compute dtype)
+        # exists in fp32/bf16 (dense modules are materialised in their storage dtype)
         model = build_model(config, meta=True)
         try:
             materialize_quantized(model, tuple(args.target_module_list), group_size=WEIGHT_GROUP_SIZE,
-                                  seed=args.seed, device=device, dense_dtype=dtype)
+                                  seed=args.seed, device=device,
+                                  dense_dtype=dense_storage_dtype(args.dense_dtype, dtype))
         except ValueError as exc:
             raise UsageError(f"--target-modules: {exc}") from exc
     else:
@@ -184,7 +190,7 @@ def build_training_model(args: TrainArgs, config, device: torch.device, dtype: t
             raise UsageError(f"--target-modules: {exc}") from exc
     if args.dense_dtype is not None:  # after quantisation: the INT8 weights are buffers, only dense params remain
         try:
-            store_dense_params(model, _DTYPES[args.dense_dtype], dtype)
+            store_dense_params(model, dense_storage_dtype(args.dense_dtype, dtype), dtype)
         except ValueError as exc:
             raise UsageError(f"--dense-dtype {args.dense_dtype}: {exc}") from exc
     model.train()
@@ -250,6 +256,9 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
     Cheap checks come first (flags, model spec, checkpoint hashes), then the tokenizer and data, then the model.
     """
     dtype = resolve_dtype(args.dtype, engine.device)
+    if torch.finfo(dense_storage_dtype(args.dense_dtype, dtype)).bits > torch.finfo(dtype).bits:
+        raise UsageError(f"--dense-dtype {args.dense_dtype} is wider than the compute dtype {dtype}: it must be "
+                         "narrower (or the same)")
     if args.optimizer in LOWRANK_OPTIMIZERS:
         qgalore_config(args)  # raises UsageError on an invalid combination
     config = resolve_model_config(args.model)
@@ -263,6 +272,12 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
         if record.get("optimizer_kind") != args.optimizer:
             raise CheckpointError(f"checkpoint {resume_dir} was trained with --optimizer "
                                   f"{record.get('optimizer_kind')}, this run uses {args.optimizer}")
+        # loading would silently round the dense weights (or widen them, with their bf16 rounding baked in)
+        saved_args = record.get("args", {})
+        saved = dense_storage_dtype(saved_args.get("dense_dtype"), resolve_dtype(saved_args.get("dtype"), engine.device))
+        if saved != dense_storage_dtype(args.dense_dtype, dtype):
+            raise CheckpointError(f"checkpoint {resume_dir} stores its dense parameters in {saved}, this run in "
+                                  f"{dense_storage_dtype(args.dense_dtype, dtype)}; pass the original --dense-dtype")
 
     tokenizer = resolve_tokenizer(args)
     tok_fp = tokenizer_fingerprint(tokenizer)
