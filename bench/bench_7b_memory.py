@@ -122,7 +122,7 @@ def main(argv=None) -> None:
           f"measured {mem['total'] / 2**30:.3f} GiB ({mem['total'] / formula_total - 1:+.2%}).",
           f"* Peak {'CUDA memory allocated' if dev.type == 'cuda' else 'RSS'}: **{peak / 2**30:.2f} GiB** "
           f"(target ≤ 13 GB = 12.1 GiB; Q-GaLore reports 15.08 GB) — "
-          f"{'met' if peak <= 13e9 else 'MISSED'}. RSS right after materialisation: {rss_after_build / 2**30:.2f} GiB.",
+          f"{'met' if peak <= 13e9 else 'MISSED'}. Peak RSS during materialisation: {rss_after_build / 2**30:.2f} GiB.",
           f"* Materialisation {build_s:.0f} s; step times {', '.join(f'{s:.0f} s' for s in step_s)} "
           f"(step 0 includes every matrix's randomized SVD); losses {', '.join(f'{x:.3f}' for x in losses)}."]
     data = {"model": args.model, "rank": r, "seq_len": seq, "device": dev.type, "steps": args.steps,
@@ -135,7 +135,7 @@ def main(argv=None) -> None:
         print("\n".join(md))
     else:
         write_report(f"bench_7b_memory_{dev.type}", f"LLaMA-7B single-process memory on {dev.type} (issue 4 headline)",
-                     data, "\n".join(md))
+                     data, "\n".join(md), script="bench_7b_memory")
 
 
 if __name__ == "__main__":

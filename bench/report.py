@@ -70,8 +70,9 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def write_report(name: str, title: str, data: dict, markdown: str) -> None:
-    """Write docs/bench/<name>.json and replace this benchmark's section of docs/benchmarks.md."""
+def write_report(name: str, title: str, data: dict, markdown: str, script: str | None = None) -> None:
+    """Write docs/bench/<name>.json and replace this benchmark's section of docs/benchmarks.md (``script``: the
+    bench/ file that reruns it, when it is not ``<name>.py``)."""
     data = {"benchmark": name, "machine": machine(), "git": git_rev(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **data}
     (DOCS / "bench").mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def write_report(name: str, title: str, data: dict, markdown: str) -> None:
     section = (f"<!-- bench:{name} -->\n## {title}\n\n"
                f"Machine: {data['machine']}. Commit {data['git']}, {data['date']}. "
                f"Raw numbers: [docs/bench/{name}.json](bench/{name}.json); rerun: `make bench` or "
-               f"`.venv/bin/python bench/{name}.py`.\n\n{markdown.strip()}\n<!-- /bench:{name} -->")
+               f"`.venv/bin/python bench/{script or name}.py`.\n\n{markdown.strip()}\n<!-- /bench:{name} -->")
     path = DOCS / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery figure here comes from a script in `bench/`, " \
         "run side by side in one process on the machine named in its section.\n"
