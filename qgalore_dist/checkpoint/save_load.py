@@ -311,15 +311,17 @@ def save_checkpoint(save_dir: str | os.PathLike[str], step: int, *, model_state:
 
 
 # ------------------------------------------------------------------------------------------------------ load
-def list_checkpoints(save_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every published checkpoint in ``save_dir`` (``step_N`` with a ``trainer.json``),
-    ascending. Temporary ``.tmp-<pid>`` directories of interrupted saves are ignored."""
+def list_checkpoints(save_dir: str | os.PathLike[str], pattern: re.Pattern[str] = _STEP_RE
+                     ) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every published checkpoint in ``save_dir`` (a directory whose whole name matches
+    ``pattern``, group 1 the step — default ``step_N`` — with a ``trainer.json``), ascending. Temporary
+    ``.tmp-<pid>`` / ``.old-<tag>`` directories of interrupted saves are ignored."""
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         return []
     out = []
     for p in save_dir.iterdir():
-        m = _STEP_RE.match(p.name)
+        m = pattern.match(p.name)
         if m and p.is_dir() and (p / TRAINER_FILE).is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)

@@ -69,7 +69,6 @@ import copy
 import dataclasses
 import datetime
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -80,7 +79,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ...checkpoint.save_load import (TRAINER_FILE, CheckpointError, build_manifest, capture_rng_state, flatten_state,
-                                     manifest_files, read_record, unflatten_state, verify_files)
+                                     list_checkpoints, manifest_files, publish_checkpoint, read_record,
+                                     unflatten_state, verify_files)
 from ..cli import INT8_OPTIMIZERS, DistributedError, TrainArgs, UsageError
 from .base import ResumePoint
 from .distributed import DistributedEngine, joining
@@ -489,15 +489,7 @@ class DeepSpeedEngine(DistributedEngine):
 
     # --- checkpoints -----------------------------------------------------------------------------------------
     def list_checkpoints(self, save_dir: str | Path) -> list[tuple[int, Path]]:
-        root = Path(save_dir)
-        if not root.is_dir():
-            return []
-        out = []
-        for p in root.iterdir():
-            m = _TAG_RE.match(p.name)
-            if m and p.is_dir() and (p / TRAINER_FILE).is_file():
-                out.append((int(m.group(1)), p))
-        return sorted(out)
+        return list_checkpoints(save_dir, _TAG_RE)
 
     def verify_checkpoint(self, path: Path) -> dict[str, Any]:
         root = Path(path)
@@ -574,14 +566,7 @@ class DeepSpeedEngine(DistributedEngine):
                       # names as in DeepSpeed's module file (the loop saw the engine wrapper: "module." prefixes)
                       "quantized_modules": quantized_modules(self.module), "manifest": build_manifest(work)}
             (work / TRAINER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
-            if path.exists():  # same step saved again: swap, the old one is deleted only after the new is in place
-                old = root / f"{tag}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(work, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(work, path)
+            publish_checkpoint(work, path)  # same step saved again: the old one goes only once the new is in place
             (root / "latest").write_text(tag, encoding="utf-8")  # DeepSpeed's own pointer, for its tools
 
     def load_checkpoint(self, path: Path) -> ResumePoint:
