@@ -287,8 +287,9 @@ class LowRankAdamW:
         """``scale · project_back(N)`` for rows ``[row_offset, row_offset + rows)``: [rows, n_cols] in ``dtype``.
 
         With granularity c the back-projection yields the matching rows of the reshaped update
-        (:func:`granular_rows`), reshaped back to weight rows. ``basis_rows`` (left projection): the shard's rows of
-        the reshaped P. ``n_row_offset`` (right projection): the weight row of N's row 0 when N holds only some rows
+        (:func:`granular_rows`), reshaped back to weight rows. ``basis_rows``: left projection, the shard's rows of
+        the reshaped P; right projection, the whole float Q (a caller updating one matrix block by block passes it
+        so Q is dequantised once, not once per block). ``n_row_offset`` (right projection): the weight row of N's row 0 when N holds only some rows
         (a row-sharded engine passes its local N with ``row_offset - n_row_offset`` = its first row; default: N is
         whole, ``n_row_offset = 0``).
         """
@@ -298,7 +299,8 @@ class LowRankAdamW:
         if st.side == "left" and basis_rows is not None:
             out = project_back(n.to(dtype), basis_rows.to(dtype), st.side, self.config.scale, 0, g_rows)
         else:
-            out = project_back(n.to(dtype), st.basis_float(dtype), st.side, self.config.scale, g_off, g_rows)
+            basis = st.basis_float(dtype) if basis_rows is None else basis_rows.to(dtype)
+            out = project_back(n.to(dtype), basis, st.side, self.config.scale, g_off, g_rows)
         return from_granular(out, rows, st.shape[1])
 
     def update_rows(self, st: MatrixState, w_rows: torch.Tensor, n: torch.Tensor, step_size: float, lr: float,

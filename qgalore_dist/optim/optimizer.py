@@ -239,13 +239,13 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
             self._timed("requantize", rule.apply_rows, st, w, n, step_size, lr)
             return
         chunk = max(1, _APPLY_CHUNK // cols)
-        basis = st.basis_float(torch.float64 if n.dtype == torch.float64 else torch.float32) \
-            if st.side == "left" else None
+        # the float basis once for all blocks: left, each block takes its rows of P; right, every block the whole Q
+        basis = st.basis_float(torch.float64 if n.dtype == torch.float64 else torch.float32)
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
             block = Int8Weight(w.codes[r0:r1], w.scales[r0:r1], w.group_size)
             self._timed("requantize", rule.apply_rows, st, block, n, step_size, lr, r0,
-                        None if basis is None else basis[r0:r1])
+                        basis[r0:r1] if st.side == "left" else basis)
 
     # --- layer-wise: gradients consumed inside backward -----------------------------------------------------
     def _install_sink(self, pm: ProjectedMatrix) -> None:
