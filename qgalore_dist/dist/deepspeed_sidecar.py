@@ -15,10 +15,10 @@ run *as* DeepSpeed's optimizer. Instead the work is split:
 
 One optimizer step (the engine, :mod:`qgalore_dist.train.engines.deepspeed`, orders it; every rank)::
 
-    proj_sq = sidecar.begin_step()     # reduce low-rank (or full) gradients to owners; Σ‖R‖² of owned matrices
-    ds_engine.step()                   # ZeRO reduces dense grads, calls FlatDenseAdamW.step(), which
-                                       #   all-reduces [proj_sq, Σ‖dense slice‖²] -> one global norm -> clip coef,
-                                       #   scales its slice's gradient and steps it
+    sidecar.begin_step()               # reduce low-rank (or full) gradients to owners; Σ‖R‖² of owned matrices
+    ds_engine.step()                   # ZeRO reduces dense grads, calls FlatDenseAdamW.step(), which calls
+                                       #   sidecar.shared_norm(Σ‖dense slice‖²): one all-reduce of both parts
+                                       #   -> global norm -> clip coef; then scales its slice's gradient, steps it
     sidecar.finish_step(coef)          # owners normalise, broadcast; every rank applies to its replica
 
 so the clipping norm is ``√(Σ‖R‖² + ‖dense‖²)`` — the single-device reference's definition — over DeepSpeed's
@@ -38,16 +38,11 @@ from torch import nn
 
 from ..config import QGaLoreConfig
 from ..optim.dense_adamw import DenseState, dense_adamw_step, init_dense_state
-from ..optim.norms import squared_norm
+from ..optim.norms import clip_coef, squared_norm
 from .collectives import Collectives
 from .sharded_optimizer import ShardedQGaLoreOptimizer
 
-__all__ = ["FlatDenseAdamW", "SidecarQGaLoreOptimizer", "clip_coef"]
-
-
-def clip_coef(norm: float, max_norm: float) -> float:
-    """The clipping factor every optimizer here uses (1 when ``max_norm`` is 0: off)."""
-    return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+__all__ = ["FlatDenseAdamW", "SidecarQGaLoreOptimizer"]
 
 
 class SidecarQGaLoreOptimizer(ShardedQGaLoreOptimizer):
@@ -85,15 +80,25 @@ class SidecarQGaLoreOptimizer(ShardedQGaLoreOptimizer):
         order = list(self._window) if self.comm_mode == "lowrank" else mats
         live = set(mats)
         sq = sum(squared_norm(self.accum[n]) for n in order if n in live and n in self.owned)
-        self._open = (mats, rule, lr)
+        self._open = (mats, rule, lr, sq)
         return sq
+
+    def shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
+        """Collective, between :meth:`begin_step` and :meth:`finish_step`: one all-reduce of [this rank's owned
+        Σ‖R‖², its dense norm²]. Returns (global norm, clipping factor at ``grad_clip``)."""
+        if self._open is None:
+            raise RuntimeError("shared_norm() without begin_step()")
+        v = torch.tensor([self._open[3], dense_local_sq], dtype=torch.float64, device=self.collectives.device)
+        self.collectives.all_reduce([v])
+        norm = (float(v[0]) + float(v[1])) ** 0.5
+        return norm, clip_coef(norm, self.grad_clip)
 
     @torch.no_grad()
     def finish_step(self, coef: float = 1.0) -> None:
         """Collective. Apply the window's update with clipping factor ``coef`` (the same on every rank)."""
         if self._open is None:
             raise RuntimeError("finish_step() without begin_step()")
-        mats, rule, lr = self._open
+        mats, rule, lr, _ = self._open
         self._open = None
         if self.comm_mode == "full":
             self._apply_full(mats, rule, lr, coef)
@@ -110,10 +115,9 @@ class SidecarQGaLoreOptimizer(ShardedQGaLoreOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure()
-        sq = torch.tensor([self.begin_step()], dtype=torch.float64, device=self.collectives.device)
-        self.collectives.all_reduce([sq])
-        norm = float(sq) ** 0.5
-        self.finish_step(clip_coef(norm, self.grad_clip))
+        self.begin_step()
+        norm, coef = self.shared_norm(0.0)  # no dense side here
+        self.finish_step(coef)
         return norm
 
     # --- weights in checkpoints (DeepSpeed's module file holds rank 0's copy too; these are keyed by name) ------

@@ -58,7 +58,7 @@ import torch
 from ..config import QGaLoreConfig
 from ..optim.dense_adamw import DenseState, dense_adamw_step
 from ..optim.lowrank_adamw import LowRankAdamW, MatrixState
-from ..optim.norms import squared_norm
+from ..optim.norms import clip_coef, squared_norm
 from ..optim.optimizer import PhasedGroups
 from ..optim.projfactor import make_rule
 from ..projection.projector import basis_shape, lowrank_shape, project
@@ -330,7 +330,7 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         v = torch.tensor([sq + float(extra_sq)], dtype=torch.float64, device=self.collectives.device)
         self.collectives.all_reduce([v])
         norm = float(v[0]) ** 0.5
-        coef = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
+        coef = clip_coef(norm, self.grad_clip)
         self.last_clip_coef = coef
         self._apply(mats, lowrank, rule, lr, coef)
         if dense:

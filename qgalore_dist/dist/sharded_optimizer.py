@@ -97,7 +97,7 @@ from ..config import QGaLoreConfig
 from ..nn.convert import DEFAULT_TARGET_MODULES
 from ..optim.dense_adamw import dense_adamw_step
 from ..optim.lowrank_adamw import MatrixState
-from ..optim.norms import squared_norm
+from ..optim.norms import clip_coef, squared_norm
 from ..optim.optimizer import ProjectedMatrix, QGaLoreOptimizer
 from ..optim.projfactor import ProjFactorState, ProjFactorUpdate
 from ..projection.projector import basis_shape, lowrank_shape
@@ -513,7 +513,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         norm, coef = None, 1.0
         if self.grad_clip > 0:
             norm = self._global_norm(mats, dense_grads)
-            coef = min(1.0, self.grad_clip / (norm + 1e-6))
+            coef = clip_coef(norm, self.grad_clip)
         if self.comm_mode == "full":
             self._apply_full(mats, rule, lr, coef)
         else:

@@ -1,4 +1,5 @@
-"""The squared L2 norm every optimizer and engine here uses for clipping and the ``grad_norm`` metric."""
+"""The squared L2 norm every optimizer and engine here uses for clipping and the ``grad_norm`` metric, and the
+clipping factor derived from it."""
 
 from __future__ import annotations
 
@@ -18,3 +19,9 @@ def squared_norm(t: torch.Tensor) -> float:
         return float(t.double().pow(2).sum())
     flat = t.reshape(-1)
     return float(sum(flat[i:i + _CHUNK].double().pow(2).sum() for i in range(0, flat.numel(), _CHUNK)))
+
+
+def clip_coef(norm: float, max_norm: float) -> float:
+    """The factor gradients are scaled by to clip their global ``norm`` to ``max_norm`` (1 when ``max_norm`` is
+    0: clipping off)."""
+    return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0

@@ -26,7 +26,7 @@ from ..quant.int8 import Int8Weight
 from ..quant.rng import stream_key
 from .dense_adamw import DenseState, dense_adamw_step, init_dense_state
 from .lowrank_adamw import LowRankAdamW, MatrixState, effective_rank
-from .norms import squared_norm
+from .norms import clip_coef, squared_norm
 from .projfactor import make_rule
 
 
@@ -315,7 +315,7 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         sq += sum(squared_norm(p.grad) for _, p in dense)
         self._consumed_sq = 0.0
         norm = sq ** 0.5
-        coef = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
+        coef = clip_coef(norm, self.grad_clip)
         for pm in self.matrices:
             r = self.accum.pop(pm.name, None)
             if r is not None:

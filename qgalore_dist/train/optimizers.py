@@ -13,7 +13,7 @@ from torch import nn
 from ..config import QGaLoreConfig
 from ..optim import QGaLoreOptimizer
 from ..optim.dense_adamw import dense_adamw_step, init_dense_state
-from ..optim.norms import squared_norm
+from ..optim.norms import clip_coef, squared_norm
 from .cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs, UsageError
 
 __all__ = ["ADAM_EPS", "WEIGHT_GROUP_SIZE", "DenseAdamW8bit", "TorchAdamW", "make_optimizer", "qgalore_config"]
@@ -77,7 +77,7 @@ class DenseAdamW8bit(torch.optim.Optimizer):
         if not live:
             return None
         norm = _global_norm(p.grad for p in live)
-        coef = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
+        coef = clip_coef(norm, self.grad_clip)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

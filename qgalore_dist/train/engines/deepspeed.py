@@ -320,7 +320,6 @@ class DeepSpeedEngine(DistributedEngine):
         self.client = None
         self.collectives = None
         self._micro = 0
-        self._proj_sq = 0.0
         self._coef = 1.0
         self._closed = False
 
@@ -396,20 +395,13 @@ class DeepSpeedEngine(DistributedEngine):
             self.sidecar = Zero3Sidecar(model, config, self.collectives, grad_clip=args.grad_clip, **common)
         else:
             self.sidecar = SidecarQGaLoreOptimizer(
-                model, config, self.collectives, comm_mode=args.comm_mode,
+                model, config, self.collectives, comm_mode=args.comm_mode, grad_clip=args.grad_clip,
                 replica_check_every=args.replica_check_every, strict_replicas=args.strict_replicas, **common)
 
     def _shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
-        """Called by FlatDenseAdamW inside DeepSpeed's step: one all-reduce of [Σ‖R‖² owned, Σ‖dense slice‖²]."""
-        from ...dist.deepspeed_sidecar import clip_coef
-
-        if self.stage == 3:  # the row-sharded step runs here, folding the dense norm² into its own all-reduce
-            norm, self._coef = self.sidecar.shared_norm(dense_local_sq)
-            return norm, self._coef
-        v = torch.tensor([self._proj_sq, dense_local_sq], dtype=torch.float64, device=self.collectives.device)
-        self.collectives.all_reduce([v])
-        norm = (float(v[0]) + float(v[1])) ** 0.5
-        self._coef = clip_coef(norm, self.args.grad_clip)
+        """Called by FlatDenseAdamW inside DeepSpeed's step: the side-car folds this rank's dense norm² into the
+        clipping norm (ZeRO-3: and runs the row-sharded step there); the factor is kept for finish_step."""
+        norm, self._coef = self.sidecar.shared_norm(dense_local_sq)
         return norm, self._coef
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -430,7 +422,7 @@ class DeepSpeedEngine(DistributedEngine):
             raise RuntimeError("DeepSpeed is not at a gradient accumulation boundary at step()")
         calls = self.client.calls
         with self._guard("optimizer step"):
-            self._proj_sq = self.sidecar.begin_step()
+            self.sidecar.begin_step()
             self.ds.step()
             if self.client.calls != calls + 1:
                 raise RuntimeError(f"DeepSpeed called the dense optimizer {self.client.calls - calls} times in one "
