@@ -25,7 +25,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from ..models import build_model, rebuild_rotary_buffers
 from ..nn.int8_linear import QGaLoreLinear
 from ..quant.int8 import dequantize_rows
-from .save_load import CheckpointError, load_checkpoint
+from .save_load import CheckpointError, load_checkpoint, load_model_state
 
 __all__ = ["dequantized_state_dict", "export_checkpoint", "export_model", "export_state", "main",
            "quantized_modules"]
@@ -92,16 +92,8 @@ def export_state(state: Mapping[str, torch.Tensor], config: PretrainedConfig, qu
     config.use_cache = True  # training turns the KV cache off; an exported model is for inference
     model = build_model(config, dtype=dtype, meta=True)
     sd = dequantized_state_dict(state, quantized, dtype)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"state does not fit a {config.model_type} model of this config: missing "
-                              f"{missing[:3]}, unexpected {unexpected[:3]}")
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{k}: shape {tuple(v.shape)} differs from the config's {tuple(expected[k].shape)}")
-    model.load_state_dict(sd, assign=True, strict=True)
+    load_model_state(model, sd, f"the dequantised state (for a {config.model_type} model of this config)",
+                     assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # assign=True replaced the shared Parameter by two separate ones
     rebuild_rotary_buffers(model, "cpu")

@@ -401,19 +401,20 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return record
 
 
-def load_model_state(model: "torch.nn.Module", state: Mapping[str, torch.Tensor], where: str) -> None:
-    """``model.load_state_dict(state, strict=True)`` after checking names and shapes, so a checkpoint of another
-    model raises :class:`CheckpointError` naming the first difference instead of torch's multi-line error."""
+def load_model_state(model: "torch.nn.Module", state: Mapping[str, torch.Tensor], where: str,
+                     assign: bool = False) -> None:
+    """``model.load_state_dict(state, strict=True, assign=assign)`` after checking names and shapes, so a state of
+    another model raises :class:`CheckpointError` naming the first difference instead of torch's multi-line error.
+    ``where`` names the state in that message (e.g. ``"checkpoint runs/x/step_000010"``)."""
     own = model.state_dict()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
-        raise CheckpointError(f"checkpoint {where} does not match this model: missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}")
+        raise CheckpointError(f"{where} does not match this model: missing {missing[:3]}, unexpected {extra[:3]}")
     for k, v in own.items():
         if tuple(v.shape) != tuple(state[k].shape):
-            raise CheckpointError(f"checkpoint {where} does not match this model: {k} has shape "
-                                  f"{tuple(state[k].shape)}, the model {tuple(v.shape)}")
-    model.load_state_dict(state, strict=True)
+            raise CheckpointError(f"{where} does not match this model: {k} has shape {tuple(state[k].shape)}, the "
+                                  f"model {tuple(v.shape)}")
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 @dataclass

@@ -279,7 +279,8 @@ class DDPEngine(DistributedEngine):
         error, record, opt_state = None, None, None
         try:
             record = verify_checkpoint(root)
-            load_model_state(self.model, load_file(str(root / MODEL_FILE), device=str(self.device)), str(root))
+            load_model_state(self.model, load_file(str(root / MODEL_FILE), device=str(self.device)),
+                             f"checkpoint {root}")
             opt_state = self._read_optimizer_state(root, record)
             mine = root / trainer_shard_file(self.rank)
             if self.rank < int(record.get("ranks", 1)) and mine.is_file():

@@ -63,7 +63,7 @@ class LocalEngine(Engine):
 
     def load_state(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any], where: str) -> None:
         """Load a checkpoint's model and optimizer state; a mismatch raises :class:`CheckpointError`."""
-        load_model_state(self.model, model_state, where)
+        load_model_state(self.model, model_state, f"checkpoint {where}")
         try:
             self.optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
