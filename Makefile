@@ -1,6 +1,7 @@
 # qgalore_dist — CPU developer/CI entry points.
 #   make setup   system MPI + .venv + pinned CPU torch + DeepSpeed/mpi4py + editable install (idempotent)
-#   make test    setup, then the test suite (hypothesis profile "ci" when CI is set)
+#   make test    setup, lint (ruff over the whole tree), then the test suite (hypothesis profile "ci" when CI is set)
+#   make lint    setup, then ruff check (lint + import order, configured in pyproject.toml)
 #   make demo    setup, then the default pre-training run
 #   make bench   setup, then every bench/bench_*.py (helpers such as bench/report.py are not run)
 #   make clean   remove build/test output (`make distclean` also removes .venv, .cache, runs)
@@ -27,7 +28,7 @@ PYTEST_ARGS ?=
 # a 50-step refresh interval so the 200-step demo exercises the refresh gate (the CLI default is the paper's 200)
 DEMO_ARGS   ?= --update-proj-gap 50 --metrics-jsonl runs/demo/metrics.jsonl
 
-.PHONY: setup test demo bench clean distclean
+.PHONY: setup lint test demo bench clean distclean
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	VENV="$(VENV)" bash scripts/setup.sh
@@ -36,7 +37,10 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 setup: $(STAMP)
 
 # pytest's own exit status is kept: 5 (no tests collected) fails the target on purpose.
-test: $(STAMP)
+lint: $(STAMP)
+	"$(VENV)/bin/ruff" check .
+
+test: lint
 	"$(PY)" -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)

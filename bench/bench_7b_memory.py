@@ -3,7 +3,7 @@
 Built on the meta device and materialised straight into INT8 (never fp32/bf16 as a whole), layer-wise updates with
 ``grad_accum=1`` (each matrix's step runs inside backward: no gradient or accumulator for the whole model ever
 exists), randomized SVD, rank 1024, batch 1. Reports peak RSS (CPU) or peak CUDA memory (GPU) and the exact
-resident bytes of weights + optimizer state next to the byte formula of DESIGN.md §5.
+resident bytes of weights + optimizer state next to the byte formula of docs/design.md §5.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def main(argv=None) -> None:
           f"iteration), {args.steps} optimizer steps on {dev.type}; dense weights stored in {dense_dtype} "
           f"(computed in {compute_dtype}), activation checkpointing {'off' if args.no_activation_checkpointing else 'on'}.", "",
           table(["resident tensor class", "GiB"], rows), "",
-          f"* Formula (DESIGN.md §5 byte arithmetic with this model's shapes): {formula_total / 2**30:.3f} GiB; "
+          f"* Formula (docs/design.md §5 byte arithmetic with this model's shapes): {formula_total / 2**30:.3f} GiB; "
           f"measured {mem['total'] / 2**30:.3f} GiB ({mem['total'] / formula_total - 1:+.2%}).",
           f"* Peak {'CUDA memory allocated' if dev.type == 'cuda' else 'RSS'}: **{peak / 2**30:.2f} GiB** "
           f"(target ≤ 13 GB = 12.1 GiB; Q-GaLore reports 15.08 GB) — "

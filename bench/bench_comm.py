@@ -5,7 +5,7 @@ projected matrices 256×256 / 256×688 / 688×256) trained a few steps per world
 and ``lowrank`` (N broadcast in bf16: ``update_dtype=torch.bfloat16``), rank 64 (= min(256, 688)/4), batch 2 × seq
 64 of random tokens per rank, fixed refresh gap (``gate=False``) so refresh and non-refresh steps alternate,
 global-norm clipping on (so the norm all-reduce is counted too). Every byte is the
-:class:`~qgalore_dist.dist.collectives.Collectives` per-rank counter (``step_counters()`` via the optimizer's
+:class:`~qgalore_dist.parallel.collectives.Collectives` per-rank counter (``step_counters()`` via the optimizer's
 ``last_comm``): sent + received through one rank's link per optimizer step, refresh traffic inside backward
 included. The dense baseline is plain DDP + AdamW all-reducing bf16 gradients with a ring: ``4·P·(N−1)/N`` bytes
 sent and as many received per rank (P parameters) — computed from the model's parameter counts and also measured by
@@ -16,7 +16,7 @@ Also: per-rank SVD seconds (``phase_times['svd']``; balance = max/mean) and plan
 ``llama_60m`` (rank 128) and ``llama_1b`` (rank 512) at world sizes 2, 4, 8 with bf16 gradients.
 
 Ranks are forked from this process after the heavy imports (as ``tests/ddp_worker.py`` does), joined through
-:func:`~qgalore_dist.dist.launch_env.init_distributed` from torchrun-style variables on 127.0.0.1; one world at a
+:func:`~qgalore_dist.parallel.launch_env.init_distributed` from torchrun-style variables on 127.0.0.1; one world at a
 time, so the per-rank SVD timings of one world do not compete with another world's ranks.
 """
 
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import table, write_report  # noqa: E402
-from qgalore_dist.dist.collectives import DEFAULT_BUCKET_BYTES, all_reduce_bytes  # noqa: E402
 from qgalore_dist.optim.lowrank_adamw import effective_rank  # noqa: E402
+from qgalore_dist.parallel.collectives import DEFAULT_BUCKET_BYTES, all_reduce_bytes  # noqa: E402
 from qgalore_dist.projection.projector import basis_shape, lowrank_shape, projection_side  # noqa: E402
 from qgalore_dist.quant.groups import num_groups  # noqa: E402
 
@@ -246,8 +246,8 @@ def ddp_bytes(params: int, world: int, grad_bytes: int = 2) -> int:
 
 def model_layout(model_name: str, vocab: int | None = None):
     """(projected shapes {name: (m, n)}, dense [(name, numel)]) from a meta build (no storage)."""
-    from qgalore_dist.dist.plan import model_matrix_shapes
     from qgalore_dist.models import build_model, resolve_model_config
+    from qgalore_dist.parallel.plan import model_matrix_shapes
 
     config = resolve_model_config(model_name, vocab_size=vocab)
     model = build_model(config, meta=True)
@@ -259,7 +259,7 @@ def model_layout(model_name: str, vocab: int | None = None):
 def lowrank_plan(shapes, world: int, rank: int):
     """The ownership plan the engine computes by default (``default_plan`` with this config's options)."""
     from qgalore_dist.config import QGaLoreConfig
-    from qgalore_dist.dist.plan import make_plan, plan_options
+    from qgalore_dist.parallel.plan import make_plan, plan_options
 
     return make_plan(shapes, world, **plan_options(QGaLoreConfig(rank=rank, weight_group_size=WEIGHT_GROUP,
                                                                  proj_group_size=PROJ_GROUP)))
@@ -276,8 +276,8 @@ def _batch(step: int, world: int, rank: int, seed: int) -> torch.Tensor:
 
 def _train_run(coll, rank: int, world: int, dtype: torch.dtype, mode: str, steps: int, gap: int) -> dict:
     from qgalore_dist import QGaLoreConfig, quantize_model
-    from qgalore_dist.dist import ShardedQGaLoreOptimizer
     from qgalore_dist.models import build_model, resolve_model_config
+    from qgalore_dist.parallel import ShardedQGaLoreOptimizer
 
     torch.manual_seed(0)  # identical initial weights on every rank
     model = build_model(resolve_model_config(MODEL, vocab_size=VOCAB), dtype=dtype)
@@ -328,8 +328,8 @@ def _rank_main(out_dir: str, env_vars: dict, opts: dict) -> None:
     torch.set_num_threads(1)
     record: dict = {"runs": []}
     try:
-        from qgalore_dist.dist import Collectives
-        from qgalore_dist.dist.launch_env import init_distributed
+        from qgalore_dist.parallel import Collectives
+        from qgalore_dist.parallel.launch_env import init_distributed
 
         env = init_distributed("gloo", timeout=datetime.timedelta(seconds=600))
         rank, world = env.rank, env.world_size
@@ -358,7 +358,7 @@ def run_world(world: int, opts: dict, timeout_s: float) -> list[dict]:
     """Fork ``world`` ranks, wait (bounded), return their records in rank order."""
     import transformers.models.llama.modeling_llama  # noqa: F401  (heavy imports shared by the forked ranks)
 
-    import qgalore_dist.dist  # noqa: F401
+    import qgalore_dist.parallel  # noqa: F401
 
     with tempfile.TemporaryDirectory() as out:
         port = _free_port()

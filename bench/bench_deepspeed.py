@@ -41,7 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-KINDS = ("zero2_adamw", "zero2_qgalore", "zero3_qgalore")
+KINDS = ("zero2_adamw", "zero2_qgalore", "zero3_qgalore", "zero3_projfactor", "zero3_qgalore_c4")
+# the VLoRP rows: ProjFactor at the same rank, and granularity 4 at rank/4 (the same budget M = c·r)
+VARIANTS = {"zero3_projfactor": {"optimizer": "projfactor"}, "zero3_qgalore_c4": {"granularity": 4.0}}
 RANKS = {"llama_130m": 256, "llama_1b": 512, "llama_7b": 1024, "llama_60m": 128, "llama_20m": 64}
 WEIGHT_GROUP = 256
 PROJ_GROUP = 256
@@ -64,17 +66,59 @@ def model_layout(model: str, vocab: int = 8192):
     return shapes, dense
 
 
-def _lowrank(m: int, n: int, r: int):
+def _lowrank(m: int, n: int, r: int, c: float = 1.0):
     from qgalore_dist.optim.lowrank_adamw import effective_rank
+    from qgalore_dist.parallel.plan import projection_side
     from qgalore_dist.projection.projector import basis_shape, lowrank_shape
-    from qgalore_dist.dist.plan import projection_side
+    from qgalore_dist.projection.vlorp import granular_shape
 
     side = projection_side(m, n)
-    r = effective_rank((m, n), r)
-    return side, lowrank_shape(m, n, r, side), basis_shape(m, n, r, side)
+    if c == 1.0:
+        r = effective_rank((m, n), r)
+    pm, pn = granular_shape(m, n, side, c)
+    return side, lowrank_shape(pm, pn, r, side), basis_shape(pm, pn, r, side)
 
 
-def formula_bytes(kind: str, shapes, dense: int, rank: int, world: int, dense_bytes: int = 4) -> dict[str, float]:
+def _kind_c(kind: str) -> float:
+    return float(VARIANTS.get(kind, {}).get("granularity", 1.0))
+
+
+def _kind_rank(kind: str, rank: int) -> int:
+    return int(rank // _kind_c(kind))
+
+
+def _moment8(rows: int, cols: int) -> float:
+    """Bytes of one 8-bit moment [rows, cols]: a code per element, an fp32 absmax per block inside each row."""
+    return rows * cols + 4 * rows * math.ceil(cols / STATE_BLOCK)
+
+
+def zero3_bytes_per_step(shapes, rank: int, world: int, c: float = 1.0, projfactor: bool = False,
+                         b: int = 4) -> dict[str, float]:
+    """The ZeRO-3 side-car's bytes through one rank's link (sent + received) in a step without refreshes,
+    project-before-communicate: the lower bound the measurement is held to.
+
+    * INT8 weights all-gathered for forward and again for backward: ``2 · 2(N−1)/N · m·n·(1 + 4/g)``;
+    * right projection: the local low-rank gradient [m', r] reduce-scattered to the row holders:
+      ``2(N−1)/N · m'·r·b``; left: the r×n' partial reduced to the owner and its update broadcast back:
+      ``2 · 2(N−1)/N · r·n'·b`` (a ring's bytes; ProjFactor's update adds its two factors, ``(m + n)·b``);
+    * ProjFactor, right projection: one all-reduce of ``n + 1`` column sums, ``2(N−1)/N · (n + 1)·b``.
+    """
+    ring = 2 * (world - 1) / world
+    out = {"int8_gathers": 0.0, "lowrank": 0.0, "factor_sums": 0.0}
+    for m, n in shapes:
+        out["int8_gathers"] += 2 * ring * (m * n + 4 * m * math.ceil(n / WEIGHT_GROUP))
+        side, (lm, ln), _ = _lowrank(m, n, rank, c)
+        if side == "right":
+            out["lowrank"] += ring * lm * ln * b
+            if projfactor:
+                out["factor_sums"] += ring * (n + 1) * b
+        else:
+            out["lowrank"] += 2 * ring * lm * ln * b + (ring * (m + n) * b if projfactor else 0)
+    return out
+
+
+def formula_bytes(kind: str, shapes, dense: int, rank: int, world: int, dense_bytes: int = 4,
+                  granularity: float = 1.0, projfactor: bool = False) -> dict[str, float]:
     """Mean per-rank resident bytes of weights + optimizer state (the byte accounting checked against the run).
 
     N ranks, P = all parameters, D = dense (non-projected) parameters, b = module dtype bytes, g = 256:
@@ -82,10 +126,11 @@ def formula_bytes(kind: str, shapes, dense: int, rank: int, world: int, dense_by
     * ZeRO-2 AdamW: module weights ``P·b`` (full replica) + fp32 master ``4P/N`` + two fp32 moments ``8P/N``.
     * projected INT8 matrix m×n: ``m·n + 4·m·⌈n/g⌉`` (codes + one fp32 scale per group); ZeRO-2: on every rank,
       ZeRO-3: 1/N of it per rank.
-    * INT4 projector of e×f elements: ``e·f/2 + 4·e·⌈f/g⌉``; ZeRO-2 lowrank: replicated on every rank; ZeRO-3:
-      right Q replicated, left P split by rows plus the owner's whole P.
-    * 8-bit low-rank moments (two, of the low-rank gradient's shape): ``2·(1 + 4/256)`` bytes per element, held once
-      in the job (owner / row shards).
+    * INT4 projector of e×f elements: ``e·f/2 + 4·e·⌈f/g⌉``, replicated on every rank (ZeRO-2 lowrank, and
+      ZeRO-3, where every rank projects its own gradient before anything travels).
+    * 8-bit low-rank moments (two, of the low-rank gradient's shape): a byte per element + an fp32 absmax per
+      256-element block inside each row, held once in the job (owner / row shards); ProjFactor: one such moment
+      + fp32 row and column factors (row-sharded placement, right projection: the column factor on every rank).
     * dense: ZeRO-2 module weights ``D·b``, ZeRO-3 ``D·b/N``; fp32 master ``4D/N``; 8-bit AdamW moments
       ``2·(1 + 4/256)·D/N``.
     """
@@ -93,22 +138,28 @@ def formula_bytes(kind: str, shapes, dense: int, rank: int, world: int, dense_by
     if kind == "zero2_adamw":
         return {"weights": n_all * dense_bytes, "master": 4 * n_all / world, "moments": 8 * n_all / world}
     w = sum(m * n + 4 * m * math.ceil(n / WEIGHT_GROUP) for m, n in shapes)
-    proj_rep, proj_left, mom = 0.0, 0.0, 0.0
+    proj_rep, proj_left, mom, mom_rep = 0.0, 0.0, 0.0, 0.0
     for m, n in shapes:
-        side, (lm, ln), (bm, bn) = _lowrank(m, n, rank)
+        side, (lm, ln), (bm, bn) = _lowrank(m, n, rank, granularity)
         pb = bm * bn / 2 + 4 * bm * math.ceil(bn / PROJ_GROUP)
         if side == "right":
             proj_rep += pb
         else:
             proj_left += pb
-        mom += 2 * lm * ln * (1 + 4 / STATE_BLOCK)
+        if not projfactor:
+            mom += 2 * _moment8(lm, ln)
+        elif side == "right" and kind.startswith("zero3"):
+            mom += _moment8(lm, ln) + 4 * m
+            mom_rep += 4 * n
+        else:
+            mom += _moment8(lm, ln) + 4 * (m + n)
     dense_moments = 2 * (1 + 4 / STATE_BLOCK) * dense / world
     if kind == "zero2_qgalore":
         return {"projected_weights": w, "projectors": proj_rep + proj_left, "lowrank_moments": mom / world,
                 "dense_weights": dense * dense_bytes, "dense_master": 4 * dense / world,
                 "dense_moments": dense_moments}
-    return {"projected_weights": w / world, "projectors": proj_rep + 2 * proj_left / world,
-            "lowrank_moments": mom / world, "dense_weights": dense * dense_bytes / world,
+    return {"projected_weights": w / world, "projectors": proj_rep + proj_left,
+            "lowrank_moments": mom / world + mom_rep, "dense_weights": dense * dense_bytes / world,
             "dense_master": 4 * dense / world, "dense_moments": dense_moments}
 
 
@@ -121,8 +172,12 @@ def _ds_config(kind: str, out: Path, rank: int) -> Path:
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-6,
                                                        "weight_decay": 0.0, "torch_adam": True}}
     else:
-        cfg["qgalore"] = {"rank": rank, "update_proj_gap": 200, "comm_mode": "lowrank", "dense_state_bits": 8,
-                          "fused": False}
+        cfg["qgalore"] = {"rank": rank, "update_proj_gap": 200, "dense_state_bits": 8, "fused": False}
+        if stage == 2:
+            cfg["qgalore"]["comm_mode"] = "lowrank"
+        cfg["qgalore"].update(VARIANTS.get(kind, {}))
+        if "granularity" in VARIANTS.get(kind, {}):
+            cfg["qgalore"]["rank"] = rank // int(VARIANTS[kind]["granularity"])
     path = out / f"{kind}.json"
     path.write_text(json.dumps(cfg))
     return path
@@ -136,8 +191,8 @@ def _adamw_worker(kind: str, args, out: Path, rank: int) -> dict:
     import torch.nn.functional as F
 
     from qgalore_dist.data import get_tokenizer
-    from qgalore_dist.dist.launch_env import init_distributed
     from qgalore_dist.models import build_model, resolve_model_config
+    from qgalore_dist.parallel.launch_env import init_distributed
     from qgalore_dist.train.engines.deepspeed import dense_comm_bytes
 
     denv = init_distributed("gloo", timeout=datetime.timedelta(minutes=10))
@@ -170,15 +225,16 @@ def _adamw_worker(kind: str, args, out: Path, rank: int) -> dict:
 def _qgalore_worker(kind: str, args, out: Path, rank: int) -> dict:
     import datetime
 
-    from qgalore_dist.dist.launch_env import init_distributed
+    from qgalore_dist.parallel.launch_env import init_distributed
     from qgalore_dist.train.cli import parse_args
     from qgalore_dist.train.engines import make_engine
     from qgalore_dist.train.loop import train
 
     init_distributed("gloo", timeout=datetime.timedelta(minutes=10))
     metrics = out / f"{kind}_metrics.jsonl"
+    qcfg = json.loads((out / f"{kind}.json").read_text())["qgalore"]
     argv = ["--ds_config", str(out / f"{kind}.json"), "--model", args.model, "--seq-len", str(args.seq_len),
-            "--rank", str(RANKS[args.model]), "--max-steps", str(args.steps), "--eval-every", "0",
+            "--rank", str(qcfg["rank"]), "--max-steps", str(args.steps), "--eval-every", "0",
             "--eval-batches", "1", "--warmup-steps", "1", "--lr", str(LR), "--log-every", "1",
             "--metrics-jsonl", str(metrics)]
     a = parse_args(argv)
@@ -188,6 +244,7 @@ def _qgalore_worker(kind: str, args, out: Path, rank: int) -> dict:
     steps = [r for r in recs if r.get("event") == "train"]
     mem = {k: v for k, v in engine.memory_bytes().items() if k != "total"}
     return {"memory": mem, "step_times": [r["step_time_s"] for r in steps],
+            "losses": [r["loss"] for r in steps],
             "counted_comm_bytes": [r["comm_bytes"] for r in steps],
             "dense_comm_bytes": [r["dense_comm_bytes_est"] for r in steps]}
 
@@ -227,6 +284,10 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--out", default=None)
     p.add_argument("--worker", choices=KINDS)
+    p.add_argument("--kinds", default=",".join(KINDS), help="configurations to run (comma-separated)")
+    p.add_argument("--compare", default=None, metavar="DIR",
+                   help="a checkout of earlier code (e.g. a git worktree): its runs of the qgalore configurations "
+                        "it knows are interleaved with this code's, one job each, and compared in a second table")
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker, args)
@@ -240,29 +301,39 @@ def main(argv=None) -> None:
     if Path("/sys/class/net/lo").exists():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    runs = {}
-    for kind in KINDS:
-        _ds_config(kind, out, RANKS[args.model])
+    kinds = [k for k in args.kinds.split(",") if k]
+    runs, earlier = {}, {}
+
+    def job(tree: Path, kind: str, dest: Path) -> list[dict]:
+        dest.mkdir(parents=True, exist_ok=True)
+        _ds_config(kind, dest, RANKS[args.model])
         t0 = time.perf_counter()
-        cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(Path(__file__).resolve()),
-               "--worker", kind, "--out", str(out), "--model", args.model, "--steps", str(args.steps),
-               "--seq-len", str(args.seq_len)]
-        proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=1800)
+        cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
+               str(tree / "bench" / "bench_deepspeed.py"), "--worker", kind, "--out", str(dest), "--model",
+               args.model, "--steps", str(args.steps), "--seq-len", str(args.seq_len)]
+        jenv = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run(cmd, env=jenv, cwd=str(tree), capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
-            raise SystemExit(f"{kind} failed:\n{(proc.stdout + proc.stderr)[-5000:]}")
-        runs[kind] = [json.loads((out / f"{kind}_r{r}.json").read_text()) for r in range(2)]
-        print(f"{kind}: {time.perf_counter() - t0:.0f} s", flush=True)
+            raise SystemExit(f"{kind} ({tree}) failed:\n{(proc.stdout + proc.stderr)[-5000:]}")
+        print(f"{kind} ({tree.name}): {time.perf_counter() - t0:.0f} s", flush=True)
+        return [json.loads((dest / f"{kind}_r{r}.json").read_text()) for r in range(2)]
+
+    for kind in kinds:  # interleaved: the earlier code's job of a configuration right before this code's
+        if args.compare and kind in ("zero2_qgalore", "zero3_qgalore"):
+            earlier[kind] = job(Path(args.compare).resolve(), kind, out / "earlier")
+        runs[kind] = job(ROOT, kind, out)
 
     shapes, dense = model_layout(args.model)
     rank = RANKS[args.model]
     rows, checks = [], []
     data = {"model": args.model, "rank": rank, "world_size": 2, "seq_len": args.seq_len, "micro_batch": 1,
             "steps": args.steps, "runs": runs, "checks": checks}
-    for kind in KINDS:
+    for kind in kinds:
         recs = runs[kind]
         per_rank = [sum(r["memory"].values()) for r in recs]
         mean = statistics.mean(per_rank)
-        f = formula_bytes(kind, shapes, dense, rank, 2)
+        f = formula_bytes(kind, shapes, dense, _kind_rank(kind, rank), 2, granularity=_kind_c(kind),
+                          projfactor="projfactor" in kind)
         ftot = sum(f.values())
         err = (ftot - mean) / mean
         checks.append({"kind": kind, "measured_mean": mean, "formula": ftot, "rel_error": err,
@@ -278,9 +349,32 @@ def main(argv=None) -> None:
             comm_s = f"{_mib(comm)} ({_mib(sc)} side-car counted + {_mib(dc)} DeepSpeed dense, formula)"
         rows.append([kind, " / ".join(_mib(b) for b in per_rank), _mib(ftot), f"{100 * err:+.2f}%",
                      " / ".join(_mib(r["peak_rss_bytes"]) for r in recs), comm_s, f"{statistics.median(times):.2f}"])
-    base = statistics.mean(sum(r["memory"].values()) for r in runs["zero2_adamw"])
-    ratios = {k: statistics.mean(sum(r["memory"].values()) for r in runs[k]) / base for k in KINDS}
+    ratios = {}
+    if "zero2_adamw" in runs:
+        base = statistics.mean(sum(r["memory"].values()) for r in runs["zero2_adamw"])
+        ratios = {k: statistics.mean(sum(r["memory"].values()) for r in runs[k]) / base for k in kinds}
     data["measured_ratio_vs_zero2_adamw"] = ratios
+    # ZeRO-3 side-car bytes against the project-before-communicate lower bound (steps without refreshes)
+    zrows = []
+    for kind in [k for k in kinds if k.startswith("zero3")]:
+        f3 = zero3_bytes_per_step(shapes, _kind_rank(kind, rank), 2, _kind_c(kind), "projfactor" in kind)
+        meas = statistics.median(runs[kind][0]["counted_comm_bytes"][1:])
+        data.setdefault("zero3_bytes", {})[kind] = {"measured_median": meas, "formula": f3}
+        zrows.append([kind, _mib(meas), _mib(sum(f3.values())), f"{meas / sum(f3.values()):.3f}",
+                      " + ".join(f"{_mib(v)} {k}" for k, v in f3.items()),
+                      f"{runs[kind][0]['losses'][-1]:.4f}" if runs[kind][0].get("losses") else "–"])
+    # the same configurations with the earlier code, run interleaved with these
+    crows = []
+    for kind, recs in earlier.items():
+        new = runs[kind]
+        fmt = lambda rs: (statistics.median(rs[0]["counted_comm_bytes"][1:]) + rs[0]["dense_comm_bytes"][-1],
+                          max(r["peak_rss_bytes"] for r in rs), statistics.median(rs[0]["step_times"][1:]),
+                          statistics.mean(sum(r["memory"].values()) for r in rs))
+        ob, orss, ot, om = fmt(recs)
+        nb, nrss, nt, nm = fmt(new)
+        crows.append([kind, f"{_mib(ob)} → {_mib(nb)}", f"{nb / ob:.3f}", f"{_mib(orss)} → {_mib(nrss)}",
+                      f"{_mib(om)} → {_mib(nm)}", f"{ot:.2f} → {nt:.2f}"])
+    data["earlier"] = {"tree": args.compare, "runs": earlier}
 
     ext_rows, ext = [], []
     for model in ("llama_1b", "llama_7b"):
@@ -312,6 +406,17 @@ def main(argv=None) -> None:
                    "peak RSS MiB", "bytes/step MiB", "step s"], rows)
           + "\n\nMeasured ratio of per-rank weights+state to ZeRO-2 AdamW: "
           + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
+          + "\n\nZeRO-3 side-car bytes per step (median of the steps after the first, which refreshes every matrix) "
+          "against the project-before-communicate lower bound (`zero3_bytes_per_step`: INT8 gathers for forward "
+          "and backward, local low-rank gradients reduce-scattered / reduced, left updates broadcast; ProjFactor's "
+          "column sums); `zero3_qgalore_c4` runs granularity 4 at rank 64 (the same budget M = c·r = 256):\n\n"
+          + table(["configuration", "measured MiB", "formula MiB", "ratio", "formula parts MiB", "last loss"],
+                  zrows)
+          + ("\n\nThe same jobs with the code before this change (`--compare`, a git worktree; each earlier job "
+             "ran right before this code's, on the same machine): bytes/step (side-car counted + DeepSpeed dense "
+             "formula), peak RSS (max over ranks), weights+state (mean over ranks), step time.\n\n"
+             + table(["configuration", "bytes/step MiB", "ratio", "peak RSS MiB", "weights+state MiB", "step s"],
+                     crows) if crows else "")
           + ".\n\nExtrapolated with the validated formula (world size 2, vocabulary 32000; module weights fp32 as "
           "measured, or bf16 as on a GPU; DeepSpeed keeps fp32 master partitions either way):\n\n"
           + table(["model", "rank", "module dtype", "ZeRO-2 AdamW GiB", "ZeRO-2 qgalore GiB", "ratio",

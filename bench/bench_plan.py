@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import table, write_report  # noqa: E402
-from qgalore_dist.dist.plan import exact_max_cost, make_plan, model_matrix_shapes  # noqa: E402
+from qgalore_dist.parallel.plan import exact_max_cost, make_plan, model_matrix_shapes  # noqa: E402
 
 MODELS = ("llama_1b", "llama_7b")
 WORLDS = (4, 8, 16, 32, 64)

@@ -174,7 +174,7 @@ class Method:
         return {"weights": weights, "moments": state, "projectors": proj, "total": weights + state + proj}
 
     def formula_bytes(self) -> dict[str, float] | None:
-        """DESIGN.md §5 byte arithmetic for the quantised mode with this model's shapes (None otherwise)."""
+        """docs/design.md §5 byte arithmetic for the quantised mode with this model's shapes (None otherwise)."""
         if self.kind != "qgalore":
             return None
         opt = self.opt

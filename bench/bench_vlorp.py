@@ -369,7 +369,7 @@ def main(argv=None) -> None:
         f"Σ max(m, n)·M + m + n. Wall time of the whole script {total_s / 60:.1f} min (torch.compile warm-up "
         f"{compile_s:.0f} s, excluded from `train s`).",
         "",
-        f"![loss vs c](bench/bench_vlorp.png)",
+        "![loss vs c](bench/bench_vlorp.png)",
         "",
     ] + [f"* {n}" for n in notes]
     data = {"model": MODEL, "vocab": len(tok), "budget": args.budget, "cs": cs, "steps": args.steps,
@@ -385,8 +385,8 @@ def main(argv=None) -> None:
     if not plot(results, cs, DOCS / "bench" / "bench_vlorp.png",
                 f"{MODEL}, M = c·r = {args.budget}, {args.steps} steps ({machine().split(',')[0]})"):
         md = [line for line in md if not line.startswith("![loss vs c]")]
-    write_report("bench_vlorp", f"VLoRP granularity at fixed budget M = c·r: Q-GaLore-AdamW vs ProjFactor "
-                 f"(issue 5)", data, "\n".join(md))
+    write_report("bench_vlorp", "VLoRP granularity at fixed budget M = c·r: Q-GaLore-AdamW vs ProjFactor "
+                 "(issue 5)", data, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""``python -m qgalore_dist.plan``: print a model's ownership plan (see :mod:`qgalore_dist.dist.plan`)."""
+"""``python -m qgalore_dist.plan``: print a model's ownership plan (see :mod:`qgalore_dist.parallel.plan`)."""
 
-from qgalore_dist.dist.plan import main
+from qgalore_dist.parallel.plan import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

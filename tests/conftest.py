@@ -1,5 +1,10 @@
 """Shared pytest configuration for qgalore_dist.
 
+* Layout: ``tests/unit`` (math, codecs, hypothesis), ``tests/parity`` (placements and engines against the
+  single-device reference, real gloo processes, world sizes 2 and 3), ``tests/e2e`` (the command line, Trainer,
+  bad input). The shared builders and the rank workers (``helpers.py``, ``*_worker.py``) stay in ``tests/``, which
+  is put on ``sys.path`` here.
+
 * Hypothesis profiles: ``ci`` (no deadline, derandomized: identical examples every run) and ``dev``
   (no deadline, random). Selected by ``HYPOTHESIS_PROFILE``, else ``ci`` when ``CI`` is set, else ``dev``.
 * ``load_galore_adamw()`` / the ``galore_adamw`` fixture: the test oracle ``galore_torch.adamw.AdamW``
@@ -16,6 +21,8 @@ import types
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers and workers for tests in the subfolders
 
 # --------------------------------------------------------------------------------------------------
 # Hypothesis profiles

@@ -1,4 +1,4 @@
-"""Rank side of ``tests/test_ddp_engine.py``, and its launcher: the real CLI (``qgalore_dist.train.cli.main``) with
+"""Rank side of ``tests/parity/test_ddp_engine.py``, and its launcher: the real CLI (``qgalore_dist.train.cli.main``) with
 ``--engine ddp`` in forked ranks.
 
 ``python tests/ddp_engine_worker.py SPEC.json`` imports torch, transformers and qgalore_dist once, then forks every
@@ -69,7 +69,7 @@ def patch_rmsnorm():
 
 
 def checksums(model) -> dict[str, int]:
-    from qgalore_dist.dist.replicas import tensor_checksum
+    from qgalore_dist.parallel.replicas import tensor_checksum
 
     return {k: tensor_checksum(v) for k, v in model.state_dict().items()}
 

@@ -1,7 +1,7 @@
-"""Rank side of ``tests/test_ddp.py``, and its launcher.
+"""Rank side of ``tests/parity/test_ddp.py``, and its launcher.
 
 ``python tests/ddp_worker.py OUT_DIR fork 2:PORT 3:PORT`` imports torch, transformers and qgalore_dist once, then
-forks every rank of each world, which joins through :func:`qgalore_dist.dist.launch_env.init_distributed` from
+forks every rank of each world, which joins through :func:`qgalore_dist.parallel.launch_env.init_distributed` from
 torchrun-style variables (127.0.0.1), runs every scenario in order with one :class:`Collectives`, and writes
 ``OUT_DIR/w{W}_r{R}.json``
 (losses, checksums, byte counters, SVD counts, warnings, errors) plus ``w{W}_r{R}_{scenario}.pt`` (final model
@@ -103,7 +103,7 @@ def engine_options(label: str) -> dict:
 
 
 def checksums(model) -> dict[str, int]:
-    from qgalore_dist.dist.replicas import tensor_checksum
+    from qgalore_dist.parallel.replicas import tensor_checksum
 
     return {k: tensor_checksum(v) for k, v in model.state_dict().items()}
 
@@ -138,7 +138,8 @@ def _train(model, opt, batches, rank: int, accum: int = 1, per_rank: int = LOCAL
             loss = loss_fn(model, mine[i * micro:(i + 1) * micro])
             (loss / accum).backward()
             total += float(loss) / accum
-        norms.append(opt.step())
+        opt.step()
+        norms.append(opt.last_step.grad_norm)
         opt.zero_grad()
         losses.append(total)
         comm.append(opt.comm_bytes)
@@ -149,9 +150,9 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
     """One forked rank, placed by torchrun-style variables."""
     os.environ.update(torchrun_env, OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from qgalore_dist.dist import Collectives, ShardedQGaLoreOptimizer
-    from qgalore_dist.dist.launch_env import init_distributed
-    from qgalore_dist.dist.replicas import ReplicaMismatch
+    from qgalore_dist.parallel import Collectives, ShardedQGaLoreOptimizer
+    from qgalore_dist.parallel.launch_env import init_distributed
+    from qgalore_dist.parallel.replicas import ReplicaMismatch
 
     t0 = time.monotonic()
     env = init_distributed("gloo", timeout=datetime.timedelta(seconds=60))
@@ -298,7 +299,7 @@ def _mpi_smoke(out_dir: Path) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     from qgalore_dist import quantize_model
-    from qgalore_dist.dist import Collectives, ShardedQGaLoreOptimizer, init_distributed
+    from qgalore_dist.parallel import Collectives, ShardedQGaLoreOptimizer, init_distributed
 
     env = init_distributed("gloo", timeout=datetime.timedelta(seconds=60))
     coll = Collectives(timeout=datetime.timedelta(seconds=60))
@@ -328,7 +329,7 @@ def _launch(out_dir: Path, worlds: dict[int, int]) -> int:
 
     import transformers.models.llama.modeling_llama  # noqa: F401  (heavy imports shared by the forked ranks)
 
-    import qgalore_dist.dist  # noqa: F401
+    import qgalore_dist.parallel  # noqa: F401
 
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_worker, args=(out_dir, {

@@ -1,8 +1,8 @@
-"""Rank side of ``tests/test_deepspeed.py``, started the way users start DeepSpeed::
+"""Rank side of ``tests/parity/test_deepspeed.py``, started the way users start DeepSpeed::
 
     deepspeed --num_accelerators 2 --master_port P tests/deepspeed_worker.py OUT_DIR
 
-Every rank joins the default group once (:func:`qgalore_dist.dist.launch_env.init_distributed`, from the launcher's
+Every rank joins the default group once (:func:`qgalore_dist.parallel.launch_env.init_distributed`, from the launcher's
 ``RANK`` / ``WORLD_SIZE`` / ``MASTER_*``), then runs every scenario of ``OUT_DIR/scenarios.json`` in order through
 the real CLI path — ``parse_args(argv)`` → :class:`~qgalore_dist.train.engines.deepspeed.DeepSpeedEngine` →
 ``train`` — each with its own ds_config (ZeRO-1/2/3). After each scenario it records, per rank, the losses, this
@@ -56,7 +56,8 @@ def _leave_at_backward(engine, n: int, out: Path, name: str, rank: int) -> None:
 
 def run(out: Path, name: str, argv: list[str], rank: int) -> None:
     from qgalore_dist.checkpoint.save_load import CheckpointError
-    from qgalore_dist.train.cli import DistributedError, UsageError, parse_args
+    from qgalore_dist.errors import DistributedError, UsageError
+    from qgalore_dist.train.cli import parse_args
     from qgalore_dist.train.engines import make_engine
     from qgalore_dist.train.loop import train
 
@@ -91,7 +92,7 @@ def main() -> None:
     out = Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])
     import datetime
 
-    from qgalore_dist.dist.launch_env import init_distributed
+    from qgalore_dist.parallel.launch_env import init_distributed
 
     denv = init_distributed("gloo", timeout=datetime.timedelta(seconds=240))
     scenarios = json.loads((out / "scenarios.json").read_text(encoding="utf-8"))

@@ -1,7 +1,7 @@
-"""Rank side of ``tests/test_fsdp.py``, and its launcher.
+"""Rank side of ``tests/parity/test_fsdp.py``, and its launcher.
 
 ``python tests/fsdp_worker.py OUT_DIR 2:PORT 3:PORT`` imports torch, transformers and qgalore_dist once, then forks
-every rank of each world; each joins through :func:`qgalore_dist.dist.launch_env.init_distributed` from
+every rank of each world; each joins through :func:`qgalore_dist.parallel.launch_env.init_distributed` from
 torchrun-style variables, runs every scenario with the :class:`~qgalore_dist.train.engines.fsdp.FSDPEngine` (or,
 for the toy with empty shards, ``fully_shard`` + :class:`RowShardedQGaLoreOptimizer` directly) and writes
 ``OUT_DIR/w{W}_r{R}.json`` plus ``w{W}_{scenario}.pt`` (rank 0: the gathered final model state). Bytes that FSDP2
@@ -32,6 +32,11 @@ LOCAL_BATCH = 2
 STEPS = 6
 CLIP = 0.5
 SEEDS = {"parity": 21, "accum": 22, "resume": 23, "toy": 24}
+# VLoRP options through the fsdp engine: merged rows that torch.chunk cuts at N = 2 and 3 (64 and 176 rows,
+# c = 1/4), ProjFactor's row-additive sums, a random basis, moments rotated on refresh
+OPTION_CONFIGS = {"projfactor_merge": dict(optimizer="projfactor", granularity=0.25),
+                  "rademacher_fine_rotate": dict(granularity=4.0, projection="rademacher",
+                                                 moments_on_refresh="rotate", granularity_fallback=True)}
 TOY_SHAPES = {"a": (1, 40), "b": (2, 2), "c": (4, 24), "d": (40, 6)}  # empty shards at N=2 / N=3
 
 
@@ -42,7 +47,7 @@ def cfg(**kw):
 
 
 def engine_args(**kw):
-    from qgalore_dist.train.cli import TrainArgs
+    from qgalore_dist.train.args import TrainArgs
 
     base = dict(engine="fsdp", optimizer="qgalore", grad_clip=CLIP, dist_timeout=60.0)
     base.update(kw)
@@ -109,8 +114,8 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
     os.environ.update(torchrun_env, OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     import qgalore_dist.optim.lowrank_adamw as lra
-    from qgalore_dist.dist.launch_env import init_distributed
     from qgalore_dist.nn.int8_fsdp import ALL_GATHER_COUNTER
+    from qgalore_dist.parallel.launch_env import init_distributed
     from qgalore_dist.train.engines.fsdp import FSDPEngine
 
     gathered = _GatherCounter()
@@ -201,20 +206,36 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
             save_full(engine, label)
         return out
 
-    def resume():
-        ckdir = out_dir / f"ckpt_w{world}"
+    def adamw8bit():
+        """The 8-bit dense AdamW baseline over FSDP2's row shards (the row-sharded placement, no projections)."""
+        engine = FSDPEngine(engine_args(optimizer="adamw8bit"), env, timeout)
+        model, opt = engine.prepare(make_model(quantized=False), lambda m: None)
+        out = run_steps(engine, model, global_batches(world, 4, SEEDS["parity"]))
+        save_full(engine, "adamw8bit")
+        return out
+
+    def options():
+        out = {}
+        for label, kw in OPTION_CONFIGS.items():
+            engine, model, opt = new_engine(cfg(**kw))
+            out[label] = run_steps(engine, model, global_batches(world, STEPS, SEEDS["parity"]))
+            save_full(engine, f"options_{label}")
+        return out
+
+    def resume(label="", **kw):
+        ckdir = out_dir / f"ckpt_w{world}{label}"
         batches = global_batches(world, 5, SEEDS["resume"])
-        engine, model, opt = new_engine(cfg())
+        engine, model, opt = new_engine(cfg(**kw))
         run_steps(engine, model, batches[:3])
         path = engine.save_checkpoint(ckdir, 3, {"engine": "fsdp", "world_size": world, "optimizer_kind": "qgalore"},
                                       None)
         a = run_steps(engine, model, batches[3:])
-        save_full(engine, "resume_a")
-        engine2, model2, opt2 = new_engine(cfg())
+        save_full(engine, f"resume{label}_a")
+        engine2, model2, opt2 = new_engine(cfg(**kw))
         engine2.verify_checkpoint(path)
         point = engine2.load_checkpoint(path)
         b = run_steps(engine2, model2, batches[3:])
-        save_full(engine2, "resume_b")
+        save_full(engine2, f"resume{label}_b")
         files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
         # a damaged shard file is refused on every rank (each rank checks every hash), nothing is loaded
         bad = ckdir / "damaged"
@@ -236,9 +257,9 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from qgalore_dist.dist.collectives import Collectives
-        from qgalore_dist.dist.row_sharded import RowShard, RowShardedQGaLoreOptimizer, chunk_rows
         from qgalore_dist.nn.int8_fsdp import to_fsdp_int8
+        from qgalore_dist.parallel.collectives import Collectives
+        from qgalore_dist.parallel.row_sharded import RowShard, RowShardedQGaLoreOptimizer, chunk_rows
 
         model = ToyInt8()
         to_fsdp_int8(model, torch.float64)
@@ -275,7 +296,7 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
 
     def same_args():
         """Ranks started with different --max-steps: the same UsageError on every rank (one all-gather)."""
-        from qgalore_dist.train.cli import UsageError
+        from qgalore_dist.errors import UsageError
 
         engine = FSDPEngine(engine_args(max_steps=3 + rank), env, timeout)
         try:
@@ -287,7 +308,7 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
     def dies():
         """The last rank leaves (its sockets close) once the model is sharded; the others' next forward (FSDP2's
         all-gather) must end in one DistributedError line, not a gloo traceback nor a wait for the timeout."""
-        from qgalore_dist.train.cli import DistributedError
+        from qgalore_dist.errors import DistributedError
 
         engine, model, _ = new_engine(cfg())
         dist.barrier()
@@ -306,6 +327,9 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
     scenario("toy", toy)
     scenario("accum", accum)
     scenario("resume", resume)
+    scenario("options", options)
+    scenario("adamw8bit", adamw8bit)
+    scenario("resume_options", lambda: resume("_options", **OPTION_CONFIGS["projfactor_merge"]))
     scenario("same_args", same_args)
     scenario("dies", dies)
     record["timings"]["total_s"] = time.monotonic() - t0

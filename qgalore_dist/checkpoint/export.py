@@ -19,8 +19,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.utils import logging as hf_logging
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import logging as hf_logging
 
 from ..models import build_model, rebuild_rotary_buffers
 from ..nn.int8_linear import QGaLoreLinear

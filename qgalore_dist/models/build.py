@@ -21,6 +21,8 @@ import transformers
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from ..errors import ModelSpecError
+
 __all__ = [
     "ModelSpecError",
     "shipped_config_names",
@@ -37,10 +39,6 @@ _CONFIG_DIR = "configs"
 # Model types whose parameter layout `param_count` computes in closed form (LLaMA-style decoder blocks:
 # q/k/v/o + gate/up/down projections and two RMSNorms per layer). Others fall back to a meta-device build.
 _LLAMA_LIKE = {"llama", "mistral"}
-
-
-class ModelSpecError(ValueError):
-    """A model spec that names no shipped config, no existing path, or a malformed/unsupported config."""
 
 
 def _config_root() -> Path:

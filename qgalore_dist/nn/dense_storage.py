@@ -27,7 +27,6 @@ from torch import nn
 
 from .int8_linear import QGaLoreLinear
 
-
 _CHUNK_ROWS = 4096  # weight rows upcast at a time: 4096 x 4096 fp32 = 64 MB for a LLaMA-7B lm_head
 
 

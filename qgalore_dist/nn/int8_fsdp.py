@@ -1,4 +1,4 @@
-"""INT8 weights that FSDP2 shards by rows and all-gathers as INT8 codes + scales (DESIGN.md §3, FSDP2).
+"""INT8 weights that FSDP2 shards by rows and all-gathers as INT8 codes + scales (docs/design.md §3, FSDP2).
 
 :class:`Int8RowTensor` is a tensor subclass whose *logical* value is a float ``[rows, n]`` matrix (its dtype is the
 compute dtype) stored as int8 codes ``[rows, n]`` + fp32 row-aligned group scales ``[rows, G]`` — the same layout
@@ -8,26 +8,29 @@ FSDP2 applies while sharding (split, slice, new_zeros, copy_, view, as_strided, 
 row. For every forward / backward FSDP2 calls :meth:`Int8RowTensor.fsdp_pre_all_gather`, which hands it the codes
 and the scales (each padded to ``ceil(m/N)`` rows), so the all-gather moves ``1 + 4/g`` bytes per element instead
 of 2 (bf16) or 4 (fp32); :meth:`Int8RowTensor.fsdp_post_all_gather` wraps the gathered buffers in an unsharded
-``Int8RowTensor`` without copying. The weight is dequantised only inside :class:`Int8FSDPLinear`'s autograd
-function, which saves the (unsharded, INT8) parameter — FSDP2 frees its buffers after forward and re-gathers them
+``Int8RowTensor`` without copying. The weight is dequantised only inside the INT8 linear's autograd function
+(:class:`~qgalore_dist.nn.int8_linear.QGaLoreLinear` with its FSDP2 row source), which saves the (unsharded, INT8)
+parameter — FSDP2 frees its buffers after forward and re-gathers them
 before backward, so no float weight outlives one layer's matmul.
 
 The gradient with respect to the weight is an ordinary float ``[m, n]`` tensor; FSDP2 reduce-scatters it into a
-``Shard(0)`` DTensor whose local rows are what :class:`~qgalore_dist.dist.row_sharded.RowShardedQGaLoreOptimizer`
+``Shard(0)`` DTensor whose local rows are what :class:`~qgalore_dist.parallel.row_sharded.RowShardedQGaLoreOptimizer`
 consumes. The optimizer updates the local codes + scales in place (they are views of FSDP2's sharded storage).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..quant.int8 import Int8Weight, dequantize_rows
 
-__all__ = ["Int8RowTensor", "Int8FSDPLinear", "to_fsdp_int8", "ALL_GATHER_COUNTER"]
+if TYPE_CHECKING:
+    from .int8_linear import QGaLoreLinear
+
+__all__ = ["Int8RowTensor", "to_fsdp_int8", "ALL_GATHER_COUNTER"]
 
 aten = torch.ops.aten
 
@@ -100,7 +103,7 @@ class Int8RowTensor(torch.Tensor):
         handler = _OPS.get(func) or _OPS.get(getattr(func, "overloadpacket", None))
         if handler is None:
             raise NotImplementedError(f"Int8RowTensor does not implement {func} (it only supports the row views "
-                                      "and copies FSDP2 applies; compute goes through Int8FSDPLinear)")
+                                      "and copies FSDP2 applies; compute goes through QGaLoreLinear)")
         return handler(func, args, kwargs)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -249,65 +252,16 @@ _OPS = {
 }
 
 
-class _Int8FSDPLinearFn(torch.autograd.Function):
-    """y = x Wᵀ + b with W dequantised from the (gathered) INT8 parameter; saves the parameter, not a float W."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):  # noqa: D401 - autograd signature
-        w = weight.dequantize(x.dtype)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(x, w, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        w = weight.dequantize(grad_out.dtype)
-        grad_x = grad_out @ w
-        go2 = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
-        grad_w = (go2.mT @ x2).to(weight.dtype)  # [out, in], the parameter's logical dtype
-        grad_b = go2.sum(0) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b
-
-
-class Int8FSDPLinear(nn.Module):
-    """A linear layer whose ``weight`` Parameter is an :class:`Int8RowTensor` (FSDP2 shards and gathers it).
-
-    ``qname`` is the parameter name the stochastic-rounding stream is keyed by.
-    """
-
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype,
-                 bias: nn.Parameter | None = None, qname: str = ""):
-        super().__init__()
-        self.out_features, self.in_features = int(codes.shape[0]), int(codes.shape[1])
-        self.group_size = group_size
-        self.weight = nn.Parameter(Int8RowTensor(codes, scales, group_size, dtype), requires_grad=True)
-        self.bias = bias
-        self.qname = qname
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _Int8FSDPLinearFn.apply(x, self.weight, bias)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group_size={self.group_size}")
-
-
-def to_fsdp_int8(model: nn.Module, dtype: torch.dtype) -> dict[str, Int8FSDPLinear]:
-    """Replace every :class:`~qgalore_dist.nn.int8_linear.QGaLoreLinear` of ``model`` by an :class:`Int8FSDPLinear`
-    over the same codes + scales (no copy); ``dtype`` is the compute dtype. Returns ``{module name: new module}``."""
+def to_fsdp_int8(model: nn.Module, dtype: torch.dtype) -> dict[str, "QGaLoreLinear"]:
+    """Switch every :class:`~qgalore_dist.nn.int8_linear.QGaLoreLinear` of ``model`` to the FSDP2 row source in
+    place (its codes + scales become an :class:`Int8RowTensor` Parameter, no copy); ``dtype`` is the compute dtype.
+    Returns ``{module name: module}``."""
     from .int8_linear import QGaLoreLinear
 
-    swapped: dict[str, Int8FSDPLinear] = {}
+    swapped: dict[str, QGaLoreLinear] = {}
     for name, mod in list(model.named_modules()):
-        if not isinstance(mod, QGaLoreLinear):
-            continue
-        new = Int8FSDPLinear(mod.weight_codes, mod.weight_scales, mod.group_size, dtype, mod.bias,
-                             mod.qname or f"{name}.weight")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        swapped[name] = new
+        if isinstance(mod, QGaLoreLinear) and mod.source.kind == "buffer":
+            mod.qname = mod.qname or f"{name}.weight"
+            mod.use_fsdp_rows(dtype)
+            swapped[name] = mod
     return swapped

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant.bf16 import stochastic_round_bf16
+from ..quant.bf16 import SALT_DENSE_SR, stochastic_round_bf16
 from ..quant.fused import fused_dense_adamw8_
+from ..quant.rng import stream_key
 from ..quant.state8 import Blockwise8bit
 
 
@@ -38,6 +39,16 @@ class DenseState:
         self.exp_avg_sq.load_state_tensors({k[11:]: v for k, v in t.items() if k.startswith("exp_avg_sq.")})
 
 
+def dense_sr_key(config, st: DenseState, name: str, dtype: torch.dtype) -> tuple[int, int] | None:
+    """The stochastic-rounding key of a dense parameter's next step (``config``: a :class:`..config.
+    QGaLoreConfig`): a bf16-stored weight is rounded stochastically, keyed by (seed, step, name), so updates below
+    half a bf16 ulp still move it on average and every engine and a resumed run draw the same numbers; any other
+    dtype (or ``stochastic_round=False``) rounds to nearest (None)."""
+    if dtype != torch.bfloat16 or not config.stochastic_round:
+        return None
+    return stream_key(config.seed, st.step + 1, name, SALT_DENSE_SR)
+
+
 def init_dense_state(p: torch.Tensor, state_bits: int = 32, block: int = 256, min_numel: int = 4096) -> DenseState:
     shape = tuple(p.shape)
     fdt = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -47,7 +58,7 @@ def init_dense_state(p: torch.Tensor, state_bits: int = 32, block: int = 256, mi
 
 def dense_adamw_step(p: torch.Tensor, grad: torch.Tensor, st: DenseState, lr: float, betas: tuple[float, float],
                      eps: float, weight_decay: float, fused: bool = False, sr_key: tuple[int, int] | None = None,
-                     chunk_elems: int = 1 << 22) -> None:
+                     chunk_elems: int = 1 << 22, index_offset: int = 0) -> None:
     """In-place AdamW step of parameter ``p`` (any shape) with gradient ``grad`` (same shape).
 
     ``fused``: with 8-bit moments and a non-fp64 parameter, one compiled kernel (:func:`..quant.fused.
@@ -55,7 +66,8 @@ def dense_adamw_step(p: torch.Tensor, grad: torch.Tensor, st: DenseState, lr: fl
     may differ by one step), so every rank / engine that must agree with another has to pass the same flag.
 
     ``sr_key``: a bf16-stored ``p`` is rounded stochastically with this key (:func:`..quant.bf16.
-    stochastic_round_bf16`) instead of to nearest, so updates below half an ulp are not lost.
+    stochastic_round_bf16`) instead of to nearest, so updates below half an ulp are not lost. ``index_offset``: the
+    global element index of ``p``'s first element (a shard of a larger parameter draws that parameter's numbers).
 
     The parameter is stepped ``chunk_elems`` elements (whole rows of the [rows, cols] layout) at a time: the math is
     element-wise and the 8-bit blocks lie inside rows, so the result is the same as one pass, but the fp32
@@ -80,7 +92,7 @@ def dense_adamw_step(p: torch.Tensor, grad: torch.Tensor, st: DenseState, lr: fl
 
         def store(w: torch.Tensor, pc=pc, r0=r0) -> None:
             if sr_key is not None and pc.dtype == torch.bfloat16:
-                pc.copy_(stochastic_round_bf16(w.reshape(pc.shape).float(), sr_key, r0 * cols))
+                pc.copy_(stochastic_round_bf16(w.reshape(pc.shape).float(), sr_key, index_offset + r0 * cols))
             else:
                 pc.copy_(w.reshape(pc.shape))
 

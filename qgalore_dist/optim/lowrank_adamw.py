@@ -1,6 +1,6 @@
 """Per-matrix Q-GaLore AdamW: one matrix's weight, gradient and state in, one step out — no collectives.
 
-The step is written as phases so a distributed engine can communicate between them (DESIGN.md §2):
+The step is written as phases so a distributed engine can communicate between them (docs/design.md §2):
 
     refresh (owner, needs the full gradient) -> project -> [reduce R] -> normalise (owner: moments)
     -> [broadcast N] -> apply_rows (any rank holding rows of the weight, with their global row offset)
@@ -20,15 +20,30 @@ import torch
 
 from ..config import QGaLoreConfig
 from ..projection.gate import RefreshGate, RefreshRecord
-from ..projection.projector import (Side, apply_rotation, basis_shape, compute_basis, lowrank_shape,
-                                    project, project_back, projection_side, rotation, subspace_similarity)
+from ..projection.projector import (
+    Side,
+    apply_rotation,
+    basis_shape,
+    compute_basis,
+    lowrank_shape,
+    project,
+    project_back,
+    projection_side,
+    rotation,
+    subspace_similarity,
+)
 from ..projection.random_proj import RANDOM_PROJECTIONS, RandomBasis
-from ..projection.vlorp import check_rank_fits, from_granular, granular_rows, granular_shape, to_granular
-from ..quant.int4 import Int4Matrix
+from ..projection.vlorp import check_rank_fits, covering_rows, from_granular, granular_shape, to_granular
 from ..quant.fused import fused_adam_moments_, fused_update_requantize_
+from ..quant.int4 import Int4Matrix
 from ..quant.int8 import Int8Weight
 from ..quant.rng import SALT_RSVD, SALT_UPDATE, stream_key
 from ..quant.state8 import Blockwise8bit
+
+
+def cut_rows(x: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Rows ``[start, start + rows)`` of ``x`` (``x`` itself when that is all of it)."""
+    return x if start == 0 and x.shape[0] == rows else x[start:start + rows]
 
 
 def effective_rank(shape: tuple[int, int], rank: int) -> int:
@@ -81,8 +96,9 @@ class MatrixState:
             basis = self.basis.nbytes()
         elif self.basis is not None:
             basis = self.basis.numel() * self.basis.element_size()
-        second = 0 if self.exp_avg_sq is None else self.exp_avg_sq.nbytes()  # None: ProjFactor (factored)
-        return {"projector": basis, "moments": self.exp_avg.nbytes() + second}
+        # None: not held here (a replica or a shard without this state), or ProjFactor's factored second moment
+        moments = sum(t.nbytes() for t in (self.exp_avg, self.exp_avg_sq) if t is not None)
+        return {"projector": basis, "moments": moments}
 
     # --- checkpointing: tensors and plain values, keyed by field -------------------------------------------
     def state_dict(self) -> dict:
@@ -200,16 +216,18 @@ class LowRankAdamW:
             gen.manual_seed((k1 << 32) | k2)
         new = compute_basis(grad, st.rank, st.side, c.projection, generator=gen, oversample=c.rsvd_oversample,
                             niter=c.rsvd_niter)
-        similarity = None
+        similarity = old = None
         if st.basis is not None:
             old = st.basis_float(new.dtype)
             similarity = subspace_similarity(old, new, st.side, c.similarity)
-            if self._rotates_moments():
-                self._rotate_moments(st, old, new)
         if c.quantize and c.proj_bits == 4:
             st.basis = Int4Matrix.quantize(new, c.proj_group_size)
         else:
             st.basis = new
+        if old is not None:
+            # into the basis as stored (INT4-rounded): what every projection uses from now on, and what a rank
+            # that only receives the stored basis can rotate its own moment rows with, identically
+            self.carry_moments(st, old, st.basis_float(new.dtype))
         first = st.gate.count == 0
         st.gate.record(st.step, similarity, offset=st.refresh_offset if first else 0)
         st.history.append(RefreshRecord(st.step, st.name, similarity, st.gate.interval))
@@ -230,9 +248,10 @@ class LowRankAdamW:
         device = grad.device if grad is not None else st.device
         new = RandomBasis(c.projection, c.seed, st.step, st.name, basis_shape(*st.proj_shape, st.rank, st.side),
                           st.rank, str(device))
-        if st.basis is not None and self._rotates_moments():
-            self._rotate_moments(st, st.basis_float(), new.dequantize())
+        old = st.basis_float() if st.basis is not None else None
         st.basis = new
+        if old is not None:
+            self.carry_moments(st, old, new.dequantize())
         first = st.gate.count == 0
         st.gate.record(st.step, None, offset=st.refresh_offset if first else 0)
         st.history.append(RefreshRecord(st.step, st.name, None, st.gate.interval))
@@ -241,16 +260,26 @@ class LowRankAdamW:
     def _rotates_moments(self) -> bool:
         return self.config.moments_on_refresh == "rotate"
 
+    def carry_moments(self, st: MatrixState, old: torch.Tensor, new: torch.Tensor) -> None:
+        """After a refresh from basis ``old`` to ``new`` (float): rotate the moments this state holds into the new
+        basis, if the config says so. Works on any rows of a right-projected matrix's moments (the rotation acts
+        on each row alone), so a row shard rotates its own; a state without moments here does nothing."""
+        if st.exp_avg is not None and self._rotates_moments():
+            self._rotate_moments(st, old, new)
+
     def _rotate_moments(self, st: MatrixState, old: torch.Tensor, new: torch.Tensor) -> None:
         """Carry the first moment into the new basis (Flora); the second moment must stay non-negative, so it is
         kept, reset, or rotated with the element-wise square of T."""
-        t = rotation(old, new, st.side)
-        st.exp_avg.from_float(apply_rotation(st.exp_avg.to_float(), t, st.side))
+        # in the moments' own precision (fp64 in parity runs): an fp32 rotation would round differently for a
+        # shard's rows than for the whole matrix's
+        dt = torch.float32 if st.exp_avg.quantized else st.exp_avg.data.dtype
+        t = rotation(old.to(dt), new.to(dt), st.side)
+        st.exp_avg.from_float(apply_rotation(st.exp_avg.to_float(dt), t, st.side))
         mode = self.config.second_moment_on_rotate
         if mode == "reset":
-            st.exp_avg_sq.from_float(torch.zeros(st.exp_avg_sq.shape))
+            st.exp_avg_sq.from_float(torch.zeros(st.exp_avg_sq.shape, dtype=dt))
         elif mode == "square":
-            st.exp_avg_sq.from_float(apply_rotation(st.exp_avg_sq.to_float(), t * t, st.side))
+            st.exp_avg_sq.from_float(apply_rotation(st.exp_avg_sq.to_float(dt), t * t, st.side))
 
     # --- phase 1: project (any rank holding the basis) -----------------------------------------------------
     def project(self, st: MatrixState, grad: torch.Tensor) -> torch.Tensor:
@@ -259,15 +288,76 @@ class LowRankAdamW:
         return project(to_granular(grad, st.proj_shape),
                        st.basis_float(grad.dtype if grad.dtype == torch.float64 else torch.float32), st.side)
 
+    def project_rows(self, st: MatrixState, grad_rows: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
+        """Low-rank gradient of a row shard: weight rows ``[row_offset, row_offset + k)`` of the gradient
+        (``grad_rows`` [k, n]; the other rows taken as zero).
+
+        Right projection: the reshaped rows covering the shard (:func:`~..projection.vlorp.covering_rows`),
+        [g_rows, r] — complete where the shard holds the whole reshaped row, a *partial* sum where a shard boundary
+        cuts a merged one (granularity c < 1). Left projection: the shard's partial ``P[rows]ᵀ G'[rows]`` [r, n·c].
+        Partial results of a partition of the rows add up to :meth:`project` of the whole matrix, which this
+        equals (same kernel, same operands) for the whole matrix.
+        """
+        m, n_cols = st.shape
+        rows = grad_rows.shape[0]
+        g_off, g_rows, w_off, w_rows = covering_rows(row_offset, rows, m, st.proj_shape[0])
+        if w_rows != rows:  # a cut merged row: the neighbours' part of it is zero here
+            padded = grad_rows.new_zeros(w_rows, n_cols)
+            padded[row_offset - w_off:row_offset - w_off + rows] = grad_rows
+            grad_rows = padded
+        block = grad_rows.reshape(g_rows, st.proj_shape[1]) if g_rows != w_rows else grad_rows
+        dtype = grad_rows.dtype if grad_rows.dtype == torch.float64 else torch.float32
+        if st.side == "right":
+            return project(block, st.basis_float(dtype), "right")
+        if isinstance(st.basis, RandomBasis):
+            basis = st.basis.rows(g_off, g_rows, dtype)
+        else:
+            basis = st.basis_float(dtype)
+            basis = basis if g_rows == basis.shape[0] else basis[g_off:g_off + g_rows]
+        return project(block, basis, "left")
+
+    # --- the update as it crosses ranks (an owner broadcasts it, replicas and shards apply it) ---------------
+    def update_tensors(self, update: torch.Tensor) -> list[torch.Tensor]:
+        """What :meth:`normalise` returned, as the tensors a placement sends: ``[N]``."""
+        return [update]
+
+    def update_buffers(self, st: MatrixState, lowrank: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Receive buffers for :meth:`update_tensors` of this matrix; ``lowrank`` is a spent tensor of N's shape
+        and dtype (re-used) or a shape template."""
+        return [lowrank]
+
+    def update_from_tensors(self, st: MatrixState, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The inverse of :meth:`update_tensors` (the low-rank part cast to the compute ``dtype``)."""
+        return tensors[0].to(dtype)
+
+    def lowrank_part(self, update: torch.Tensor) -> torch.Tensor:
+        """The low-rank-shaped tensor of an update (right projection: one row per reshaped row)."""
+        return update
+
+    def with_lowrank_part(self, update: torch.Tensor, lowrank: torch.Tensor) -> torch.Tensor:
+        return lowrank
+
+    # --- what a row shard must add up across ranks before normalise (none for low-rank AdamW) ----------------
+    def shard_sums(self, st: MatrixState, cover: torch.Tensor, row_offset: int, rows: int,
+                   cover_offset: int) -> tuple[object, list[torch.Tensor]]:
+        """For a row-sharded right-projected matrix: ``(local, additive)``, where ``additive`` are tensors each
+        rank computes over its rows and a placement sums over ranks (all-reduce) before ``normalise(...,
+        sums=(local, summed))``. ``cover`` is the complete low-rank gradient of the reshaped rows covering the
+        shard, starting at reshaped row ``cover_offset``. Low-rank AdamW is row-local: nothing."""
+        return None, []
+
     # --- phase 2: moments (owner) ---------------------------------------------------------------------------
-    def normalise(self, st: MatrixState, lowrank_grad: torch.Tensor, lr: float) -> tuple[torch.Tensor, float]:
-        """Adam moments in the low-rank space. Returns (N = m / (√v + ε), step_size) and advances ``st.step``."""
+    def normalise(self, st: MatrixState, lowrank_grad: torch.Tensor, lr: float,
+                  sums: tuple | None = None) -> tuple[torch.Tensor, float]:
+        """Adam moments in the low-rank space. Returns (N = m / (√v + ε), step_size) and advances ``st.step``.
+        ``lowrank_grad`` may be any rows of a right-projected matrix's R (those whose moments ``st`` holds);
+        ``sums`` (from :meth:`shard_sums`) is unused: Adam is element-wise."""
         c = self.config
         b1, b2 = c.betas
         dtype = lowrank_grad.dtype if lowrank_grad.dtype == torch.float64 else torch.float32
         r = lowrank_grad.to(dtype)
         if (c.fused and dtype == torch.float32 and st.exp_avg.quantized and st.exp_avg_sq.quantized
-                and len(st.exp_avg.shape) == 2):
+                and len(st.exp_avg.shape) == 2 and r.numel() > 0):  # a row shard may hold no rows
             # one compiled pass: decode, update, N, re-encode (quant/fused.py; eager below up to fp32 rounding)
             n = fused_adam_moments_(st.exp_avg, st.exp_avg_sq, r, b1, b2, c.eps)
             st.step += 1
@@ -283,36 +373,36 @@ class LowRankAdamW:
 
     # --- phase 3: apply to rows (any rank holding rows of the weight) ---------------------------------------
     def update_of_rows(self, st: MatrixState, n: torch.Tensor, dtype: torch.dtype, row_offset: int, rows: int,
-                       basis_rows: torch.Tensor | None = None, n_row_offset: int | None = None) -> torch.Tensor:
+                       basis_rows: torch.Tensor | None = None, n_offset: int | None = None) -> torch.Tensor:
         """``scale · project_back(N)`` for rows ``[row_offset, row_offset + rows)``: [rows, n_cols] in ``dtype``.
 
-        With granularity c the back-projection yields the matching rows of the reshaped update
-        (:func:`granular_rows`), reshaped back to weight rows. ``basis_rows``: left projection, the shard's rows of
-        the reshaped P; right projection, the whole float Q (a caller updating one matrix block by block passes it
-        so Q is dequantised once, not once per block). ``n_row_offset`` (right projection): the weight row of N's row 0 when N holds only some rows
-        (a row-sharded engine passes its local N with ``row_offset - n_row_offset`` = its first row; default: N is
-        whole, ``n_row_offset = 0``).
+        With granularity c the reshaped rows covering these weight rows (:func:`covering_rows`) are back-projected
+        and reshaped to weight rows; a shard whose boundary cuts a merged reshaped row takes its part of it.
+        ``basis_rows``: left projection, those reshaped rows of P (default: sliced from the whole P); right
+        projection, the whole float Q (a caller updating one matrix block by block passes it so Q is dequantised
+        once, not once per block). ``n_offset`` (right projection): the reshaped row of N's row 0 when N holds
+        only some rows (a row shard passes the rows covering it; default: N is whole).
         """
-        g_off, g_rows = granular_rows(row_offset - (n_row_offset or 0), rows, st.shape[0], st.proj_shape[0])
+        g_off, g_rows, w_off, w_rows = covering_rows(row_offset, rows, st.shape[0], st.proj_shape[0])
         if st.side == "left" and basis_rows is None and isinstance(st.basis, RandomBasis):
-            basis_rows = st.basis.rows(g_off, g_rows, dtype)  # draw only this shard's rows of P
+            basis_rows = st.basis.rows(g_off, g_rows, dtype)  # draw only these rows of P
         if st.side == "left" and basis_rows is not None:
             out = project_back(n.to(dtype), basis_rows.to(dtype), st.side, self.config.scale, 0, g_rows)
         else:
             basis = st.basis_float(dtype) if basis_rows is None else basis_rows.to(dtype)
-            out = project_back(n.to(dtype), basis, st.side, self.config.scale, g_off, g_rows)
-        return from_granular(out, rows, st.shape[1])
+            off = g_off - (n_offset or 0) if st.side == "right" else g_off
+            out = project_back(n.to(dtype), basis, st.side, self.config.scale, off, g_rows)
+        return cut_rows(from_granular(out, w_rows, st.shape[1]), row_offset - w_off, rows)
 
     def update_rows(self, st: MatrixState, w_rows: torch.Tensor, n: torch.Tensor, step_size: float, lr: float,
                     row_offset: int = 0, basis_rows: torch.Tensor | None = None,
-                    n_row_offset: int | None = None) -> torch.Tensor:
+                    n_offset: int | None = None) -> torch.Tensor:
         """New float value of weight rows ``[row_offset, row_offset + rows)``.
 
         w_rows: [rows, n_cols] float. n: the whole low-rank N (right: [m, r]; left: [r, n]). basis_rows: for left
         projection, the shard's rows of P (defaults to the whole P sliced at ``row_offset``).
         """
-        kw = {} if n_row_offset is None else {"n_row_offset": n_row_offset}  # rules without it (ProjFactor) stay valid
-        update = self.update_of_rows(st, n, w_rows.dtype, row_offset, w_rows.shape[0], basis_rows, **kw)
+        update = self.update_of_rows(st, n, w_rows.dtype, row_offset, w_rows.shape[0], basis_rows, n_offset)
         w = w_rows.add(update, alpha=-step_size)
         if self.config.weight_decay > 0:
             w.add_(w, alpha=-lr * self.config.weight_decay)
@@ -320,7 +410,7 @@ class LowRankAdamW:
 
     def apply_rows(self, st: MatrixState, weight: Int8Weight | torch.Tensor, n: torch.Tensor, step_size: float,
                    lr: float, row_offset: int = 0, basis_rows: torch.Tensor | None = None,
-                   compute_dtype: torch.dtype | None = None, n_row_offset: int | None = None) -> None:
+                   compute_dtype: torch.dtype | None = None, n_offset: int | None = None) -> None:
         """Update weight rows in place: a float tensor (reference mode) or an :class:`Int8Weight` (re-quantised
         with stochastic rounding keyed by (seed, step, name, global index), so shards and replicas agree).
         ``compute_dtype`` defaults to fp64 for an fp64 N (parity runs), else fp32."""
@@ -330,17 +420,16 @@ class LowRankAdamW:
             c = self.config
             key = stream_key(c.seed, st.step, st.name, SALT_UPDATE) if c.stochastic_round else None
             if c.fused and key is not None and compute_dtype == torch.float32:
-                kw = {} if n_row_offset is None else {"n_row_offset": n_row_offset}
                 update = self.update_of_rows(st, n, torch.float32, row_offset, weight.codes.shape[0], basis_rows,
-                                             **kw)
+                                             n_offset)
                 fused_update_requantize_(weight.codes, weight.scales, update, step_size, -lr * c.weight_decay, key,
                                          row_offset, weight.group_size)
                 return
             w = self.update_rows(st, weight.dequantize(compute_dtype), n, step_size, lr, row_offset, basis_rows,
-                                 n_row_offset)
+                                 n_offset)
             weight.requantize_(w, key, row_offset)
         else:
-            w = self.update_rows(st, weight.data, n, step_size, lr, row_offset, basis_rows, n_row_offset)
+            w = self.update_rows(st, weight.data, n, step_size, lr, row_offset, basis_rows, n_offset)
             weight.data.copy_(w)
 
     # --- all phases on one device ---------------------------------------------------------------------------

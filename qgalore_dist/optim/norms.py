@@ -3,6 +3,8 @@ clipping factor derived from it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 _CHUNK = 1 << 22  # elements summed at a time (32 MB of fp64)
@@ -19,6 +21,26 @@ def squared_norm(t: torch.Tensor) -> float:
         return float(t.double().pow(2).sum())
     flat = t.reshape(-1)
     return float(sum(flat[i:i + _CHUNK].double().pow(2).sum() for i in range(0, flat.numel(), _CHUNK)))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step measured, the same on every engine and rank: the global gradient norm before
+    clipping (``√(‖dense‖² + Σ‖R‖²)``, the norm of what the optimizer consumes) and the factor the gradients were
+    scaled by (1 without clipping). ``optimizer.step()`` returns the closure's loss, like ``torch.optim``; this
+    is in ``optimizer.last_step``."""
+
+    grad_norm: float | None = None
+    clip_coef: float = 1.0
+
+
+def closure_loss(closure) -> object:
+    """``torch.optim``'s closure protocol: re-evaluate the model with gradients enabled and return its loss (None
+    without a closure) — what every optimizer's ``step(closure)`` here returns."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def clip_coef(norm: float, max_norm: float) -> float:

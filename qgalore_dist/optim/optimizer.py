@@ -21,12 +21,10 @@ from ..config import QGaLoreConfig
 from ..nn.convert import DEFAULT_TARGET_MODULES, find_target_linears
 from ..nn.int8_linear import QGaLoreLinear
 from ..projection.vlorp import resolve_granularity
-from ..quant.bf16 import SALT_DENSE_SR
 from ..quant.int8 import Int8Weight
-from ..quant.rng import stream_key
-from .dense_adamw import DenseState, dense_adamw_step, init_dense_state
+from .dense_adamw import DenseState, dense_adamw_step, dense_sr_key, init_dense_state
 from .lowrank_adamw import LowRankAdamW, MatrixState, effective_rank
-from .norms import clip_coef, squared_norm
+from .norms import StepResult, clip_coef, closure_loss, squared_norm
 from .projfactor import make_rule
 
 
@@ -95,6 +93,18 @@ class PhasedGroups:
     rule: LowRankAdamW
     phase_times: dict[str, float]
 
+    @staticmethod
+    def _param_groups(config: QGaLoreConfig, dense: list, projected: list, dense_lr: float | None,
+                      dense_weight_decay: float | None) -> list[dict]:
+        """The ``param_groups`` of every Q-GaLore optimizer: the dense parameters (their own lr / weight decay,
+        if given) and the projected tensors, each group tagged with its ``kind``."""
+        groups = []
+        if dense:
+            groups.append({"params": dense, "kind": "dense", "lr": config.lr if dense_lr is None else dense_lr,
+                           "weight_decay": config.weight_decay if dense_weight_decay is None else dense_weight_decay})
+        groups.append({"params": projected, "kind": "projected", "lr": config.lr, "weight_decay": config.weight_decay})
+        return groups
+
     def _group(self, kind: str) -> dict:
         for g in self.param_groups:
             if g.get("kind") == kind:
@@ -140,7 +150,8 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
             what the optimizer consumes, the same in every engine (the full gradient never exists in layer-wise
             mode, so its norm cannot be used).
 
-    ``step()`` returns that global norm (before clipping), clipping or not.
+    ``step(closure)`` returns the closure's loss (None without one), like ``torch.optim``; the global norm
+    (before clipping, measured whether clipping or not) and the clipping factor are in :attr:`last_step`.
     """
 
     def __init__(self, model: nn.Module, config: QGaLoreConfig, *, dense_state_bits: int = 32,
@@ -159,13 +170,8 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         projected_ids = {id(pm.tensor()) for pm in self.matrices}
         self.dense_named = [(n, p) for n, p in model.named_parameters()
                             if p.requires_grad and id(p) not in projected_ids]
-        groups = []
-        if self.dense_named:
-            groups.append({"params": [p for _, p in self.dense_named], "kind": "dense",
-                           "lr": config.lr if dense_lr is None else dense_lr,
-                           "weight_decay": config.weight_decay if dense_weight_decay is None else dense_weight_decay})
-        groups.append({"params": [pm.tensor() for pm in self.matrices], "kind": "projected", "lr": config.lr,
-                       "weight_decay": config.weight_decay})
+        groups = self._param_groups(config, [p for _, p in self.dense_named], [pm.tensor() for pm in self.matrices],
+                                    dense_lr, dense_weight_decay)
         super().__init__(groups, {"lr": config.lr, "weight_decay": config.weight_decay})
 
         # VLoRP granularity per matrix: an error, or c=1 with one warning (granularity_fallback), where c does not fit
@@ -194,6 +200,7 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         # the whole step runs inside backward: nothing has to wait for the accumulation boundary or a global norm
         self.in_backward = layerwise and grad_accum == 1 and self.grad_clip == 0
         self._consumed_sq = 0.0  # Σ‖consumed gradient‖² of in-backward steps, reported by the next step()
+        self.last_step = StepResult()
         self._stepped_in_backward: set[str] = set()  # matrices already stepped inside backward since step()
         if layerwise:
             for pm in self.matrices:
@@ -266,12 +273,8 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
     def _dense_step(self, name: str, p: torch.Tensor, grad: torch.Tensor) -> None:
         dg = self._group("dense")
         st = self.dense_state[name]
-        # a bf16-stored dense weight is rounded stochastically (keyed by seed, step, name: resumable), so updates
-        # below half a bf16 ulp still move it on average
-        key = (stream_key(self.config.seed, st.step + 1, name, SALT_DENSE_SR)
-               if p.dtype == torch.bfloat16 and self.config.stochastic_round else None)
         dense_adamw_step(p, grad, st, dg["lr"], self.config.betas, self.config.eps, dg["weight_decay"],
-                         fused=self.config.fused, sr_key=key)
+                         fused=self.config.fused, sr_key=dense_sr_key(self.config, st, name, p.dtype))
 
     @torch.no_grad()
     def _consume(self, pm: ProjectedMatrix, grad: torch.Tensor) -> None:
@@ -298,9 +301,7 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
     # --- the step -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
+        loss = closure_loss(closure)
         rule, lr = self._rule()
         self._stepped_in_backward.clear()
         if not self.layerwise:  # full gradients were accumulated by backward: project them now
@@ -322,7 +323,8 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
                 self._apply(pm, r.mul_(coef) if coef < 1.0 else r, rule, lr)
         for n, p in dense:
             self._dense_step(n, p, p.grad if coef == 1.0 else p.grad * coef)
-        return norm
+        self.last_step = StepResult(norm, coef)
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.accum.clear()

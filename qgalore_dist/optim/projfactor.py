@@ -18,28 +18,30 @@ see :meth:`LowRankAdamW._resample` for the rotation with non-orthonormal random 
 accumulates R (the projection is linear, so ``project_back(ΣR) = Σ project_back(R)`` and the factors see the
 accumulated gradient exactly as a large batch would).
 
-Phases (for engines; no collectives here), same names as :class:`LowRankAdamW`:
+Phases (for placements; no collectives here), same names as :class:`LowRankAdamW`:
 
-    refresh (owner) -> project -> [reduce R] -> factor_sums (any rank holding rows: its rows' Σ_j Ĝ², and a
-    *partial* Σ_i Ĝ² over its rows) -> [gather row sums / all-reduce column sums] -> normalise(sums=...) (owner)
-    -> [broadcast ProjFactorUpdate: M + a + b] -> apply_rows (rows with their global offset)
-
-``normalise`` takes the *complete* sums (row sums of all m rows, column sums over all rows); without ``sums`` it
-computes them itself from R (single device). The partial sums are exposed as :meth:`ProjFactor.factor_sums`.
+* whole matrix at one rank (single device; the owner of a replicated or left-projected matrix): refresh ->
+  project -> [reduce R to the owner] -> normalise (computes the factor sums from R) -> [broadcast
+  ProjFactorUpdate: M + a + b] -> apply_rows (rows with their global offset);
+* right-projected row shard (FSDP2, ZeRO-3): project_rows -> [complete the cut reshaped rows] ->
+  :meth:`ProjFactor.shard_sums` (this shard's rows' Σ_j Ĝ², complete, kept locally; a *partial* Σ_i Ĝ² over its
+  rows and Σ of its rows' new row factor, both row-additive) -> [all-reduce the additive sums] ->
+  normalise(sums=...) on the shard's rows (row factor rows, first-moment rows; the column factor replicated) ->
+  apply_rows with the global mean of the row factor.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..config import QGaLoreConfig
 from ..projection.projector import apply_rotation, project_back, rotation
 from ..projection.random_proj import RandomBasis
-from ..projection.vlorp import from_granular, granular_rows
-from .lowrank_adamw import LowRankAdamW, MatrixState
+from ..projection.vlorp import covering_rows, from_granular
+from .lowrank_adamw import LowRankAdamW, MatrixState, cut_rows
 
 
 def projfactor_numel(m: int, n: int, rank: int, granularity: float = 1.0) -> int:
@@ -65,8 +67,8 @@ class ProjFactorState(MatrixState):
 
     def state_bytes(self) -> dict[str, int]:
         out = super().state_bytes()  # projector + exp_avg (exp_avg_sq is None)
-        factors = sum(t.numel() * t.element_size() for t in (self.row_factor, self.col_factor))
-        out["first_moment"] = self.exp_avg.nbytes()
+        factors = sum(t.numel() * t.element_size() for t in (self.row_factor, self.col_factor) if t is not None)
+        out["first_moment"] = 0 if self.exp_avg is None else self.exp_avg.nbytes()
         out["factors"] = factors
         out["moments"] += factors
         return out
@@ -91,12 +93,16 @@ class ProjFactorUpdate:
     """What ``normalise`` hands to ``apply_rows`` (and an engine broadcasts): max(m, n)·M + m + n numbers.
 
     exp_avg: the low-rank first moment M (projected shape); row_factor [m]; col_factor [n] — after this step's
-    update, not bias-corrected (the step size carries the correction).
+    update, not bias-corrected (the step size carries the correction). A row shard's update holds only its rows of
+    the row factor (from weight row ``row_offset``) and the global ``row_mean`` of it; a whole one has
+    ``row_offset = 0`` and ``row_mean = None`` (the mean is taken over ``row_factor``).
     """
 
     exp_avg: torch.Tensor
     row_factor: torch.Tensor
     col_factor: torch.Tensor
+    row_offset: int = 0
+    row_mean: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -126,51 +132,69 @@ class ProjFactor(LowRankAdamW):
     def _rotate_moments(self, st: ProjFactorState, old: torch.Tensor, new: torch.Tensor) -> None:
         """Carry M into the new basis with ``T`` (:func:`..projection.projector.rotation`); the factors describe
         the back-projected gradient in the full space and need no change."""
-        dtype = st.row_factor.dtype
+        dtype = st.col_factor.dtype
         t = rotation(old.to(dtype), new.to(dtype), st.side)
         st.exp_avg.from_float(apply_rotation(st.exp_avg.to_float(dtype), t, st.side))
 
     # --- back-projection of whole rows, unscaled --------------------------------------------------------------
     def back_rows(self, st: MatrixState, lowrank: torch.Tensor, dtype: torch.dtype, row_offset: int = 0,
-                  rows: int | None = None, basis_rows: torch.Tensor | None = None) -> torch.Tensor:
+                  rows: int | None = None, basis_rows: torch.Tensor | None = None,
+                  n_offset: int | None = None) -> torch.Tensor:
         """Rows ``[row_offset, row_offset + rows)`` of ``project_back(lowrank)`` in the weight's shape: [rows, n]
-        in ``dtype``, without ``scale``. ``basis_rows``: left projection, the shard's rows of the reshaped P."""
+        in ``dtype``, without ``scale``. ``basis_rows`` and ``n_offset`` as for
+        :meth:`LowRankAdamW.update_of_rows` (a row shard's covering rows of P, or of the low-rank tensor)."""
         rows = st.shape[0] - row_offset if rows is None else rows
-        g_off, g_rows = granular_rows(row_offset, rows, st.shape[0], st.proj_shape[0])
+        g_off, g_rows, w_off, w_rows = covering_rows(row_offset, rows, st.shape[0], st.proj_shape[0])
         if st.side == "left" and basis_rows is None and isinstance(st.basis, RandomBasis):
             basis_rows = st.basis.rows(g_off, g_rows, dtype)
         if st.side == "left" and basis_rows is not None:
             out = project_back(lowrank.to(dtype), basis_rows.to(dtype), st.side, 1.0, 0, g_rows)
         else:
-            out = project_back(lowrank.to(dtype), st.basis_float(dtype), st.side, 1.0, g_off, g_rows)
-        return from_granular(out, rows, st.shape[1])
+            off = g_off - (n_offset or 0) if st.side == "right" else g_off
+            out = project_back(lowrank.to(dtype), st.basis_float(dtype), st.side, 1.0, off, g_rows)
+        return cut_rows(from_granular(out, w_rows, st.shape[1]), row_offset - w_off, rows)
 
-    # --- phase 2a: partial factor sums (any rank holding rows) ---------------------------------------------
+    # --- phase 2a: factor sums (any rank holding rows) ---------------------------------------------------------
     def factor_sums(self, st: MatrixState, lowrank_grad: torch.Tensor, row_offset: int = 0,
-                    rows: int | None = None, basis_rows: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    rows: int | None = None, basis_rows: torch.Tensor | None = None,
+                    n_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ_j Ĝ²[i, j] for the rows [rows], Σ_{i in rows} Ĝ²[i, j] [n]) of the back-projected gradient.
 
-        The row sums are complete for these rows; the column sums are this shard's *partial* sums — an engine
-        sums them over the row shards (all-reduce) before :meth:`normalise`.
+        The row sums are complete for these rows; the column sums are these rows' *partial* sums.
         """
         dtype = torch.float64 if lowrank_grad.dtype == torch.float64 else torch.float32
-        g2 = self.back_rows(st, lowrank_grad, dtype, row_offset, rows, basis_rows).square_()
+        g2 = self.back_rows(st, lowrank_grad, dtype, row_offset, rows, basis_rows, n_offset).square_()
         return g2.sum(dim=1), g2.sum(dim=0)
+
+    def shard_sums(self, st: ProjFactorState, cover: torch.Tensor, row_offset: int, rows: int,
+                   cover_offset: int) -> tuple[object, list[torch.Tensor]]:
+        """A right-projected row shard's part of the factor statistics (see :meth:`LowRankAdamW.shard_sums`):
+        local — (its rows' Σ_j Ĝ² [rows], ``row_offset``); additive — [its partial column sums Σ_i Ĝ² [n], Σ of
+        its rows' updated row factor [1]] (the global mean of the row factor is that sum over ranks ÷ m)."""
+        row_sq, col_sq = self.factor_sums(st, cover, row_offset, rows, n_offset=cover_offset)
+        b2 = self.config.betas[1]
+        a = st.row_factor.to(row_sq.dtype).mul(b2).add_(row_sq, alpha=(1.0 - b2) / st.shape[1])
+        return (row_sq, row_offset), [col_sq, a.sum().reshape(1)]
 
     # --- phase 2b: moments (owner) ----------------------------------------------------------------------------
     def normalise(self, st: ProjFactorState, lowrank_grad: torch.Tensor, lr: float,
-                  sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[ProjFactorUpdate, float]:
+                  sums: tuple | None = None) -> tuple[ProjFactorUpdate, float]:
         """Update M and the factors; returns (:class:`ProjFactorUpdate`, step_size) and advances ``st.step``.
 
-        sums: the complete (row sums [m], column sums [n]) of Ĝ² (see :meth:`factor_sums`); computed here from
-        ``lowrank_grad`` when None (single device).
+        Whole matrix (``sums`` None): the factor sums are computed here from ``lowrank_grad``. Row shard: ``sums =
+        (local, summed)`` — :meth:`shard_sums`' local part and its additive part summed over the shards;
+        ``lowrank_grad`` is then the rows of R whose first moment this shard holds, and ``st.row_factor`` its rows.
         """
         c = self.config
         b1, b2 = c.betas
         dtype = torch.float64 if lowrank_grad.dtype == torch.float64 else torch.float32
         r = lowrank_grad.to(dtype)
-        row_sq, col_sq = self.factor_sums(st, r) if sums is None else sums
+        row_offset, row_mean = 0, None
+        if sums is None:
+            row_sq, col_sq = self.factor_sums(st, r)
+        else:
+            (row_sq, row_offset), (col_sq, a_sum) = sums
+            row_mean = (a_sum.to(dtype) / st.shape[0]).reshape(())
         m_rows, n_cols = st.shape
         mom = st.exp_avg.to_float(dtype).mul_(b1).add_(r, alpha=1.0 - b1)
         a = st.row_factor.to(dtype).mul_(b2).add_(row_sq.to(dtype), alpha=(1.0 - b2) / n_cols)
@@ -180,24 +204,41 @@ class ProjFactor(LowRankAdamW):
         st.row_factor.copy_(a)
         st.col_factor.copy_(b)
         step_size = lr * math.sqrt(1.0 - b2 ** st.step) / (1.0 - b1 ** st.step)
-        return ProjFactorUpdate(mom, a, b), step_size
+        return ProjFactorUpdate(mom, a, b, row_offset, row_mean), step_size
 
     # --- phase 3: the update of weight rows -------------------------------------------------------------------
     def update_of_rows(self, st: ProjFactorState, n: ProjFactorUpdate, dtype: torch.dtype, row_offset: int,
                        rows: int, basis_rows: torch.Tensor | None = None,
-                       n_row_offset: int | None = None) -> torch.Tensor:
+                       n_offset: int | None = None) -> torch.Tensor:
         """``scale · project_back(M) / (√V̂ + ε)`` for rows ``[row_offset, row_offset + rows)``: [rows, n].
-
-        ``n`` is always whole here: ``n_row_offset`` (a row-local N, :meth:`LowRankAdamW.update_of_rows`) exists for
-        the shared ``update_rows`` signature; the row-sharded optimizer refuses ProjFactor at construction."""
-        if n_row_offset:
-            raise ValueError("ProjFactor takes the whole low-rank update (n_row_offset must be None or 0)")
-        back = self.back_rows(st, n.exp_avg, dtype, row_offset, rows, basis_rows)
+        ``n_offset``: the reshaped row of ``n.exp_avg``'s row 0 (right projection, a row shard's covering rows)."""
+        back = self.back_rows(st, n.exp_avg, dtype, row_offset, rows, basis_rows, n_offset)
         a = n.row_factor.to(dtype)
-        # mean(a) over *all* m rows (the payload carries the whole row factor); guard an all-zero first gradient
-        denom = a.mean().clamp_min(torch.finfo(dtype).tiny)
-        v = (a[row_offset:row_offset + rows, None] / denom) * n.col_factor.to(dtype)[None, :]
+        # mean(a) over *all* m rows (a whole update carries the whole row factor, a shard's the global mean);
+        # guard an all-zero first gradient
+        denom = (a.mean() if n.row_mean is None else n.row_mean.to(dtype)).clamp_min(torch.finfo(dtype).tiny)
+        i0 = row_offset - n.row_offset
+        v = (a[i0:i0 + rows, None] / denom) * n.col_factor.to(dtype)[None, :]
         return back.div_(v.sqrt_().add_(self.config.eps)).mul_(self.config.scale)
+
+    # --- the update as it crosses ranks: M, the row factor, the column factor ---------------------------------
+    def update_tensors(self, update: ProjFactorUpdate) -> list[torch.Tensor]:
+        return [update.exp_avg, update.row_factor, update.col_factor]
+
+    def update_buffers(self, st: ProjFactorState, lowrank: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        dev = lowrank.device
+        return [lowrank, torch.empty(st.shape[0], dtype=dtype, device=dev),
+                torch.empty(st.shape[1], dtype=dtype, device=dev)]
+
+    def update_from_tensors(self, st: ProjFactorState, tensors: list[torch.Tensor],
+                            dtype: torch.dtype) -> ProjFactorUpdate:
+        return ProjFactorUpdate(tensors[0].to(dtype), tensors[1], tensors[2])
+
+    def lowrank_part(self, update: ProjFactorUpdate) -> torch.Tensor:
+        return update.exp_avg
+
+    def with_lowrank_part(self, update: ProjFactorUpdate, lowrank: torch.Tensor) -> ProjFactorUpdate:
+        return replace(update, exp_avg=lowrank)
 
 
 def make_rule(config: QGaLoreConfig) -> LowRankAdamW:

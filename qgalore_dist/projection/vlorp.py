@@ -109,6 +109,37 @@ def granular_rows(row_offset: int, rows: int, m: int, m_granular: int) -> tuple[
     return row_offset // k, rows // k
 
 
+def covering_rows(row_offset: int, rows: int, m: int, m_granular: int) -> tuple[int, int, int, int]:
+    """Weight rows ``[row_offset, row_offset + rows)`` -> ``(g_off, g_rows, w_off, w_rows)``: the reshaped rows
+    ``[g_off, g_off + g_rows)`` that touch them, and the weight rows ``[w_off, w_off + w_rows)`` those cover.
+
+    Unlike :func:`granular_rows` the shard need not be aligned: when rows are merged (``k = m / m_granular``
+    weight rows per reshaped row) a shard boundary may cut a reshaped row, which then belongs partly to this shard
+    (``w_off < row_offset`` or ``w_off + w_rows > row_offset + rows``). An empty shard covers nothing.
+    """
+    if m_granular >= m:
+        a = m_granular // m
+        return row_offset * a, rows * a, row_offset, rows
+    if rows == 0:
+        return row_offset // (m // m_granular), 0, row_offset, 0
+    k = m // m_granular
+    g_off = row_offset // k
+    g_end = -(-(row_offset + rows) // k)
+    return g_off, g_end - g_off, g_off * k, (g_end - g_off) * k
+
+
+def held_rows(row_offset: int, rows: int, m: int, m_granular: int) -> tuple[int, int]:
+    """The reshaped rows ``[h_off, h_off + h_rows)`` whose *first* weight row lies in ``[row_offset, row_offset +
+    rows)``: the rows whose state (low-rank moments) a row shard holds. Every reshaped row is held by exactly one
+    shard of a partition of the weight rows, also where a shard boundary cuts it."""
+    if m_granular >= m:
+        a = m_granular // m
+        return row_offset * a, rows * a
+    k = m // m_granular
+    h_off = -(-row_offset // k)
+    return h_off, max(0, -(-(row_offset + rows) // k) - h_off)
+
+
 def resolve_granularity(shapes: Mapping[str, tuple[int, int]], granularity: float, rank: int,
                         proj_type: str = "std", fallback: bool = False) -> dict[str, float]:
     """Per-matrix granularity for a model: ``granularity`` wherever it fits, else an error or ``c = 1``.
@@ -140,4 +171,4 @@ def resolve_granularity(shapes: Mapping[str, tuple[int, int]], granularity: floa
 
 
 __all__ = ["check_granularity", "granular_shape", "check_rank_fits", "to_granular", "from_granular",
-           "granular_rows", "resolve_granularity"]
+           "granular_rows", "covering_rows", "held_rows", "resolve_granularity"]

@@ -1,22 +1,22 @@
 """Fused ``update + re-quantise`` of INT8 weight rows, and fused 8-bit Adam moments, compiled with ``torch.compile``.
 
-The eager path (:func:`..quant.int8.quantize_rows` after a dequantise and an update) makes ~25 passes over
-every weight element per step — dequantise, update, decay, group absmax, divide, the 8 passes of the keyed hash,
-floor, clamp, cast. Inductor fuses them into one reduction and one pointwise loop: 5× faster on CPU in our
-measurements. It equals the eager path up to fp32 rounding — Inductor may contract ``w − s·u`` into an FMA, so a
-scale can differ in its last bit and a rare code by one step (tests/test_fused.py); every rank runs the same path
-(it is part of the config), so replicas still agree bit for bit. Scalars travel as 0-d tensors so a new step size, key or row offset
+The eager path (:func:`..quant.int8.quantize_rows` after a dequantise and an update) makes ~25 passes over every
+weight element per step — dequantise, update, decay, group absmax, divide, the 8 passes of the keyed hash, floor,
+clamp, cast. Inductor fuses them into one reduction and one pointwise loop: 5× faster on CPU in our measurements. It
+equals the eager path up to fp32 rounding — Inductor may contract ``w − s·u`` into an FMA, so a scale can differ in
+its last bit and a rare code by one step (tests/unit/test_fused.py); every rank runs the same path (it is part of the
+config), so replicas still agree bit for bit. Scalars travel as 0-d tensors so a new step size, key or row offset
 never triggers a recompile. Row counts are dynamic, column counts static: one compilation per column count serves
-every matrix and row shard of that width. Fully dynamic shapes (``dynamic=True``) cost 5× here — the symbolic
-column count and group size turn the per-group scale lookup into a gather and block vectorisation of the inner
-loop (27 ms against 5 ms for a 1376×512 matrix on one core) — so columns stay specialised (``dynamic=False`` with
-``mark_dynamic`` on the row dimension, which ``dynamic=False`` honours and automatic dynamic shapes would undo).
+every matrix and row shard of that width. Fully dynamic shapes (``dynamic=True``) cost 5× here — the symbolic column
+count and group size turn the per-group scale lookup into a gather and block vectorisation of the inner loop (27 ms
+against 5 ms for a 1376×512 matrix on one core) — so columns stay specialised (``dynamic=False`` with ``mark_dynamic``
+on the row dimension, which ``dynamic=False`` honours and automatic dynamic shapes would undo).
 
 :func:`fused_adam_moments_` does the same for the low-rank Adam moments kept in 8-bit blockwise form
 (:mod:`.state8`): decode both moments, update them with the low-rank gradient, compute ``N = m / (√v + ε)``,
 re-encode (block absmax + the table-lookup encoder) — two reductions and three element-wise loops instead of ~40
 eager passes. The codec is the eager one (the lookup equals ``bucketize``); the moment arithmetic may round
-differently (FMA contraction), so a moment code can differ by one step from the eager path (tests/test_fused.py).
+differently (FMA contraction), so a moment code can differ by one step from the eager path (tests/unit/test_fused.py).
 :func:`fused_dense_adamw8_` adds the weight update to it for dense parameters with 8-bit moments (a 32000×512
 embedding: ~10× faster than the eager :func:`..optim.dense_adamw.dense_adamw_step`, which stays the default there:
 engines that must match another engine bit for bit pass the same ``fused`` flag on both sides).

@@ -111,8 +111,8 @@ def uniform_rows(row_offset: int, rows: int, cols: int, key: tuple[int, int],
     """
     start, stop = row_offset * cols, (row_offset + rows) * cols
     if stop > _MAX_INDEX:
-        raise ValueError(f"stochastic-rounding stream covers matrices of < 2**31 elements; rows up to {row_offset + rows}"
-                         f" x {cols} columns is larger")
+        raise ValueError("stochastic-rounding stream covers matrices of < 2**31 elements; rows up to "
+                         f"{row_offset + rows} x {cols} columns is larger")
     idx = torch.arange(start, stop, dtype=torch.int32, device=device).reshape(rows, cols)
     h = _mix32(idx, key[0], key[1])
     # arithmetic shift keeps the top 24 bits as a signed value in [-2**23, 2**23): shift to [0, 2**24) in float

@@ -12,10 +12,10 @@ gives, per such bucket, how many decision boundaries (midpoints of the map) lie 
 the next boundary finishes the job. Buckets are at most 2⁻⁸ of their magnitude wide, narrower than the map's
 smallest relative gap between boundaries (0.7%), so no bucket holds two boundaries (asserted when the table is
 built) and the code equals ``torch.bucketize(x, midpoints)`` bit for bit for every float32 input, NaN included
-(tests/test_quant.py checks it against ``bucketize`` kept as the reference). On CPU ``bucketize`` cost ~70 ns per
+(tests/unit/test_quant.py checks it against ``bucketize`` kept as the reference). On CPU ``bucketize`` cost ~70 ns per
 element; the lookup is a handful of element-wise passes, and Inductor fuses it into one (:mod:`.fused`).
 
-Measured error (tests/test_quant.py pins it): |decode(encode(x)) - x| <= 0.0072 · blockmax for the signed map
+Measured error (tests/unit/test_quant.py pins it): |decode(encode(x)) - x| <= 0.0072 · blockmax for the signed map
 and <= 0.0036 · blockmax for the unsigned one (half the widest gap of the map's top decade).
 """
 

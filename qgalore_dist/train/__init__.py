@@ -6,11 +6,13 @@ Typical use (what ``python launch/pretrain.py ...`` does)::
     main(["--model", "llama_20m", "--optimizer", "qgalore", "--max-steps", "200"])
 """
 
-from .cli import OPTIMIZERS, TrainArgs, UsageError, build_parser, main, parse_args
+from ..errors import UsageError
+from .args import OPTIMIZERS, TrainArgs
+from .cli import build_parser, main, parse_args
 from .engines import ENGINES, Engine, LocalEngine, make_engine
 from .loop import TrainResult, evaluate, lm_loss, train
-from .optimizers import DenseAdamW8bit, TorchAdamW, make_optimizer, qgalore_config
 from .metrics import MetricsWriter, Progress, peak_memory_bytes, perplexity
+from .optimizers import DenseAdamW8bit, TorchAdamW, make_optimizer, qgalore_config
 from .schedule import SCHEDULES, build_scheduler, lr_multiplier
 
 __all__ = [

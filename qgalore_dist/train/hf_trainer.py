@@ -15,7 +15,7 @@ right before the step. Neither fits a layer-wise optimizer on its own:
 
 :func:`optimizer_for_trainer` builds the optimizer from the ``TrainingArguments`` and moves the clip into it. Note
 that Trainer's logged ``grad_norm`` then is its own measurement over ``model.parameters()`` (dense gradients only);
-``optimizer.step()`` returns the global norm.
+``optimizer.last_step.grad_norm`` holds the global norm after ``optimizer.step()``.
 """
 
 from __future__ import annotations

@@ -27,14 +27,15 @@ from torch import nn
 from ..checkpoint.export import quantized_modules
 from ..checkpoint.save_load import TRAINER_FILE, CheckpointError, capture_rng_state, restore_rng_state
 from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
+from ..errors import UsageError
 from ..models import build_model, enable_activation_checkpointing, load_pretrained, param_count, resolve_model_config
 from ..nn import quantize_model
 from ..nn.dense_storage import store_dense_params
 from ..nn.materialize import materialize_quantized
-from .cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs, UsageError
+from .args import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs
 from .engines import Engine, make_engine
-from .optimizers import WEIGHT_GROUP_SIZE, make_optimizer, qgalore_config
 from .metrics import MetricsWriter, Progress, peak_memory_bytes, perplexity
+from .optimizers import WEIGHT_GROUP_SIZE, make_optimizer, qgalore_config
 from .schedule import build_scheduler
 
 __all__ = ["TrainResult", "evaluate", "lm_loss", "train"]
@@ -274,7 +275,8 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
                                   f"{record.get('optimizer_kind')}, this run uses {args.optimizer}")
         # loading would silently round the dense weights (or widen them, with their bf16 rounding baked in)
         saved_args = record.get("args", {})
-        saved = dense_storage_dtype(saved_args.get("dense_dtype"), resolve_dtype(saved_args.get("dtype"), engine.device))
+        saved = dense_storage_dtype(saved_args.get("dense_dtype"),
+                                    resolve_dtype(saved_args.get("dtype"), engine.device))
         if saved != dense_storage_dtype(args.dense_dtype, dtype):
             raise CheckpointError(f"checkpoint {resume_dir} stores its dense parameters in {saved}, this run in "
                                   f"{dense_storage_dtype(args.dense_dtype, dtype)}; pass the original --dense-dtype")

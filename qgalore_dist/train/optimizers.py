@@ -1,5 +1,6 @@
 """The optimizers ``--optimizer`` names: Q-GaLore / GaLore (:class:`~qgalore_dist.optim.QGaLoreOptimizer`),
-torch AdamW and the 8-bit dense AdamW baseline. Every one's ``step()`` returns the pre-clip global gradient norm.
+torch AdamW and the 8-bit dense AdamW baseline. Every one's ``step(closure)`` returns the closure's loss, like
+``torch.optim``, and leaves the pre-clip global gradient norm in ``last_step`` (:class:`~..optim.norms.StepResult`).
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ import torch
 from torch import nn
 
 from ..config import QGaLoreConfig
+from ..errors import UsageError
 from ..optim import QGaLoreOptimizer
 from ..optim.dense_adamw import dense_adamw_step, init_dense_state
-from ..optim.norms import clip_coef, squared_norm
-from .cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs, UsageError
+from ..optim.norms import StepResult, clip_coef, closure_loss, squared_norm
+from .args import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs
 
 __all__ = ["ADAM_EPS", "WEIGHT_GROUP_SIZE", "DenseAdamW8bit", "TorchAdamW", "make_optimizer", "qgalore_config"]
 
 # Adam epsilon of every optimizer here: GaLore's / Q-GaLore's default, so baselines compare at equal settings.
 ADAM_EPS = 1e-6
-WEIGHT_GROUP_SIZE = 256  # INT8 weight group (DESIGN.md §5 reference setting)
+WEIGHT_GROUP_SIZE = 256  # INT8 weight group (docs/design.md §5 reference setting)
 
 
 def _global_norm(grads: Iterable[torch.Tensor]) -> float:
@@ -29,24 +31,28 @@ def _global_norm(grads: Iterable[torch.Tensor]) -> float:
 
 
 class TorchAdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` whose ``step()`` clips with ``clip_grad_norm_`` (when ``grad_clip > 0``) and returns
-    the global gradient norm before clipping — the same contract as :class:`QGaLoreOptimizer`."""
+    """``torch.optim.AdamW`` whose ``step()`` clips with ``clip_grad_norm_`` (when ``grad_clip > 0``) and keeps
+    the global gradient norm before clipping in ``last_step`` — the same contract as :class:`QGaLoreOptimizer`."""
 
     def __init__(self, params: Iterable[nn.Parameter], *, lr: float, betas: tuple[float, float], eps: float,
                  weight_decay: float, grad_clip: float = 0.0) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.grad_clip = float(grad_clip)
+        self.last_step = StepResult()
 
-    def step(self, closure: Callable[[], Any] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = closure_loss(closure)
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = None
         if params:
-            if self.grad_clip > 0:
-                norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+            if self.grad_clip > 0:  # DTensor gradients (FSDP2) too: clip_grad_norm_ reduces over the mesh
+                total = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
             else:
-                norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        super().step(closure)
-        return norm
+                total = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            self.last_step = StepResult(total, clip_coef(total, self.grad_clip))
+        else:
+            self.last_step = StepResult()
+        super().step()
+        return loss
 
 
 class DenseAdamW8bit(torch.optim.Optimizer):
@@ -67,15 +73,15 @@ class DenseAdamW8bit(torch.optim.Optimizer):
         self.state_bits = state_bits
         self._names = {id(p): n for n, p in named}
         self.dense_state = {n: init_dense_state(p, state_bits) for n, p in named}
+        self.last_step = StepResult()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> float | None:  # type: ignore[override]
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = closure_loss(closure)
         live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.last_step = StepResult()
         if not live:
-            return None
+            return loss
         norm = _global_norm(p.grad for p in live)
         coef = clip_coef(norm, self.grad_clip)
         for group in self.param_groups:
@@ -85,7 +91,8 @@ class DenseAdamW8bit(torch.optim.Optimizer):
                 g = p.grad if coef == 1.0 else p.grad * coef
                 dense_adamw_step(p, g, self.dense_state[self._names[id(p)]], group["lr"], group["betas"],
                                  group["eps"], group["weight_decay"])
-        return norm
+        self.last_step = StepResult(norm, coef)
+        return loss
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         return {"format": self.FORMAT, "state_bits": self.state_bits,
@@ -115,7 +122,8 @@ def qgalore_config(args: TrainArgs) -> QGaLoreConfig:
         return QGaLoreConfig(
             rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale, projection=args.projection,
             quantize=args.optimizer in INT8_OPTIMIZERS, granularity=args.granularity,
-            optimizer="projfactor" if args.optimizer == "projfactor" else "adamw", weight_group_size=WEIGHT_GROUP_SIZE, lr=args.lr,
+            optimizer="projfactor" if args.optimizer == "projfactor" else "adamw",
+            weight_group_size=WEIGHT_GROUP_SIZE, lr=args.lr,
             betas=(args.beta1, args.beta2), eps=ADAM_EPS, weight_decay=args.weight_decay, gate=not args.no_gate,
             max_proj_gap=args.proj_gap_cap if args.proj_gap_cap is not None else max(5000, args.update_proj_gap),
             seed=args.seed)
@@ -126,7 +134,7 @@ def qgalore_config(args: TrainArgs) -> QGaLoreConfig:
 def make_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
     """The optimizer ``--optimizer`` names, over ``model`` (already INT8-converted for ``qgalore``).
 
-    Every returned optimizer's ``step()`` returns the global gradient norm before clipping (or None).
+    Every returned optimizer keeps the global gradient norm before clipping in ``last_step`` after ``step()``.
     """
     betas = (args.beta1, args.beta2)
     if args.optimizer in LOWRANK_OPTIMIZERS:

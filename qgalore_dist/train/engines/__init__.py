@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-from ..cli import TrainArgs, UsageError
+from ...errors import UsageError
+from ..args import TrainArgs
 from .base import Engine
 from .local import LocalEngine
 

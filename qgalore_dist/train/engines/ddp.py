@@ -1,7 +1,7 @@
 """The data-parallel engine (``--engine ddp``): replicated model, one process per device, launched by ``torchrun``
-or ``mpirun`` (rank discovery: :func:`qgalore_dist.dist.launch_env.init_distributed`).
+or ``mpirun`` (rank discovery: :func:`qgalore_dist.parallel.launch_env.init_distributed`).
 
-* ``--optimizer qgalore|projfactor|galore``: :class:`~qgalore_dist.dist.ShardedQGaLoreOptimizer` with
+* ``--optimizer qgalore|projfactor|galore``: :class:`~qgalore_dist.parallel.ShardedQGaLoreOptimizer` with
   ``--comm-mode {lowrank,full}`` (and ``--full-reduce`` for full mode under accumulation). It reduces the dense
   gradients itself and moves the projected matrices' traffic on its own process group, so the model is **not**
   wrapped in ``DistributedDataParallel``: the INT8 codes / scales are buffers that never enter a DDP gradient
@@ -27,7 +27,7 @@ matrices the recomputed ownership plan gives it. Any failure on any rank raises 
 flag), so a corrupted checkpoint ends every rank with ``CheckpointError`` (exit 2) and nothing is overwritten.
 
 Failure behaviour: every collective runs under ``--dist-timeout``; a rank that dies (its sockets close) or hangs
-makes the others raise :class:`~qgalore_dist.train.cli.DistributedError` — one ``error:`` line, exit 1 — at
+makes the others raise :class:`~qgalore_dist.errors.DistributedError` — one ``error:`` line, exit 1 — at
 once or within the timeout, never a hang.
 """
 
@@ -46,17 +46,32 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from ...checkpoint.save_load import (MODEL_FILE, OPTIM_JSON_FILE, OPTIM_TENSORS_FILE, SHARDS_KEY, TOKENIZER_DIR,
-                                     CheckpointError, checkpoint_name, finalize_checkpoint, list_checkpoints,
-                                     load_model_state, optimizer_shard_files, publish_checkpoint,
-                                     read_optimizer_shards, read_state, trainer_shard_file, verify_checkpoint,
-                                     write_state)
-from ...dist.collectives import Collectives, all_reduce_bytes
-from ...dist.launch_env import DistEnv, init_distributed
-from ...dist.replicas import ReplicaMismatch
-from ...dist.sharded_optimizer import ShardedQGaLoreOptimizer, merge_state_dicts
+from ...checkpoint.save_load import (
+    MODEL_FILE,
+    OPTIM_JSON_FILE,
+    OPTIM_TENSORS_FILE,
+    SHARDS_KEY,
+    TOKENIZER_DIR,
+    CheckpointError,
+    checkpoint_name,
+    finalize_checkpoint,
+    list_checkpoints,
+    load_model_state,
+    optimizer_shard_files,
+    publish_checkpoint,
+    read_optimizer_shards,
+    read_state,
+    trainer_shard_file,
+    verify_checkpoint,
+    write_state,
+)
+from ...errors import DistributedError, UsageError
 from ...nn.int8_linear import QGaLoreLinear
-from ..cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, DistributedError, TrainArgs, UsageError
+from ...parallel.collectives import Collectives, all_reduce_bytes
+from ...parallel.launch_env import DistEnv, init_distributed
+from ...parallel.replicas import ReplicaMismatch
+from ...parallel.sharded_optimizer import ShardedQGaLoreOptimizer, merge_state_dicts
+from ..args import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs
 from .base import ResumePoint
 from .distributed import DistributedEngine, joining, rank_backend
 
@@ -167,8 +182,8 @@ class DDPEngine(DistributedEngine):
 
     def step(self) -> float | None:
         with self._guard("optimizer step"):
-            out = self.optimizer.step()
-        return None if out is None else float(out)
+            self.optimizer.step()
+        return self.optimizer.last_step.grad_norm
 
     def step_metrics(self) -> dict[str, Any]:
         """This step's bytes through this rank's link (sent + received) and the job's SVD total."""

@@ -5,9 +5,9 @@
     mpirun -np 2 python launch/pretrain.py --ds_config ds_configs/qgalore_zero1.json
 
 DeepSpeed ZeRO shards and steps the dense parameters (embeddings, norms, ``lm_head``); qgalore_dist owns the
-projected INT8 matrices (buffers ZeRO never sees) through :mod:`qgalore_dist.dist.deepspeed_sidecar` (ZeRO-1/2:
-replicated INT8, owner-only SVD and moments) or :mod:`qgalore_dist.dist.deepspeed_zero3` (ZeRO-3: INT8 rows
-partitioned across ranks). See DESIGN.md §3.
+projected INT8 matrices (buffers ZeRO never sees) through :mod:`qgalore_dist.parallel.deepspeed_sidecar` (ZeRO-1/2:
+replicated INT8, owner-only SVD and moments) or :mod:`qgalore_dist.parallel.deepspeed_zero3` (ZeRO-3: INT8 rows
+partitioned across ranks). See docs/design.md §3.
 
 **The ds_config.** A DeepSpeed JSON with a ``"qgalore"`` block (DeepSpeed ignores unknown top-level keys)::
 
@@ -39,7 +39,7 @@ How the standard keys map onto the run:
                                        refused (its client optimizer sees the full averaged dense gradients
                                        on every rank: the shared clipping norm would count them N times)
 ``optimizer`` / ``scheduler``          refused: the dense optimizer is qgalore_dist's
-                                       (:class:`~qgalore_dist.dist.deepspeed_sidecar.FlatDenseAdamW`, passed
+                                       (:class:`~qgalore_dist.parallel.deepspeed_sidecar.FlatDenseAdamW`, passed
                                        to ``deepspeed.initialize`` as a client optimizer — nothing is
                                        JIT-compiled) and the learning-rate schedule is the command line's,
                                        shared by both sides
@@ -78,10 +78,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ...checkpoint.save_load import (TRAINER_FILE, CheckpointError, build_manifest, capture_rng_state, flatten_state,
-                                     list_checkpoints, manifest_files, publish_checkpoint, read_record,
-                                     unflatten_state, verify_files)
-from ..cli import INT8_OPTIMIZERS, DistributedError, TrainArgs, UsageError
+from ...checkpoint.save_load import (
+    TRAINER_FILE,
+    CheckpointError,
+    build_manifest,
+    capture_rng_state,
+    flatten_state,
+    list_checkpoints,
+    manifest_files,
+    publish_checkpoint,
+    read_record,
+    unflatten_state,
+    verify_files,
+)
+from ...errors import DistributedError, UsageError
+from ...optim.norms import closure_loss
+from ..args import INT8_OPTIMIZERS, TrainArgs
 from .base import ResumePoint
 from .distributed import DistributedEngine, joining
 
@@ -162,7 +174,8 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
 
     Raises :class:`UsageError` (one line) for: no usable ``"qgalore"`` block, unknown or mistyped keys in it,
     a flag contradicting the ds_config (batch sizes, clipping, a ``"qgalore"`` key), ``"auto"`` values, fp16, a
-    ds_config ``optimizer`` / ``scheduler``, a stage other than 1-3, replicated-side-car settings under ZeRO-3. Pure apart from reading the file: nothing is written.
+    ds_config ``optimizer`` / ``scheduler``, a stage other than 1-3, replicated-side-car settings under ZeRO-3.
+    Pure apart from reading the file: nothing is written.
     """
     src = str(args.ds_config)
     cfg = _read_json(src)
@@ -325,7 +338,7 @@ class DeepSpeedEngine(DistributedEngine):
 
     @classmethod
     def from_args(cls, args: TrainArgs) -> "DeepSpeedEngine":
-        from ...dist.launch_env import discover_launch, init_distributed
+        from ...parallel.launch_env import discover_launch, init_distributed
 
         if args.ds_config is None:
             raise UsageError("--engine deepspeed needs --ds_config FILE (a DeepSpeed JSON with a \"qgalore\" block; "
@@ -346,7 +359,7 @@ class DeepSpeedEngine(DistributedEngine):
             deepspeed.init_distributed(dist_backend=denv.backend if denv.backend != "none" else "gloo",
                                        auto_mpi_discovery=False, timeout=timeout)
         if denv.backend == "none":  # one process without a launcher: DeepSpeed started a world of one
-            from ...dist.launch_env import DistEnv
+            from ...parallel.launch_env import DistEnv
 
             denv = DistEnv("single", 0, 1, 0, 1, "gloo", denv.device, None, None)
         return cls(args, settings, denv, owns)._started()
@@ -356,8 +369,8 @@ class DeepSpeedEngine(DistributedEngine):
                 ) -> tuple[nn.Module, torch.optim.Optimizer]:
         import deepspeed
 
-        from ...dist.collectives import Collectives
-        from ...dist.deepspeed_sidecar import FlatDenseAdamW
+        from ...parallel.collectives import Collectives
+        from ...parallel.deepspeed_sidecar import FlatDenseAdamW
         from ..optimizers import ADAM_EPS, qgalore_config
 
         args = self.args
@@ -386,11 +399,11 @@ class DeepSpeedEngine(DistributedEngine):
         return _ThroughEngine(self.ds, self._guard), self.optimizer
 
     def _build_sidecar(self, model: nn.Module, config, common: dict) -> None:
-        from ...dist.deepspeed_sidecar import SidecarQGaLoreOptimizer
+        from ...parallel.deepspeed_sidecar import SidecarQGaLoreOptimizer
 
         args = self.args
         if self.stage == 3:
-            from ...dist.deepspeed_zero3 import Zero3Sidecar
+            from ...parallel.deepspeed_zero3 import Zero3Sidecar
 
             self.sidecar = Zero3Sidecar(model, config, self.collectives, grad_clip=args.grad_clip, **common)
         else:
@@ -400,7 +413,8 @@ class DeepSpeedEngine(DistributedEngine):
 
     def _shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
         """Called by FlatDenseAdamW inside DeepSpeed's step: the side-car folds this rank's dense norm² into the
-        clipping norm (ZeRO-3: and runs the row-sharded step there); the factor is kept for finish_step."""
+        clipping norm (one all-reduce); the factor is kept for finish_step, which steps the projected matrices
+        after DeepSpeed's step returns."""
         norm, self._coef = self.sidecar.shared_norm(dense_local_sq)
         return norm, self._coef
 
@@ -412,7 +426,8 @@ class DeepSpeedEngine(DistributedEngine):
             self.ds.backward(loss, scale_wrt_gas=False)  # the loop already divided by grad_accum
 
     def step(self) -> float | None:
-        return self.optimizer.step()
+        self.optimizer.step()
+        return self.optimizer.last_step.grad_norm
 
     def _step(self) -> float | None:
         if self._micro != self.args.grad_accum:
@@ -430,7 +445,7 @@ class DeepSpeedEngine(DistributedEngine):
                                    "shared clipping norm)")
             self.sidecar.finish_step(self._coef)
         self._micro = 0
-        return self.client.last_norm
+        return self.client.last_step.grad_norm
 
     def zero_grad(self) -> None:
         # DeepSpeed zeroes its gradients at the end of its own step
@@ -648,7 +663,13 @@ class _JointOptimizer(torch.optim.Optimizer):
         self.param_groups = [*engine.sidecar.param_groups, *engine.client.param_groups]
 
     def step(self, closure=None):  # type: ignore[override]
-        return self.engine._step()
+        loss = closure_loss(closure)
+        self.engine._step()
+        return loss
+
+    @property
+    def last_step(self):
+        return self.engine.client.last_step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.engine.zero_grad()

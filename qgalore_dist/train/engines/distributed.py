@@ -1,6 +1,6 @@
 """Failure handling shared by the multi-process engines (ddp, fsdp, deepspeed).
 
-A collective that fails because a peer died, hung or left becomes one :class:`~qgalore_dist.train.cli.DistributedError`
+A collective that fails because a peer died, hung or left becomes one :class:`~qgalore_dist.errors.DistributedError`
 line (exit 1) instead of a traceback or a hang; an error on one rank is raised on every rank (one all-reduced flag)
 instead of its peers waiting out ``--dist-timeout``; every rank must be started with the same settings; and
 leaving the process group never waits on a peer that may be gone.
@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from ..cli import DistributedError, UsageError
+from ...errors import DistributedError, UsageError
 from .base import Engine
 
 __all__ = ["DistributedEngine", "joining", "rank_backend", "short_error"]

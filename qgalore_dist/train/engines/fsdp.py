@@ -1,5 +1,5 @@
 """The FSDP2 engine (``--engine fsdp``): torch ``fully_shard`` over INT8 weights, one process per device, launched by
-``torchrun`` or ``mpirun`` (rank discovery: :func:`qgalore_dist.dist.launch_env.init_distributed`).
+``torchrun`` or ``mpirun`` (rank discovery: :func:`qgalore_dist.parallel.launch_env.init_distributed`).
 
 * Every decoder layer and the root are ``fully_shard``-ed on a 1-D mesh: parameters are split by rows like
   ``torch.chunk`` (uneven and empty shards included). Projected weights are
@@ -10,7 +10,7 @@
   (``set_force_sum_reduction_for_comms``) and divides by N itself afterwards: gloo has no AVG reduction, and
   pytorch issue #162338 reports FSDP2 summing instead of averaging on gloo; the tests check the mean against a
   single-device reference.
-* ``--optimizer qgalore|galore``: :class:`~qgalore_dist.dist.row_sharded.RowShardedQGaLoreOptimizer` over the local
+* ``--optimizer qgalore|galore``: :class:`~qgalore_dist.parallel.row_sharded.RowShardedQGaLoreOptimizer` over the local
   rows (owner-only SVD from gathered gradient rows, right projection row-local, left projection one r×n
   reduction), and AdamW (8-bit for qgalore) over the dense shards. ``--optimizer adamw``: FSDP2 + ``torch.optim.AdamW``
   over the float model (the baseline). ProjFactor / VLoRP / random projections are refused (one ``error:`` line).
@@ -25,7 +25,7 @@
   ``optim_rank<R>.json`` (the rest of each rank's optimizer state), ``trainer_rank<R>.json`` (RNG), the tokenizer
   and ``trainer.json`` (run record + sha256 manifest of every file) written last. All ranks write into one
   ``.tmp-<pid of rank 0>`` directory that rank 0 publishes by rename. Resuming (same world size) verifies every hash
-  first. :func:`~qgalore_dist.dist.row_sharded.merge_row_sharded_state_dicts` joins the optimizer shards into one
+  first. :func:`~qgalore_dist.parallel.row_sharded.merge_row_sharded_state_dicts` joins the optimizer shards into one
   single-device state.
 """
 
@@ -42,16 +42,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ...checkpoint.save_load import (TOKENIZER_DIR, CheckpointError, capture_rng_state,
-                                     checkpoint_name, finalize_checkpoint, flatten_state, list_checkpoints,
-                                     manifest_files, publish_checkpoint, read_record, restore_rng_state,
-                                     unflatten_state, verify_files)
-from ...dist.collectives import Collectives
-from ...dist.launch_env import DistEnv, init_distributed
-from ...dist.row_sharded import RowShard, RowShardedQGaLoreOptimizer, chunk_rows
-from ...nn.int8_fsdp import ALL_GATHER_COUNTER, Int8FSDPLinear, Int8RowTensor, to_fsdp_int8
+from ...checkpoint.save_load import (
+    TOKENIZER_DIR,
+    CheckpointError,
+    capture_rng_state,
+    checkpoint_name,
+    finalize_checkpoint,
+    flatten_state,
+    list_checkpoints,
+    manifest_files,
+    publish_checkpoint,
+    read_record,
+    restore_rng_state,
+    unflatten_state,
+    verify_files,
+)
+from ...errors import UsageError
+from ...nn.int8_fsdp import ALL_GATHER_COUNTER, Int8RowTensor, to_fsdp_int8
 from ...nn.int8_linear import QGaLoreLinear
-from ..cli import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs, UsageError
+from ...parallel.collectives import Collectives
+from ...parallel.launch_env import DistEnv, init_distributed
+from ...parallel.row_sharded import RowShard, RowShardedQGaLoreOptimizer, chunk_rows
+from ..args import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs
 from .base import ResumePoint
 from .distributed import DistributedEngine, joining, rank_backend
 
@@ -95,9 +107,6 @@ class FSDPEngine(DistributedEngine):
     # --- set-up ----------------------------------------------------------------------------------------------
     @classmethod
     def from_args(cls, args: TrainArgs) -> "FSDPEngine":
-        if args.optimizer not in ("qgalore", "galore", "adamw"):
-            raise UsageError(f"--engine fsdp supports --optimizer qgalore, galore or adamw, not {args.optimizer} "
-                             "(ProjFactor and 8-bit dense AdamW over DTensors are not implemented here)")
         backend = rank_backend(args)
         timeout = datetime.timedelta(seconds=args.dist_timeout)
         with joining(args):
@@ -115,10 +124,14 @@ class FSDPEngine(DistributedEngine):
         model = model.to(self.device)
         compute = next(p.dtype for p in model.parameters() if p.is_floating_point())
         lowrank = args.optimizer in LOWRANK_OPTIMIZERS
+        # adamw8bit: the row-sharded placement with no projected matrices — 8-bit blocks inside the rows of each
+        # parameter's row shard (so the same state at any N), the clipping norm over all shards
+        placed = lowrank or args.optimizer == "adamw8bit"
+        targets: set[str] = set()
+        config = self.config if self.config is not None else (qgalore_config(args) if placed else None)
         if lowrank:
-            config = self.config if self.config is not None else qgalore_config(args)
             targets = self._target_names(model, config)
-            to_fsdp_int8(model, compute)  # QGaLoreLinear -> Int8FSDPLinear over the same codes + scales
+            to_fsdp_int8(model, compute)  # every QGaLoreLinear's codes + scales -> an Int8RowTensor Parameter
         elif any(isinstance(m, QGaLoreLinear) for m in model.modules()):
             raise UsageError(f"--engine fsdp: --optimizer {args.optimizer} trains a float model, but this one "
                              "holds INT8 weights")
@@ -138,7 +151,7 @@ class FSDPEngine(DistributedEngine):
             # sums on the wire, one explicit ÷N (gloo has no AVG; pytorch issue #162338)
             m.set_force_sum_reduction_for_comms(True)
         self.model = model
-        if not lowrank:
+        if not placed:
             self.optimizer = make_opt(model)
             return model, self.optimizer
         self.collectives = Collectives(timeout=self.timeout)
@@ -154,7 +167,7 @@ class FSDPEngine(DistributedEngine):
             self.projected[pname] = (mod, p)
             self.rows[pname] = rows
             proj_ids.add(id(p))
-            if isinstance(mod, Int8FSDPLinear):
+            if isinstance(mod, QGaLoreLinear) and mod.source.kind == "fsdp":
                 def weight(p=p):
                     with torch.no_grad():
                         return p.to_local().int8_weight() if hasattr(p, "to_local") else p.int8_weight()
@@ -163,16 +176,22 @@ class FSDPEngine(DistributedEngine):
                     with torch.no_grad():
                         return p.to_local() if hasattr(p, "to_local") else p.data
             shards.append(RowShard(pname, (m, n), rows, weight, param=p))
+        dense_offsets = {}
         for n, p in model.named_parameters():
             if p.requires_grad and id(p) not in proj_ids:
                 dense.append((n, p))
                 dense_shapes[n] = tuple(p.shape)
+                # FSDP2 shards dim 0 like torch.chunk: the global index of this rank's first element (keys the
+                # stochastic rounding of bf16 dense weights as on one device)
+                rows = chunk_rows(int(p.shape[0]), self.world_size) if p.dim() else [1]
+                dense_offsets[n] = sum(rows[:self.rank]) * (p.numel() // max(1, int(p.shape[0]) if p.dim() else 1))
         try:
             with self._guard("start-up of the row-sharded optimizer"):
                 self.optimizer = RowShardedQGaLoreOptimizer(
                     shards, config, self.collectives, dense=dense, dense_shapes=dense_shapes,
-                    dense_state_bits=8 if args.optimizer in INT8_OPTIMIZERS else 32, grad_clip=args.grad_clip,
-                    stagger_refresh=True)
+                    dense_offsets=dense_offsets,
+                    dense_state_bits=8 if args.optimizer in (*INT8_OPTIMIZERS, "adamw8bit") else 32,
+                    grad_clip=args.grad_clip, stagger_refresh=True)
         except ValueError as exc:
             raise UsageError(f"--engine fsdp: {exc}") from exc
         return model, self.optimizer
@@ -218,11 +237,11 @@ class FSDPEngine(DistributedEngine):
                 g = p.grad
                 grads[name] = None if g is None else (g.to_local() if hasattr(g, "to_local") else g)
             with self._guard("optimizer step"):
-                out = self.optimizer.step(grads=grads)
+                self.optimizer.step(grads=grads)
         else:
             with self._guard("optimizer step"):
-                out = self.optimizer.step()
-        return None if out is None else float(out)
+                self.optimizer.step()
+        return self.optimizer.last_step.grad_norm
 
     def zero_grad(self) -> None:
         self._micro = 0  # a new accumulation window: the grad_accum-th backward after this one syncs
@@ -288,27 +307,26 @@ class FSDPEngine(DistributedEngine):
             # torch AdamW over DTensors: DCP's own state-dict helpers key it by parameter name
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
             return state, {}
-        osd = self.optimizer.state_dict()
-        # right-projected moment rows -> DTensors (global [m, r]); everything else -> this rank's keys
-        rows_dt = {}
+        opt = self.optimizer
+        osd = opt.state_dict()
+        # row state laid out like torch.chunk of the weight rows -> DTensors (global [m, ...]); everything else —
+        # moments of VLoRP-reshaped rows, replicated column factors — under this rank's keys: DCP places a DTensor
+        # shard by the global shape and torch.chunk, so any other layout would land in the wrong rows silently
+        rows_dt, dt_keys, local_rows = {}, {}, {}
         for name, e in osd["rows"].items():
-            st = self.optimizer.mstate[name]
-            if st.side != "right":
-                continue
-            m = st.shape[0]
-            for key, t in e["tensors"].items():
+            m = opt.mstate[name].shape[0]
+            dt_keys[name] = [k for k in e["tensors"] if opt.chunk_laid(name, k)]
+            for key in dt_keys[name]:
+                t = e["tensors"][key]
                 rows_dt[f"optim.rows.{name}.{key}"] = self._rows_dtensor(t, (m, *t.shape[1:]))
+            local_rows[name] = {k: v for k, v in e["tensors"].items() if k not in dt_keys[name]}
         tree, tensors = flatten_state({k: v for k, v in osd.items() if k != "rows"})
         rows_meta = {name: {k: v for k, v in e.items() if k != "tensors"} for name, e in osd["rows"].items()}
-        left_rows = {name: e["tensors"] for name, e in osd["rows"].items()
-                     if self.optimizer.mstate[name].side == "left"}
-        ltree, ltensors = flatten_state(left_rows, "leftrows")
+        ltree, ltensors = flatten_state(local_rows, "leftrows")
         tensors.update(ltensors)
         mine = {f"optim.rank{self.rank}.{k}": v for k, v in tensors.items()}
         state["optim"] = {**rows_dt, **mine}
-        return state, {"tree": tree, "rows_meta": rows_meta, "left_rows": ltree,
-                       "right_keys": {name: list(e["tensors"]) for name, e in osd["rows"].items()
-                                      if self.optimizer.mstate[name].side == "right"}}
+        return state, {"tree": tree, "rows_meta": rows_meta, "left_rows": ltree, "right_keys": dt_keys}
 
     def _reshard(self) -> None:
         """Back to the sharded parameters: an evaluation forward (no backward) leaves the root gathered, and
@@ -408,13 +426,10 @@ class FSDPEngine(DistributedEngine):
                 left = unflatten_state(tree["left_rows"], tensors)
                 rows = {}
                 for name, meta_e in tree["rows_meta"].items():
-                    if name in tree["right_keys"]:
-                        t = {}
-                        for key in tree["right_keys"][name]:
-                            v = state["optim"][f"optim.rows.{name}.{key}"]
-                            t[key] = v.to_local() if hasattr(v, "to_local") else v
-                    else:
-                        t = left.get(name, {})
+                    t = dict(left.get(name, {}))  # this rank's own row tensors ("left_rows": any side)
+                    for key in tree["right_keys"].get(name, []):
+                        v = state["optim"][f"optim.rows.{name}.{key}"]
+                        t[key] = v.to_local() if hasattr(v, "to_local") else v
                     rows[name] = {**meta_e, "tensors": t}
                 osd["rows"] = rows
             else:
@@ -469,7 +484,8 @@ class FSDPEngine(DistributedEngine):
             state = self.full_state()
         if not self.is_main:
             return None
-        quantized = {n: m.group_size for n, m in self.model.named_modules() if isinstance(m, Int8FSDPLinear)}
+        quantized = {n: m.group_size for n, m in self.model.named_modules()
+                     if isinstance(m, QGaLoreLinear) and m.source.kind == "fsdp"}
         expected = set(_model_state_keys(self.model.config))
         state = {k: v for k, v in state.items() if k in expected or k.endswith(("_codes", "_scales"))}
         return export_state(state, self.model.config, quantized, out_dir, tokenizer)

@@ -8,8 +8,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ...checkpoint.save_load import (CheckpointError, list_checkpoints, load_checkpoint, load_model_state,
-                                     save_checkpoint, verify_checkpoint)
+from ...checkpoint.save_load import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .base import Engine, ResumePoint
 
 __all__ = ["LocalEngine"]
@@ -48,8 +54,8 @@ class LocalEngine(Engine):
 
     def step(self) -> float | None:
         """Optimizer step at the accumulation boundary; returns the pre-clip global gradient norm (or None)."""
-        out = self.optimizer.step()
-        return None if out is None else float(out)
+        self.optimizer.step()
+        return self.optimizer.last_step.grad_norm
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

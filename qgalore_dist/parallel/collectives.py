@@ -1,4 +1,4 @@
-"""The one place that calls ``torch.distributed`` for optimizer traffic (DESIGN.md §3, "Collectives").
+"""The one place that calls ``torch.distributed`` for optimizer traffic (docs/design.md §3, "Collectives").
 
 :class:`Collectives` runs on a process group of its own, created with ``dist.new_group`` over the default group's
 ranks, so its calls never interleave with DeepSpeed's ``overlap_comm`` or FSDP2's streams on their groups. Every
@@ -214,6 +214,21 @@ class Collectives:
             off += t.numel()
 
     # --- primitives -------------------------------------------------------------------------------------------
+    def agreed(self, fn: Callable[[], None], what: str) -> None:
+        """Run ``fn`` on this rank; if it raises (ValueError, KeyError, TypeError, RuntimeError) on *any* rank, raise
+        ``ValueError`` (``what`` + the local reason, or "on another rank") on *every* rank — one int32 all-reduce —
+        so no rank goes on to a collective its peers never reach."""
+        error = None
+        try:
+            fn()
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
+        self.all_reduce([flag])
+        if int(flag) or error is not None:
+            raise ValueError(f"{what} on rank {self.rank}: {error}" if error else
+                             f"{what} on another rank (see its error)")
+
     def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "sum") -> None:
         """In place on every rank: the element-wise ``op`` ("sum", "avg", "max", "min", "product") over ranks.
 

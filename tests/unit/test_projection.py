@@ -8,8 +8,14 @@ import torch
 from qgalore_dist.config import QGaLoreConfig
 from qgalore_dist.optim.lowrank_adamw import LowRankAdamW
 from qgalore_dist.projection.gate import RefreshGate
-from qgalore_dist.projection.projector import (compute_basis, project, project_back, projection_side,
-                                               randomized_svd, subspace_similarity)
+from qgalore_dist.projection.projector import (
+    compute_basis,
+    project,
+    project_back,
+    projection_side,
+    randomized_svd,
+    subspace_similarity,
+)
 
 
 def lowrank_matrix(m, n, r, seed=0, noise=1e-3):

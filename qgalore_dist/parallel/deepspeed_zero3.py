@@ -1,23 +1,26 @@
-"""The ZeRO-3 side-car: INT8 matrices partitioned across ranks by rows (DESIGN.md §3, "Sharded engines").
+"""The ZeRO-3 side-car: INT8 matrices partitioned across ranks by rows (docs/design.md §3, "Sharded engines").
 
-:class:`Zero3Sidecar` replaces every targeted :class:`~qgalore_dist.nn.QGaLoreLinear` of the model by a
-:class:`~qgalore_dist.nn.int8_zero3.RowShardedInt8Linear` holding this rank's rows (``chunk_rows`` split) — before
+:class:`Zero3Sidecar` switches every targeted :class:`~qgalore_dist.nn.QGaLoreLinear` of the model to its row-shard
+weight source, keeping this rank's rows (``chunk_rows`` split) — before
 ``deepspeed.initialize`` partitions the dense parameters — and drives
-:class:`~qgalore_dist.dist.row_sharded.RowShardedQGaLoreOptimizer` over those row shards. Per projected ``m×n``
+:class:`~qgalore_dist.parallel.row_sharded.RowShardedQGaLoreOptimizer` over those row shards. Per projected ``m×n``
 matrix, N ranks, ``g`` the weight group, A micro-batches per step, bytes through one rank's link:
 
 * **forward and backward** each all-gather the INT8 codes + fp32 scales: ``2·(N−1)/N · m·n·(1 + 4/g)`` per pass
   (sent + received), the gathered weight freed after each use;
-* **weight gradient**: reduced to the row owners in backward (``reduce_to_owners`` with rank r owning row chunk r:
-  the bytes of a ring reduce-scatter, ``(N−1)/N · m·n·b`` sent, the same received), every micro-batch — so the
-  full gradient of one layer lives only inside its backward, and this rank accumulates ``k×n`` rows (memory
-  ``m·n·b / N``; the cost is ``A×`` the gradient bytes under accumulation);
+* **weight gradient — project before communicating**: in backward each rank projects its micro-batch's gradient
+  with the replicated basis (right ``R = G'Qᵀ`` [m', r], left ``PᵀG'`` [r, n']) and accumulates it locally; once
+  per step the right ones are reduce-scattered to the ranks holding each reshaped row and the left ones reduced to
+  the owner: ``(N−1)/N · max(m, n)·c·r·b`` instead of ``(N−1)/N · m·n·b`` per micro-batch. On a refresh step the
+  due matrices' gradients go as full rows to their row owners every micro-batch (the owner's SVD needs the
+  gradient; the window's projection has to wait for the new basis);
 * **optimizer**: the row-sharded optimizer's traffic (right projection row-local; left: ``r·n`` reduced and
   broadcast; refresh: gradient rows gathered to the owner only, projector sent back).
 
 Resident per rank: ``m·n·(1 + 4/g) / N`` bytes of weights (+ the transient gathered layer). Dense parameters are
-ZeRO-3's. The projected step runs inside DeepSpeed's step, from :meth:`Zero3Sidecar.shared_norm` (called by the
-dense client optimizer with its partition's squared norm), so one norm covers both sides.
+ZeRO-3's. The projected step is split around DeepSpeed's: :meth:`Zero3Sidecar.begin_step` (reductions) before it,
+:meth:`Zero3Sidecar.shared_norm` inside it (one all-reduce of both sides' squared norms, called by the dense client
+optimizer), :meth:`Zero3Sidecar.finish_step` (the update) after it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import nn
 from ..config import QGaLoreConfig
 from ..nn.convert import DEFAULT_TARGET_MODULES, find_target_linears
 from ..nn.int8_linear import QGaLoreLinear
-from ..nn.int8_zero3 import RowShardedInt8Linear
+from ..optim.norms import clip_coef
 from ..quant.int8 import dequantize_rows
 from .collectives import Collectives, CommCounters
 from .replicas import check_same_setup
@@ -40,35 +43,25 @@ __all__ = ["Zero3Sidecar", "shard_model_rows"]
 
 
 def shard_model_rows(model: nn.Module, rank: int, world_size: int,
-                     target_modules=DEFAULT_TARGET_MODULES) -> list[RowShardedInt8Linear]:
-    """Replace each targeted :class:`QGaLoreLinear` by this rank's :class:`RowShardedInt8Linear` (in place, model
-    order); the full codes are dropped with the old module."""
+                     target_modules=DEFAULT_TARGET_MODULES) -> list[QGaLoreLinear]:
+    """Switch each targeted :class:`QGaLoreLinear` to this rank's rows (its row-shard source, in place, model
+    order); the full codes are dropped."""
     out = []
     for name, mod in find_target_linears(model, target_modules).items():
         if not isinstance(mod, QGaLoreLinear):
             raise ValueError(f"{name} is not an INT8 QGaLoreLinear (ZeRO-3 side-car shards INT8 weights only)")
-        m = mod.out_features
-        rows = chunk_rows(m, world_size)
-        r0 = sum(rows[:rank])
-        k = rows[rank]
-        codes = mod.weight_codes[r0:r0 + k].clone()
-        scales = mod.weight_scales[r0:r0 + k].clone()
-        new = RowShardedInt8Linear(mod.in_features, m, codes, scales, rows, r0, mod.group_size, f"{name}.weight",
-                                   bias=mod.bias)
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, new)
-        out.append(new)
+        mod.qname = f"{name}.weight"
+        mod.use_row_shard(chunk_rows(mod.out_features, world_size), rank)
+        out.append(mod)
     return out
 
 
 class Zero3Sidecar:
     """Row-sharded INT8 matrices + their optimizer beside DeepSpeed ZeRO-3 (module docstring).
 
-    The engine calls, per optimizer step: :meth:`begin_step` (nothing to reduce: gradients were reduce-scattered
-    in backward), then DeepSpeed's step, whose client optimizer calls :meth:`shared_norm` once — the projected step
-    runs there, with the dense partition's squared norm folded into the one clipping norm — then
-    :meth:`finish_step`.
+    The engine calls, per optimizer step: :meth:`begin_step` (the low-rank reductions, refreshes), then DeepSpeed's
+    step, whose client optimizer calls :meth:`shared_norm` once (the dense partition's squared norm folded into the
+    one clipping norm), then :meth:`finish_step` (the projected update).
     """
 
     def __init__(self, model: nn.Module, config: QGaLoreConfig, collectives: Collectives, *,
@@ -85,9 +78,10 @@ class Zero3Sidecar:
         self.modules = shard_model_rows(model, self.rank, self.world_size, target_modules)
         self.by_name = {m.qname: m for m in self.modules}
         self.grad_rows: dict[str, torch.Tensor] = {}
+        self.local_lowrank: dict[str, torch.Tensor] = {}  # this rank's projected gradients of the window
         for mod in self.modules:
             mod.gather = lambda mod=mod: self._gather(mod)
-            mod.grad_sink = lambda g, mod=mod: self._reduce_rows(mod, g)
+            mod.grad_sink = lambda g, mod=mod: self._take_grad(mod, g)
         shards = [RowShard(m.qname, (m.out_features, m.in_features), m.rows_per_rank, m.int8_weight)
                   for m in self.modules]
         self.opt = RowShardedQGaLoreOptimizer(shards, config, collectives, grad_clip=grad_clip,
@@ -95,9 +89,10 @@ class Zero3Sidecar:
         self.param_groups = self.opt.param_groups
         self.last_comm = CommCounters().as_dict()
         self.gather_calls = 0
+        self._sq, self._norm = 0.0, None
 
     # --- communication around the INT8 layer ------------------------------------------------------------------
-    def _gather(self, mod: RowShardedInt8Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, mod: QGaLoreLinear) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole INT8 weight from every rank's rows: one bucketed all-gather of codes + scales (1 byte per
         element + the scales); unequal shards are padded to the largest."""
         kmax, m = max(mod.rows_per_rank), mod.out_features
@@ -116,7 +111,23 @@ class Zero3Sidecar:
         return out_c[keep], out_s[keep]
 
     @torch.no_grad()
-    def _reduce_rows(self, mod: RowShardedInt8Linear, grad: torch.Tensor) -> None:
+    def _take_grad(self, mod: QGaLoreLinear, grad: torch.Tensor) -> None:
+        """This rank's micro-batch gradient [m, n] of one matrix, in backward. Project before communicating: a
+        matrix not due for a refresh is projected here with the replicated basis and accumulated locally (the
+        low-rank sums travel once per step, in :meth:`begin_step`); a due one goes as full rows to its row holders
+        (the owner's SVD needs the gradient)."""
+        if not self.opt.needs_full_gradient(mod.qname):
+            r = self.opt.project_local(mod.qname, grad)
+            acc = self.local_lowrank.get(mod.qname)
+            if acc is None:
+                self.local_lowrank[mod.qname] = r
+            else:
+                acc.add_(r)
+            return
+        self._reduce_rows(mod, grad)
+
+    @torch.no_grad()
+    def _reduce_rows(self, mod: QGaLoreLinear, grad: torch.Tensor) -> None:
         """Sum ``grad`` [m, n] over ranks into each row chunk's rank (a reduce-scatter's bytes); accumulate ours."""
         grad = grad.contiguous()
         chunks, off = {}, 0
@@ -132,27 +143,40 @@ class Zero3Sidecar:
         else:
             acc.add_(mine)
 
-    # --- the step -------------------------------------------------------------------------------------------
+    # --- the step: begin_step before DeepSpeed's, finish_step after it ---------------------------------------
     def begin_step(self) -> float:
-        return 0.0
-
-    def shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
-        """Collective, called once per step from inside DeepSpeed's step: the projected step over the averaged row
-        gradients, with this rank's dense partition norm² folded into the clipping norm. Returns (norm, coef)."""
+        """Collective, before DeepSpeed's step: the row-sharded first half over the averaged row gradients
+        (refreshes, projection, reductions). Returns this rank's projected share of the squared norm."""
         ws = self.world_size
         grads: dict[str, torch.Tensor | None] = {}
         for mod in self.modules:
             g = self.grad_rows.get(mod.qname)
             grads[mod.qname] = None if g is None else (g.div_(ws) if ws > 1 else g)
-        norm = self.opt.step(grads=grads, extra_sq=dense_local_sq)
-        self.last_comm = self.opt.last_comm
-        return norm, self.opt.last_clip_coef
+            if mod.qname in self.local_lowrank:
+                grads.pop(mod.qname)
+        self._sq = self.opt.begin_step(grads, local_lowrank=self.local_lowrank)
+        self.local_lowrank = {}
+        return self._sq
+
+    def shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
+        """Collective, called once per step from inside DeepSpeed's step (by the dense optimizer): one all-reduce
+        of this rank's projected and dense squared norms. Returns (global norm, clipping factor). No step runs
+        here: the projected step is :meth:`finish_step`, after DeepSpeed's."""
+        v = torch.tensor([self._sq + dense_local_sq], dtype=torch.float64, device=self.collectives.device)
+        self.collectives.all_reduce([v])
+        norm = float(v[0]) ** 0.5
+        self._norm = norm
+        return norm, clip_coef(norm, self.opt.grad_clip)
 
     def finish_step(self, coef: float = 1.0) -> None:
+        """Collective, after DeepSpeed's step: the row-sharded second half with the shared clipping factor."""
+        self.opt.finish_step(self._norm, coef)
+        self.last_comm = self.opt.last_comm
         self.grad_rows.clear()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.grad_rows.clear()
+        self.local_lowrank = {}
 
     # --- accounting ---------------------------------------------------------------------------------------------
     @property

@@ -1,6 +1,6 @@
 """Ownership plan: which rank owns (refreshes, keeps the moments of) each projected matrix.
 
-DESIGN.md §3: matrices stay whole at one *owner*. The plan is a pure, deterministic function of the matrices'
+docs/design.md §3: matrices stay whole at one *owner*. The plan is a pure, deterministic function of the matrices'
 names and shapes, the world size and a few config numbers — never stored, recomputed at start-up — so checkpoints
 are keyed by parameter name and can be resharded to another world size.
 
@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, NoReturn, Sequence
 
+from ..errors import UsageError, UserError
 from ..optim.lowrank_adamw import effective_rank
 from ..projection.projector import basis_shape, lowrank_shape, projection_side
 
@@ -555,15 +556,11 @@ def plan_for_model(model_or_config, world_size: int, target_modules: Sequence[st
 # ------------------------------------------------------------------------------------------------------------
 # CLI: python -m qgalore_dist.plan --model llama_1b --world-size 8
 # ------------------------------------------------------------------------------------------------------------
-class _UsageError(Exception):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors become one ``error:`` line (raised, so ``main`` can return 2 in-process)."""
 
     def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
+        raise UsageError(message)
 
 
 def _positive_int(text: str) -> int:
@@ -592,20 +589,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the plan; returns 0, or 2 after one ``error:`` line on stderr for a bad command line."""
-    from ..models import ModelSpecError
-
     try:
         args = build_parser().parse_args(argv)
         if args.oversample < 0:
-            raise _UsageError(f"--oversample {args.oversample} must be >= 0")
+            raise UsageError(f"--oversample {args.oversample} must be >= 0")
         targets = None
         if args.target_modules is not None:
             targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
             if not targets:
-                raise _UsageError("--target-modules is empty")
+                raise UsageError("--target-modules is empty")
         plan = plan_for_model(args.model, args.world_size, targets, rank=args.rank, projection=args.projection,
                               oversample=args.oversample, refine=not args.no_refine)
-    except (_UsageError, ModelSpecError, ValueError) as exc:
+    except (UserError, ValueError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 2
     print(f"model {args.model}: {len(plan.owner)} projected matrices, world size {plan.world_size}, "

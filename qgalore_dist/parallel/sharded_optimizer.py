@@ -1,11 +1,11 @@
-"""``ShardedQGaLoreOptimizer``: the optimizer of the data-parallel (``ddp``) engine (DESIGN.md §3).
+"""``ShardedQGaLoreOptimizer``: the optimizer of the data-parallel (``ddp``) engine (docs/design.md §3).
 
 Every rank holds the replicated model — INT8 codes + scales of every projected matrix, the dense parameters —
 and runs forward/backward on its own micro-batches. Each projected matrix has one **owner** (from the
-:class:`~qgalore_dist.dist.plan.OwnershipPlan`): only the owner computes its SVD, decides its refresh gate and holds
+:class:`~qgalore_dist.parallel.plan.OwnershipPlan`): only the owner computes its SVD, decides its refresh gate and holds
 its low-rank moments. Dense parameters are averaged with one bucketed all-reduce and stepped identically on every
 rank, so no ``torch.nn.parallel.DistributedDataParallel`` wrapper is used and the INT8 buffers are never in a DDP
-bucket nor in ``broadcast_buffers``. All traffic goes through :class:`~qgalore_dist.dist.collectives.Collectives`;
+bucket nor in ``broadcast_buffers``. All traffic goes through :class:`~qgalore_dist.parallel.collectives.Collectives`;
 all per-matrix math stays in the rule (:class:`~qgalore_dist.optim.lowrank_adamw.LowRankAdamW` /
 :class:`~qgalore_dist.optim.projfactor.ProjFactor`): this module only orders the rule's phases and the collectives.
 
@@ -64,11 +64,11 @@ rank 0 adds ‖dense‖², one all-reduce of two fp64 numbers, so every rank get
 **Replicas**: at construction and every ``replica_check_every`` steps, every rank checksums each projected
 matrix's codes + scales (and each dense parameter + its moments, reference rank 0); a replica that differs from
 its owner's is re-broadcast from the owner with a ``RuntimeWarning`` naming it, or raises
-:class:`~qgalore_dist.dist.replicas.ReplicaMismatch` with ``strict_replicas=True``. At construction, all ranks
+:class:`~qgalore_dist.parallel.replicas.ReplicaMismatch` with ``strict_replicas=True``. At construction, all ranks
 compare a hash of config, engine options, plan and parameter names/shapes first; a mismatch raises ``ValueError``
 on every rank.
 
-Training loop (every rank; ``dist`` initialised, e.g. by :func:`qgalore_dist.dist.launch_env.init_distributed`)::
+Training loop (every rank; ``dist`` initialised, e.g. by :func:`qgalore_dist.parallel.launch_env.init_distributed`)::
 
     quantize_model(model, group_size=..., seed=seed)          # keyed init: identical codes on every rank
     coll = Collectives()                                      # collective: same point on every rank
@@ -76,7 +76,8 @@ Training loop (every rank; ``dist`` initialised, e.g. by :func:`qgalore_dist.dis
     for step in range(steps):
         for micro in range(grad_accum):                       # this rank's micro-batches
             (loss_fn(model, batch) / grad_accum).backward()   # no DDP wrapper, no no_sync()
-        norm = opt.step()                                     # global pre-clip norm, equal on every rank
+        opt.step()                                            # collective: every rank
+        norm = opt.last_step.grad_norm                        # global pre-clip norm, equal on every rank
         opt.zero_grad()
         metrics["comm_bytes"] = opt.comm_bytes                # this step's bytes through this rank's link
     torch.save(opt.state_dict(), f"optim_rank{rank}.pt")     # this rank's shard; merge_state_dicts(...) merges
@@ -97,9 +98,9 @@ from ..config import QGaLoreConfig
 from ..nn.convert import DEFAULT_TARGET_MODULES
 from ..optim.dense_adamw import dense_adamw_step
 from ..optim.lowrank_adamw import MatrixState
-from ..optim.norms import clip_coef, squared_norm
+from ..optim.norms import StepResult, clip_coef, closure_loss, squared_norm
 from ..optim.optimizer import ProjectedMatrix, QGaLoreOptimizer
-from ..optim.projfactor import ProjFactorState, ProjFactorUpdate
+from ..optim.projfactor import ProjFactorState
 from ..projection.projector import basis_shape, lowrank_shape
 from ..projection.random_proj import RANDOM_PROJECTIONS, RandomBasis
 from ..quant.groups import num_groups
@@ -161,7 +162,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         update_dtype: lowrank mode — dtype N is broadcast in (default: N's own, fp32 / fp64 in fp64 runs, for
             parity); ``torch.bfloat16`` halves those bytes. The owner applies the same rounded N as every other rank.
         replica_check_every: hash the replicas every this many optimizer steps (0: only at construction).
-        strict_replicas: raise :class:`~qgalore_dist.dist.replicas.ReplicaMismatch` instead of repairing.
+        strict_replicas: raise :class:`~qgalore_dist.parallel.replicas.ReplicaMismatch` instead of repairing.
         refresh_bucket_bytes: full gradients held in backward before they are reduced to their owners
             mid-backward — lowrank mode: refresh gradients (more: more owners' SVDs in parallel; less: less memory
             on refresh steps); ``full_reduce="micro_batch"``: every micro-batch's gradients.
@@ -171,7 +172,8 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         dense_state_bits, target_modules, stagger_refresh, dense_lr, dense_weight_decay, grad_clip: as for
             :class:`QGaLoreOptimizer` (``grad_accum`` needs no declaration here: the step always runs in ``step()``).
 
-    ``step()`` returns the global pre-clip norm (equal on every rank), or None when not clipping.
+    ``step(closure)`` returns the closure's loss; :attr:`last_step` holds the global pre-clip norm (equal on every
+    rank; measured whether clipping or not) and the clipping factor.
     """
 
     def __init__(self, model: nn.Module, config: QGaLoreConfig, collectives: Collectives,
@@ -272,7 +274,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
     def _by_owner(self, names: Iterable[str], tensors: Callable[[str], list[torch.Tensor]]
                   ) -> dict[int, list[torch.Tensor]]:
         """``{owner: tensors of its matrices}`` in ``names`` order — the same mapping on every rank (as flat views,
-        see :func:`~qgalore_dist.dist.replicas.flat_view`)."""
+        see :func:`~qgalore_dist.parallel.replicas.flat_view`)."""
         out: dict[int, list[torch.Tensor]] = {}
         for n in names:
             out.setdefault(self._owner(n), []).extend(flat_view(t) for t in tensors(n))
@@ -495,9 +497,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
+        loss = closure_loss(closure)
         rule, lr = self._rule()
         if self.comm_mode == "lowrank":
             self._flush_refresh()  # normally done at the end of backward already
@@ -510,10 +510,9 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
             self._reduce_full(mats)
         else:
             self._reduce_lowrank(mats)
-        norm, coef = None, 1.0
-        if self.grad_clip > 0:
-            norm = self._global_norm(mats, dense_grads)
-            coef = clip_coef(norm, self.grad_clip)
+        # the norm is always measured (one all-reduce of two numbers): every engine reports the same step result
+        norm = self._global_norm(mats, dense_grads)
+        coef = clip_coef(norm, self.grad_clip)
         if self.comm_mode == "full":
             self._apply_full(mats, rule, lr, coef)
         else:
@@ -530,7 +529,8 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         if self.replica_check_every and self.steps_taken % self.replica_check_every == 0:
             self.check_replicas()
         self.last_comm = self.collectives.reset_step()
-        return norm
+        self.last_step = StepResult(norm, coef)
+        return loss
 
     def _reduce_full(self, mats: Sequence[str]) -> None:
         """Full gradients summed at their owners (micro_batch: already, in backward); owners take the mean, refresh
@@ -565,30 +565,24 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
                 if n in self.owned:
                     self.accum[n].div_(self.world_size)
 
-    def _wire(self, name: str, update: torch.Tensor | ProjFactorUpdate | None) -> list[torch.Tensor]:
-        """What travels for one matrix's update: N (ProjFactor: first moment, row and column factors) in the wire
-        dtype. ``update`` is the owner's; None allocates receive buffers (re-using the spent accumulator)."""
+    def _wire(self, name: str, update=None) -> list[torch.Tensor]:
+        """What travels for one matrix's update — the rule's :meth:`~..optim.lowrank_adamw.LowRankAdamW.update_tensors`
+        with its low-rank part in the wire dtype. ``update`` is the owner's; None allocates receive buffers
+        (re-using the spent accumulator)."""
         st = self.mstate[name]
         cdt = self._compute_dtype(name)
         wdt = self.update_dtype or cdt
         if update is not None:
-            if isinstance(update, ProjFactorUpdate):
-                return [update.exp_avg.to(wdt), update.row_factor, update.col_factor]
-            return [update.to(wdt)]
+            tensors = self.rule.update_tensors(update)
+            return [tensors[0].to(wdt), *tensors[1:]]
         acc = self.accum.get(name)
         shape = lowrank_shape(*st.proj_shape, st.rank, st.side)
-        device = self._pm[name].tensor().device
-        low = acc if acc is not None and acc.dtype == wdt else torch.empty(shape, dtype=wdt, device=device)
-        if self.config.optimizer == "projfactor":
-            return [low, torch.empty(st.shape[0], dtype=cdt, device=device),
-                    torch.empty(st.shape[1], dtype=cdt, device=device)]
-        return [low]
+        low = acc if acc is not None and acc.dtype == wdt else \
+            torch.empty(shape, dtype=wdt, device=self._pm[name].tensor().device)
+        return self.rule.update_buffers(st, low, cdt)
 
-    def _unwire(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor | ProjFactorUpdate:
-        cdt = self._compute_dtype(name)
-        if self.config.optimizer == "projfactor":
-            return ProjFactorUpdate(tensors[0].to(cdt), tensors[1], tensors[2])
-        return tensors[0].to(cdt)
+    def _unwire(self, name: str, tensors: list[torch.Tensor]):
+        return self.rule.update_from_tensors(self.mstate[name], tensors, self._compute_dtype(name))
 
     def _apply_lowrank(self, mats: Sequence[str], rule, lr: float, coef: float) -> None:
         """Owners normalise; N and the step sizes are broadcast; every rank applies them to its replica."""
@@ -682,16 +676,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         (:func:`merge_state_dicts`, or a single-device ``QGaLoreOptimizer`` state) at any world size — and the
         dense state; then (lowrank mode) the owners broadcast projectors and step counts to the replicas.
         A problem on any rank raises ``ValueError`` on every rank."""
-        error = None
-        try:
-            self._load_local(state_dict)
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.collectives.device)
-        self.collectives.all_reduce([flag])
-        if int(flag) or error is not None:
-            raise ValueError(f"optimizer state could not be loaded on rank {self.rank}: {error}" if error else
-                             "optimizer state could not be loaded on another rank (see its error)")
+        self.collectives.agreed(lambda: self._load_local(state_dict), "optimizer state could not be loaded")
         if self.comm_mode == "lowrank":
             self._sync_projectors([pm.name for pm in self.matrices])
         self.collectives.reset_step()

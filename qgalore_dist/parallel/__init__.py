@@ -1,13 +1,13 @@
 """Distribution: the ownership plan (who refreshes and keeps the state of each projected matrix) and the one
-module that talks to ``torch.distributed`` for optimizer traffic (DESIGN.md §3).
+module that talks to ``torch.distributed`` for optimizer traffic (docs/design.md §3).
 
 Engines (local, ddp, deepspeed, fsdp) build on these two; the math layers never import this package. The ddp engine's
 optimizer is :class:`ShardedQGaLoreOptimizer`; :func:`init_distributed` discovers ranks under torchrun or mpirun.
 """
 
-from qgalore_dist.dist.collectives import Collectives, CommCounters
-from qgalore_dist.dist.launch_env import DistEnv, discover_launch, init_distributed
-from qgalore_dist.dist.plan import (
+from qgalore_dist.parallel.collectives import Collectives, CommCounters
+from qgalore_dist.parallel.launch_env import DistEnv, discover_launch, init_distributed
+from qgalore_dist.parallel.plan import (
     OwnershipPlan,
     exact_max_cost,
     lower_bound,
@@ -19,8 +19,8 @@ from qgalore_dist.dist.plan import (
     plan_options,
     refresh_cost,
 )
-from qgalore_dist.dist.replicas import ReplicaMismatch, check_replicas, check_same_setup, tensor_checksum
-from qgalore_dist.dist.sharded_optimizer import (
+from qgalore_dist.parallel.replicas import ReplicaMismatch, check_replicas, check_same_setup, tensor_checksum
+from qgalore_dist.parallel.sharded_optimizer import (
     COMM_MODES,
     ShardedQGaLoreOptimizer,
     default_plan,

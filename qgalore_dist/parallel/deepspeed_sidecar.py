@@ -1,4 +1,4 @@
-"""The DeepSpeed side-car (DESIGN.md §3 "DeepSpeed integration"): what runs *beside* a ZeRO engine.
+"""The DeepSpeed side-car (docs/design.md §3 "DeepSpeed integration"): what runs *beside* a ZeRO engine.
 
 DeepSpeed ZeRO hands a client optimizer one flat 1-D fp32 slice per rank, so no projected-gradient optimizer can
 run *as* DeepSpeed's optimizer. Instead the work is split:
@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import QGaLoreConfig
 from ..optim.dense_adamw import DenseState, dense_adamw_step, init_dense_state
-from ..optim.norms import clip_coef, squared_norm
+from ..optim.norms import StepResult, clip_coef, closure_loss, squared_norm
 from .collectives import Collectives
 from .sharded_optimizer import ShardedQGaLoreOptimizer
 
@@ -112,13 +112,12 @@ class SidecarQGaLoreOptimizer(ShardedQGaLoreOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
+        loss = closure_loss(closure)
         self.begin_step()
         norm, coef = self.shared_norm(0.0)  # no dense side here
         self.finish_step(coef)
-        return norm
+        self.last_step = StepResult(norm, coef)
+        return loss
 
     # --- weights in checkpoints (DeepSpeed's module file holds rank 0's copy too; these are keyed by name) ------
     def weight_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -153,8 +152,8 @@ class FlatDenseAdamW(torch.optim.Optimizer):
 
     ``norm_fn(local_sq) -> (norm, coef)`` is called once per ``step()`` with Σ‖g‖² of this rank's gradients
     (float64) and must return the *global* pre-clip norm and the clipping factor (it is collective: the engine's
-    all-reduce over the side-car's group). Without it the norm is local and nothing is clipped. ``last_norm`` /
-    ``last_coef`` / ``calls`` record what happened (the engine checks one call per optimizer step).
+    all-reduce over the side-car's group). Without it the norm is local and nothing is clipped. ``last_step`` and
+    ``calls`` record what happened (the engine checks one call per optimizer step).
 
     State is kept per tensor object (ZeRO-3 swaps a sub-group's flat tensor into ``param_groups`` around each call)
     and saved in ``param_groups`` order, like ``torch.optim``'s.
@@ -171,8 +170,7 @@ class FlatDenseAdamW(torch.optim.Optimizer):
         self.state_bits, self.block, self.min_numel = state_bits, block, min_numel
         self.norm_fn = norm_fn
         self.dense: dict[int, DenseState] = {}
-        self.last_norm: float | None = None
-        self.last_coef = 1.0
+        self.last_step = StepResult()
         self.calls = 0
 
     def _state(self, p: torch.Tensor) -> DenseState:
@@ -183,21 +181,19 @@ class FlatDenseAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
+        loss = closure_loss(closure)
         live = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         local_sq = sum(squared_norm(p.grad) for _, p in live)
         if self.norm_fn is not None:
             norm, coef = self.norm_fn(local_sq)
         else:
             norm, coef = math.sqrt(local_sq), 1.0
-        self.last_norm, self.last_coef = norm, coef
+        self.last_step = StepResult(norm, coef)
         self.calls += 1
         for group, p in live:
             g = p.grad if coef == 1.0 else p.grad * coef
             dense_adamw_step(p, g, self._state(p), group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        return norm
+        return loss
 
     def state_nbytes(self) -> int:
         """Exact bytes of the moments held (every tensor stepped so far)."""

@@ -9,7 +9,7 @@ from functools import lru_cache
 import pytest
 
 from qgalore_dist.config import QGaLoreConfig
-from qgalore_dist.dist.plan import (
+from qgalore_dist.parallel.plan import (
     OwnershipPlan,
     exact_max_cost,
     lower_bound,

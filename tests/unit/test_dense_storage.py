@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_llama, token_batches, train
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from helpers import tiny_llama, token_batches, train
 from qgalore_dist import QGaLoreConfig, QGaLoreOptimizer
 from qgalore_dist.nn.convert import quantize_model
 from qgalore_dist.nn.dense_storage import UpcastLinear, store_dense_params
@@ -179,7 +179,9 @@ def test_row_blocked_apply_equals_whole_matrix_apply(monkeypatch):
     """Large INT8 matrices are re-quantised a block of rows at a time; forcing blocks on a tiny model (left and
     right projections both occur) must give what the whole-matrix path gives: the same update rows and the same
     keyed rounding by global index. A row block's matmul may round its last bit differently from the whole
-    matrix's (GEMV vs GEMM kernels), so a scale may differ in its last bit and a rare code by one step."""
+    matrix's (GEMV vs GEMM kernels), so a scale may differ in its last bit and a rare code by one step. Only the
+    step-0 refresh happens (gap 1000): a later SVD would turn such a last-bit difference into another basis on one
+    CPU and not on another (it did on AVX-512), so the window is kept free of refreshes."""
     import qgalore_dist.optim.optimizer as optmod
 
     torch.set_num_threads(1)
@@ -189,7 +191,7 @@ def test_row_blocked_apply_equals_whole_matrix_apply(monkeypatch):
         torch.manual_seed(0)
         model = tiny_llama()
         quantize_model(model, seed=0)
-        cfg = QGaLoreConfig(rank=8, update_proj_gap=3, lr=3e-3, scale=0.25)
+        cfg = QGaLoreConfig(rank=8, update_proj_gap=1000, lr=3e-3, scale=0.25)
         opt = QGaLoreOptimizer(model, cfg, dense_state_bits=8, layerwise=True, grad_accum=2, grad_clip=1.0)
         train(model, opt, token_batches(8, batch=2, seq=16), accum=2)
         out.append({k: v.clone() for k, v in model.state_dict().items()})

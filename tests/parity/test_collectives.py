@@ -1,6 +1,6 @@
 """Collectives on real gloo processes (world sizes 2 and 3), spawned once for the whole module.
 
-This file is also the launcher: ``python tests/test_collectives.py OUT_DIR PORT_W2 PORT_W3`` imports torch once and
+This file is also the launcher: ``python tests/parity/test_collectives.py OUT_DIR PORT_W2 PORT_W3`` imports torch once and
 forks one process per rank of both worlds. Each rank runs every sub-test in its process group (127.0.0.1, its
 world's port), records each one's verdict and details in ``OUT_DIR/w{WORLD}_r{RANK}.json``, then plays the
 dead-rank case: world 2's last rank exits, world 3's last rank
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers, also when run as the rank launcher
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # helpers, also when run as the rank launcher
 from helpers import join_within  # noqa: E402
 
 WORLDS = (2, 3)
@@ -74,7 +74,7 @@ def _counts(c, problems: list[str], sent: int, received: int, calls: int) -> Non
 def _worker(rank: int, world: int, port: int, out_dir: Path) -> None:
     import torch.distributed as dist
 
-    from qgalore_dist.dist.collectives import Collectives
+    from qgalore_dist.parallel.collectives import Collectives
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     t_start = time.monotonic()
@@ -322,7 +322,7 @@ def _launch(out_dir: Path, ports: list[int]) -> int:
     only imported torch is safe, and saves four torch imports — seconds each on a busy machine)."""
     import multiprocessing as mp
 
-    import qgalore_dist.dist.collectives  # noqa: F401  (imported before the fork, shared by the children)
+    import qgalore_dist.parallel.collectives  # noqa: F401  (imported before the fork, shared by the children)
 
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_worker, args=(rank, world, port, out_dir))
@@ -334,7 +334,7 @@ def _launch(out_dir: Path, ports: list[int]) -> int:
 def results(tmp_path_factory) -> dict[int, dict]:
     """Run both worlds at once (one launcher, one forked process per rank) and load every rank's JSON record."""
     out = tmp_path_factory.mktemp("collectives")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     if Path("/sys/class/net/lo").exists():
@@ -392,7 +392,7 @@ def test_local_mode_is_a_no_op():
     """Without a process group: world size 1, data untouched (gather returns a copy), nothing counted."""
     import torch.distributed as dist
 
-    from qgalore_dist.dist.collectives import Collectives
+    from qgalore_dist.parallel.collectives import Collectives
 
     if dist.is_available() and dist.is_initialized():
         pytest.skip("a default process group exists in this process")
@@ -419,7 +419,7 @@ def test_local_mode_is_a_no_op():
 def test_buckets_group_by_dtype_and_cap():
     """Bucket plan: dtype groups in first-appearance order, greedy under the cap, oversize tensors alone, empty
     tensors skipped."""
-    from qgalore_dist.dist.collectives import Collectives
+    from qgalore_dist.parallel.collectives import Collectives
 
     c = Collectives(bucket_bytes=100)
     ts = [torch.zeros(10), torch.zeros(2, dtype=torch.float64), torch.zeros(10), torch.zeros(10), torch.zeros(0),

@@ -20,12 +20,12 @@ import torch
 from qgalore_dist.checkpoint import load_checkpoint
 from qgalore_dist.checkpoint.export import main as export_main
 from qgalore_dist.data import default_corpus_files, get_tokenizer
+from qgalore_dist.errors import UsageError
 from qgalore_dist.models import build_model, resolve_model_config
 from qgalore_dist.nn import quantize_model
 from qgalore_dist.train import lr_multiplier, main, parse_args
-from qgalore_dist.train.cli import UsageError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 512
 
 
@@ -348,3 +348,49 @@ def test_launch_script_runs_from_a_checkout(ws: SimpleNamespace) -> None:
                           env={"PATH": "", "QGALORE_CACHE": str(ws.cache), "PYTHONPATH": ""})
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: model spec 'llama_nope'") and proc.stderr.count("\n") == 1
+
+
+def _as_rank(monkeypatch, rank: int, port: str) -> None:
+    for k, v in {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "test"}.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_a_refused_flag_prints_once_per_job(monkeypatch, capsys, tmp_path) -> None:
+    """Every rank of a launched job meets the same bad flag: rank 0 prints the one ``error:`` line, the others
+    wait for it and exit 2 silently; a rank whose error rank 0 does not share prints its own, naming its rank."""
+    import tempfile
+
+    import qgalore_dist.train.cli as cli
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for rank, expect in ((0, "error: --lr must be > 0, got -1.0\n"), (1, "")):
+        _as_rank(monkeypatch, rank, "40001")
+        with pytest.raises(SystemExit) as e:
+            main(["--lr", "-1"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == expect
+    monkeypatch.setattr(cli, "PEER_WAIT_S", 0.2)
+    _as_rank(monkeypatch, 1, "40002")  # another job: rank 0 printed nothing there
+    with pytest.raises(SystemExit) as e:
+        main(["--lr", "-2"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: rank 1: --lr must be > 0, got -2.0\n"
+
+
+def test_torchrun_job_prints_one_error_line(ws: SimpleNamespace) -> None:
+    """Under a real launcher: two workers, one ``error:`` line from our processes (torchrun adds its own failure
+    summary after it, and exits 1)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           port, "launch/pretrain.py", "--engine", "fsdp", "--granularity", "3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "QGALORE_CACHE": str(ws.cache)})
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert ours == ["error: invalid optimizer setting: granularity=3.0 is invalid: must be a positive power of two "
+                    "(e.g. 0.25, 0.5, 1, 2, 4)"], proc.stdout + proc.stderr
+    assert proc.returncode != 0

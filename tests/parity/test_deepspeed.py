@@ -74,7 +74,7 @@ def _scenarios(out: Path) -> list[dict]:
                         comm_mode="full" if s < 3 else "lowrank")
         sc.append({"name": f"z{s}_accum", "argv": ["--ds_config", acc, *COMMON]})
     # odd MLP width (175 rows: ZeRO-3 splits them 88 / 87): uneven INT8 row shards against ZeRO-2
-    cfg = json.loads((Path(__file__).resolve().parent.parent / "qgalore_dist" / "models" / "configs" /
+    cfg = json.loads((Path(__file__).resolve().parents[2] / "qgalore_dist" / "models" / "configs" /
                       "llama_tiny.json").read_text())
     cfg["intermediate_size"] = 175
     (out / "llama_odd.json").write_text(json.dumps(cfg))
@@ -139,7 +139,7 @@ def _reference(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("deepspeed")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     scenarios = _scenarios(out)
     (out / "scenarios.json").write_text(json.dumps(scenarios), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1",
@@ -411,7 +411,7 @@ def test_shipped_ds_configs_are_valid():
     from qgalore_dist.train.cli import parse_args
     from qgalore_dist.train.engines.deepspeed import resolve_ds_config
 
-    root = Path(__file__).resolve().parent.parent / "ds_configs"
+    root = Path(__file__).resolve().parents[2] / "ds_configs"
     stages = {}
     for name in ("qgalore.json", "qgalore_zero1.json", "qgalore_zero3.json"):
         args = parse_args(["--ds_config", str(root / name)])

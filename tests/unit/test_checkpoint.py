@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_llama, token_batches
 
 import qgalore_dist.checkpoint.save_load as save_load
-from helpers import tiny_llama, token_batches
 from qgalore_dist import QGaLoreConfig, QGaLoreOptimizer, quantize_model
 from qgalore_dist.checkpoint import (
     CheckpointError,

@@ -1,4 +1,4 @@
-"""Replicated state across data-parallel ranks: start-up agreement and periodic replica hashing (DESIGN.md §3).
+"""Replicated state across data-parallel ranks: start-up agreement and periodic replica hashing (docs/design.md §3).
 
 Data-parallel engines (ddp, ZeRO-1/2) keep a full INT8 copy of every projected weight on every rank and update it
 identically, but ranks can compute a value one ulp apart (different thread counts, different hardware) and flip a
@@ -11,7 +11,7 @@ stochastic-rounding decision. Two checks catch what would otherwise drift silent
   matrix's codes + scales, a dense parameter + its moments); one all-gather of the checksums; a group that differs
   from its reference rank (the matrix's owner) is re-broadcast from it with a warning, or raises under ``strict``.
 
-Both speak to other ranks only through :class:`~qgalore_dist.dist.collectives.Collectives`. No math here.
+Both speak to other ranks only through :class:`~qgalore_dist.parallel.collectives.Collectives`. No math here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..errors import ReplicaMismatch
 from .collectives import Collectives
 
 __all__ = ["ReplicaGroup", "ReplicaMismatch", "check_replicas", "check_same_setup", "flat_view",
@@ -116,10 +117,6 @@ class ReplicaGroup:
     name: str
     owner: int
     tensors: Sequence[torch.Tensor]
-
-
-class ReplicaMismatch(RuntimeError):
-    """Raised on every rank by :func:`check_replicas` with ``strict=True`` when a replica differs."""
 
 
 def check_replicas(collectives: Collectives, groups: Sequence[ReplicaGroup], strict: bool = False,

@@ -1,4 +1,4 @@
-"""Rank discovery and process-group start-up for the distributed engines (DESIGN.md §1, last table row).
+"""Rank discovery and process-group start-up for the distributed engines (docs/design.md §1, last table row).
 
 Three ways a process learns its place:
 
@@ -11,7 +11,7 @@ Three ways a process learns its place:
   a sandboxed host; across hosts it is ``MASTER_ADDR`` if set, else the first non-loopback IPv4 address of rank 0's
   hostname. The standard variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
   ``MASTER_ADDR``, ``MASTER_PORT``) are then exported, so libraries that read them (DeepSpeed) agree.
-* **neither**: one process, no process group (every :class:`~qgalore_dist.dist.collectives.Collectives` runs in
+* **neither**: one process, no process group (every :class:`~qgalore_dist.parallel.collectives.Collectives` runs in
   local mode).
 
 On one host with gloo, ``GLOO_SOCKET_IFNAME=lo`` is set unless the user chose an interface: gloo otherwise binds

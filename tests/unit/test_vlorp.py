@@ -12,16 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import load_galore_adamw
 from helpers import tiny_llama, token_batches, train
+
 from qgalore_dist import QGaLoreConfig, QGaLoreOptimizer, quantize_model
 from qgalore_dist.optim.lowrank_adamw import LowRankAdamW
 from qgalore_dist.optim.projfactor import ProjFactor, ProjFactorState, make_rule, projfactor_numel
 from qgalore_dist.projection.projector import projection_side
 from qgalore_dist.projection.random_proj import RandomBasis
-from qgalore_dist.projection.vlorp import (check_rank_fits, from_granular, granular_rows, granular_shape,
-                                           resolve_granularity, to_granular)
+from qgalore_dist.projection.vlorp import (
+    check_rank_fits,
+    from_granular,
+    granular_rows,
+    granular_shape,
+    resolve_granularity,
+    to_granular,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -205,7 +211,7 @@ def test_same_seed_same_projection_in_another_process():
             "for kind in ('gaussian', 'rademacher'):\n    for shape in ((8, 64), (96, 8)):\n"
             "        h.update(RandomBasis(kind, 7, 400, 'layers.3.mlp.up_proj.weight', shape, 8).dequantize().numpy()"
             ".tobytes())\nprint(h.hexdigest())\n")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120,
                          check=True)
     assert out.stdout.strip() == digest()
