@@ -405,7 +405,7 @@ def main(argv=None) -> None:
           + table(["configuration", "weights+state MiB per rank", "formula MiB (mean)", "formula error",
                    "peak RSS MiB", "bytes/step MiB", "step s"], rows)
           + "\n\nMeasured ratio of per-rank weights+state to ZeRO-2 AdamW: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
+          + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()) + "."
           + "\n\nZeRO-3 side-car bytes per step (median of the steps after the first, which refreshes every matrix) "
           "against the project-before-communicate lower bound (`zero3_bytes_per_step`: INT8 gathers for forward "
           "and backward, local low-rank gradients reduce-scattered / reduced, left updates broadcast; ProjFactor's "
@@ -417,13 +417,13 @@ def main(argv=None) -> None:
              "formula), peak RSS (max over ranks), weights+state (mean over ranks), step time.\n\n"
              + table(["configuration", "bytes/step MiB", "ratio", "peak RSS MiB", "weights+state MiB", "step s"],
                      crows) if crows else "")
-          + ".\n\nExtrapolated with the validated formula (world size 2, vocabulary 32000; module weights fp32 as "
+          + "\n\nExtrapolated with the validated formula (world size 2, vocabulary 32000; module weights fp32 as "
           "measured, or bf16 as on a GPU; DeepSpeed keeps fp32 master partitions either way):\n\n"
           + table(["model", "rank", "module dtype", "ZeRO-2 AdamW GiB", "ZeRO-2 qgalore GiB", "ratio",
                    "ZeRO-3 qgalore GiB", "ratio"], ext_rows)
           + f"\n\nTarget (issue 7): `llama_1b` ZeRO-2 qgalore per-rank weights+state ≤ 0.35× ZeRO-2 AdamW — "
           f"{'met' if worst <= 0.35 else 'MISSED'}: worst case {worst:.3f}×.")
-    write_report("bench_deepspeed", "DeepSpeed ZeRO-2 AdamW vs ZeRO-2 / ZeRO-3 + qgalore (issue 7)", data, md)
+    write_report("bench_deepspeed", "DeepSpeed ZeRO-2 AdamW vs ZeRO-2 / ZeRO-3 + qgalore (issues 7, 14)", data, md)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ RANK = 64
 GROUP = 256
 BATCH, SEQ = 2, 64
 WORLDS = (1, 2, 4)
-# VLoRP through the same engine: ProjFactor, granularity 4 at rank/4 and 1/4 at rank·4 (the same budget M = c·r)
-VARIANTS = {"projfactor": dict(optimizer="projfactor"), "qgalore c=4": dict(granularity=4.0, rank=RANK // 4),
-            "qgalore c=1/4": dict(granularity=0.25, rank=RANK * 4)}
+# VLoRP through the same engine: ProjFactor; granularity 4 at rank/4 (the same budget M = c·r = 64); granularity
+# 1/4 at the same rank (M = 16: rank·4 would not fit the 64-row reshaped 256×256 matrices)
+VARIANTS = {"projfactor": dict(optimizer="projfactor"), "qgalore c=4, r=16": dict(granularity=4.0, rank=RANK // 4),
+            "qgalore c=1/4, r=64": dict(granularity=0.25)}
 MiB = 2**20
 
 
@@ -189,7 +190,7 @@ def _rank(out_dir: str, env: dict, steps_q: int, steps_b: int) -> None:
                 engine.backward(loss)
                 engine.step()
                 dt = time.perf_counter() - t0
-                losses.append(engine.mean_over_ranks(float(loss)))
+                losses.append(engine.mean_over_ranks(float(loss.detach())))
                 comm.append(engine.step_metrics()["comm_bytes"])
                 if i > 0:
                     times.append(dt)

@@ -214,6 +214,18 @@ class Collectives:
             off += t.numel()
 
     # --- primitives -------------------------------------------------------------------------------------------
+    def present_everywhere(self, labels: Sequence[str], mine: Sequence[bool], what: str) -> list[bool]:
+        """Collective: which of ``labels`` are present (e.g. got a gradient) — on every rank or on none. One int32
+        all-reduce; a label present on some ranks only raises ``RuntimeError`` (``what`` + the first five) on every
+        rank, rather than collectives of different shapes hanging."""
+        counts = torch.tensor(list(mine), dtype=torch.int32, device=self.device)
+        self.all_reduce([counts])
+        counts = counts.tolist()
+        partial = [f"{lab} ({c} of {self.world_size})" for lab, c in zip(labels, counts) if 0 < c < self.world_size]
+        if partial:
+            raise RuntimeError(f"{what}: " + ", ".join(partial[:5]))
+        return [c > 0 for c in counts]
+
     def agreed(self, fn: Callable[[], None], what: str) -> None:
         """Run ``fn`` on this rank; if it raises (ValueError, KeyError, TypeError, RuntimeError) on *any* rank, raise
         ``ValueError`` (``what`` + the local reason, or "on another rank") on *every* rank — one int32 all-reduce —

@@ -367,15 +367,10 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         """Matrices with a gradient this step — on every rank or on none (one int32 all-reduce)."""
         mine = [grads.get(s.name) is not None for s in self.shards]
         mine += [p.grad is not None for _, p in self.dense_named]
-        counts = torch.tensor(mine, dtype=torch.int32, device=self.collectives.device)
-        self.collectives.all_reduce([counts])
-        counts = counts.tolist()
         labels = [s.name for s in self.shards] + [n for n, _ in self.dense_named]
-        partial = [f"{lab} ({c} of {self.world_size})" for lab, c in zip(labels, counts) if 0 < c < self.world_size]
-        if partial:
-            raise RuntimeError("row-sharded step: these parameters got a gradient on some ranks only: "
-                               + ", ".join(partial[:5]))
-        return [s.name for s, c in zip(self.shards, counts) if c]
+        present = self.collectives.present_everywhere(
+            labels, mine, "row-sharded step: these parameters got a gradient on some ranks only")
+        return [s.name for s, c in zip(self.shards, present) if c]
 
     @torch.no_grad()
     def step(self, closure=None, *, grads: Mapping[str, torch.Tensor | None] | None = None,

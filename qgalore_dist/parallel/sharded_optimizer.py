@@ -469,14 +469,10 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         else:
             mine = [pm.grad() is not None for pm in self.matrices]
         mine += [p.grad is not None for _, p in self.dense_named]
-        counts = torch.tensor(mine, dtype=torch.int32, device=self.collectives.device)
-        self.collectives.all_reduce([counts])
-        counts = counts.tolist()
         labels = [pm.name for pm in self.matrices] + [n for n, _ in self.dense_named]
-        partial = [f"{lab} ({c} of {self.world_size})" for lab, c in zip(labels, counts) if 0 < c < self.world_size]
-        if partial:
-            raise RuntimeError("data-parallel step: these parameters got a gradient on some ranks only (every rank "
-                               "must run the same model): " + ", ".join(partial[:5]))
+        counts = self.collectives.present_everywhere(
+            labels, mine, "data-parallel step: these parameters got a gradient on some ranks only (every rank must "
+            "run the same model)")
         k = len(self.matrices)
         mats = [pm.name for pm, c in zip(self.matrices, counts[:k]) if c]
         dense = [(n, p) for (n, p), c in zip(self.dense_named, counts[k:]) if c]
