@@ -305,7 +305,8 @@ class LowRankAdamW:
             padded = grad_rows.new_zeros(w_rows, n_cols)
             padded[row_offset - w_off:row_offset - w_off + rows] = grad_rows
             grad_rows = padded
-        block = grad_rows.reshape(g_rows, st.proj_shape[1]) if g_rows != w_rows else grad_rows
+        # always to the reshaped width: an empty shard is [0, n] and must become [0, n'] (a c != 1 no-op otherwise)
+        block = grad_rows.reshape(g_rows, st.proj_shape[1])
         dtype = grad_rows.dtype if grad_rows.dtype == torch.float64 else torch.float32
         if st.side == "right":
             return project(block, st.basis_float(dtype), "right")

@@ -789,8 +789,8 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         shard = sd.get("shard", {})
         if shard.get("world_size") != self.world_size or shard.get("rank") != self.rank:
             raise ValueError(f"this state is rank {shard.get('rank')} of {shard.get('world_size')}, this process "
-                             f"is rank {self.rank} of {self.world_size} (merge with merge_row_sharded_state_dicts "
-                             "to change the world size)")
+                             f"is rank {self.rank} of {self.world_size} (this placement resumes at the same world "
+                             "size; merge_row_sharded_state_dicts gives a single-device state)")
         if dict(shard.get("owner", {})) != dict(self.plan.owner):
             raise ValueError("the saved ownership plan differs from this run's")
         missing = sorted(self.owned - set(sd["projected"]))

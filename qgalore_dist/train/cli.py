@@ -63,10 +63,14 @@ def _job_rank_and_key() -> tuple[int, str | None]:
     if info.world_size == 1:
         return info.rank, None
     env = os.environ
-    for parts in (("PMIX_NAMESPACE",), ("OMPI_MCA_ess_base_jobid",),
-                  ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"), ("MASTER_ADDR", "MASTER_PORT")):
-        if all(env.get(p) for p in parts):
-            return info.rank, "-".join(env[p] for p in parts)
+    for var in ("PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid"):  # MPI: unique per job
+        if env.get(var):
+            return info.rank, f"{var}={env[var]}"
+    if env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+        # torchrun / the deepspeed launcher: its workers on this host share their parent (the launcher agent), a
+        # new launch has a new one — so a note left by an earlier run with the same port is never taken for this
+        # run's (torchrun's default run id is "none" and its default port 29500 every time)
+        return info.rank, f"{os.getppid()}-{env['MASTER_ADDR']}-{env['MASTER_PORT']}"
     return info.rank, None
 
 

@@ -35,7 +35,9 @@ WORLDS = (2, 3)
 STEPS = 7
 CLIP = 0.05  # small enough that most steps clip
 # (m, n): right-projected (m >= n) and left-projected (m < n) matrices; merged rows cut at N = 2 and 3
-SHAPES = {"r44": (44, 16), "r16": (16, 8), "l20": (20, 48), "l12": (12, 40), "tiny": (2, 2), "dense": (6, 10)}
+# "l4": left, c = 1/4 fits, and its third shard is empty at N = 3 (an empty shard must still project to [r, n'])
+SHAPES = {"r44": (44, 16), "r16": (16, 8), "l20": (20, 48), "l12": (12, 40), "l4": (4, 40), "tiny": (2, 2),
+          "dense": (6, 10)}
 CONFIGS = {
     "qgalore_svd": dict(),
     "qgalore_merge_right_rotate": dict(granularity=0.25, moments_on_refresh="rotate"),

@@ -10,10 +10,10 @@
   (``set_force_sum_reduction_for_comms``) and divides by N itself afterwards: gloo has no AVG reduction, and
   pytorch issue #162338 reports FSDP2 summing instead of averaging on gloo; the tests check the mean against a
   single-device reference.
-* ``--optimizer qgalore|galore``: :class:`~qgalore_dist.parallel.row_sharded.RowShardedQGaLoreOptimizer` over the local
-  rows (owner-only SVD from gathered gradient rows, right projection row-local, left projection one r×n
-  reduction), and AdamW (8-bit for qgalore) over the dense shards. ``--optimizer adamw``: FSDP2 + ``torch.optim.AdamW``
-  over the float model (the baseline). ProjFactor / VLoRP / random projections are refused (one ``error:`` line).
+* ``--optimizer qgalore|projfactor|galore``: :class:`~qgalore_dist.parallel.row_sharded.RowShardedQGaLoreOptimizer`
+  (the row-sharded placement: any rule, granularity, projection) over the local rows, and AdamW (8-bit for the INT8
+  optimizers) over the dense shards; ``--optimizer adamw8bit``: the same placement with no projected matrices.
+  ``--optimizer adamw``: FSDP2 + ``torch.optim.AdamW`` over the float model (the baseline).
 * Gradient accumulation (``--fsdp-grad-sync``): ``micro_batch`` (default) reduce-scatters every micro-batch's
   gradients (``grad_accum`` times the gradient traffic; each rank holds 1/N of the gradient); ``boundary`` calls
   ``set_requires_gradient_sync(False)`` before every micro-batch but the last, so FSDP2 keeps each rank's
