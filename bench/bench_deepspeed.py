@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 KINDS = ("zero2_adamw", "zero2_qgalore", "zero3_qgalore", "zero3_projfactor", "zero3_qgalore_c4")
 # the VLoRP rows: ProjFactor at the same rank, and granularity 4 at rank/4 (the same budget M = c·r)
 VARIANTS = {"zero3_projfactor": {"optimizer": "projfactor"}, "zero3_qgalore_c4": {"granularity": 4.0}}
-RANKS = {"llama_130m": 256, "llama_1b": 512, "llama_7b": 1024, "llama_60m": 128, "llama_20m": 64}
+RANKS = {"llama_130m": 256, "llama_1b": 512, "llama_7b": 1024, "llama_60m": 128, "llama_20m": 64, "llama_tiny": 8}
 WEIGHT_GROUP = 256
 PROJ_GROUP = 256
 STATE_BLOCK = 256
@@ -285,6 +285,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--worker", choices=KINDS)
     p.add_argument("--kinds", default=",".join(KINDS), help="configurations to run (comma-separated)")
+    p.add_argument("--runtime-model", default="llama_tiny",
+                   help="the same ZeRO-2 / ZeRO-3 qgalore launches with this tiny model give each stage's runtime "
+                        "peak (Python, torch, DeepSpeed, gloo buffers), subtracted from the model's peak ('' = skip)")
     p.add_argument("--compare", default=None, metavar="DIR",
                    help="a checkout of earlier code (e.g. a git worktree): its runs of the qgalore configurations "
                         "it knows are interleaved with this code's, one job each, and compared in a second table")
@@ -322,6 +325,15 @@ def main(argv=None) -> None:
         if args.compare and kind in ("zero2_qgalore", "zero3_qgalore"):
             earlier[kind] = job(Path(args.compare).resolve(), kind, out / "earlier")
         runs[kind] = job(ROOT, kind, out)
+    runtime = {}
+    if args.runtime_model:
+        model_arg = args.model
+        args.model = args.runtime_model
+        try:
+            for kind in ("zero2_qgalore", "zero3_qgalore"):
+                runtime[kind] = job(ROOT, kind, out / "runtime")
+        finally:
+            args.model = model_arg
 
     shapes, dense = model_layout(args.model)
     rank = RANKS[args.model]
@@ -375,6 +387,14 @@ def main(argv=None) -> None:
         crows.append([kind, f"{_mib(ob)} → {_mib(nb)}", f"{nb / ob:.3f}", f"{_mib(orss)} → {_mib(nrss)}",
                       f"{_mib(om)} → {_mib(nm)}", f"{ot:.2f} → {nt:.2f}"])
     data["earlier"] = {"tree": args.compare, "runs": earlier}
+    peak_rows = []
+    for kind, recs in runtime.items():
+        if kind not in runs:
+            continue
+        peak = max(r["peak_rss_bytes"] for r in runs[kind])
+        base_rt = max(r["peak_rss_bytes"] for r in recs)
+        peak_rows.append([kind, _mib(peak), _mib(base_rt), _mib(peak - base_rt)])
+    data["runtime_peaks"] = {k: [r["peak_rss_bytes"] for r in v] for k, v in runtime.items()}
 
     ext_rows, ext = [], []
     for model in ("llama_1b", "llama_7b"):
@@ -417,6 +437,10 @@ def main(argv=None) -> None:
              "formula), peak RSS (max over ranks), weights+state (mean over ranks), step time.\n\n"
              + table(["configuration", "bytes/step MiB", "ratio", "peak RSS MiB", "weights+state MiB", "step s"],
                      crows) if crows else "")
+          + (f"\n\nPeak RSS of the model's part: each stage's peak (max over ranks) minus the same launch with "
+             f"`{args.runtime_model}` (the runtime: Python, torch, DeepSpeed, gloo). Target (issue 14): ZeRO-3's ≤ "
+             "ZeRO-2's.\n\n" + table(["configuration", "peak MiB", "runtime peak MiB", "model part MiB"], peak_rows)
+             if peak_rows else "")
           + "\n\nExtrapolated with the validated formula (world size 2, vocabulary 32000; module weights fp32 as "
           "measured, or bf16 as on a GPU; DeepSpeed keeps fp32 master partitions either way):\n\n"
           + table(["model", "rank", "module dtype", "ZeRO-2 AdamW GiB", "ZeRO-2 qgalore GiB", "ratio",
