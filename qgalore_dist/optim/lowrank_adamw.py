@@ -35,6 +35,7 @@ from ..projection.projector import (
 from ..projection.random_proj import RANDOM_PROJECTIONS, RandomBasis
 from ..projection.vlorp import check_rank_fits, covering_rows, from_granular, granular_shape, to_granular
 from ..quant.fused import fused_adam_moments_, fused_update_requantize_
+from ..quant.groups import num_groups
 from ..quant.int4 import Int4Matrix
 from ..quant.int8 import Int8Weight
 from ..quant.rng import SALT_RSVD, SALT_UPDATE, stream_key
@@ -316,6 +317,40 @@ class LowRankAdamW:
             basis = st.basis_float(dtype)
             basis = basis if g_rows == basis.shape[0] else basis[g_off:g_off + g_rows]
         return project(block, basis, "left")
+
+    # --- the basis as it crosses ranks (an owner refreshes it, the other ranks receive it) -------------------
+    def basis_kind(self) -> str:
+        """``random`` (regenerated from its draw step: nothing travels), ``int4`` (codes + scales) or ``float``."""
+        c = self.config
+        if c.projection in RANDOM_PROJECTIONS:
+            return "random"
+        return "int4" if c.quantize and c.proj_bits == 4 else "float"
+
+    def basis_tensors(self, st: MatrixState) -> list[torch.Tensor]:
+        """The owner's stored basis as it is sent (a float basis keeps its strides: LAPACK returns column-major
+        factors, and the matmul kernel — so the rounding — depends on the layout)."""
+        return [st.basis.packed, st.basis.scales] if self.basis_kind() == "int4" else [st.basis]
+
+    def basis_buffers(self, st: MatrixState, device, strides: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """Receive buffers for :meth:`basis_tensors` (``strides``: the owner's, for a float basis)."""
+        rows, cols = basis_shape(*st.proj_shape, st.rank, st.side)
+        if self.basis_kind() == "int4":
+            return [torch.empty((rows * cols + 1) // 2, dtype=torch.uint8, device=device),
+                    torch.empty(rows, num_groups(cols, min(self.config.proj_group_size, cols)),
+                                dtype=torch.float32, device=device)]
+        return [torch.empty_strided((rows, cols), strides or (cols, 1), dtype=torch.float32, device=device)]
+
+    def basis_from_tensors(self, st: MatrixState, tensors: list[torch.Tensor], draw_step: int, device) -> None:
+        """Install a received basis (a random one is drawn again from ``draw_step``)."""
+        shape = basis_shape(*st.proj_shape, st.rank, st.side)
+        kind = self.basis_kind()
+        if kind == "int4":
+            st.basis = Int4Matrix(*tensors, shape, self.config.proj_group_size)
+        elif kind == "float":
+            st.basis = tensors[0]
+        else:
+            st.basis = RandomBasis(self.config.projection, self.config.seed, draw_step, st.name, shape, st.rank,
+                                   str(device))
 
     # --- the update as it crosses ranks (an owner broadcasts it, replicas and shards apply it) ---------------
     def update_tensors(self, update: torch.Tensor) -> list[torch.Tensor]:

@@ -82,11 +82,9 @@ from ..optim.lowrank_adamw import LowRankAdamW, MatrixState
 from ..optim.norms import StepResult, clip_coef, closure_loss, squared_norm
 from ..optim.optimizer import PhasedGroups
 from ..optim.projfactor import ProjFactorState, make_rule
-from ..projection.projector import basis_shape, lowrank_shape
-from ..projection.random_proj import RANDOM_PROJECTIONS, RandomBasis
+from ..projection.projector import lowrank_shape
+from ..projection.random_proj import RANDOM_PROJECTIONS
 from ..projection.vlorp import covering_rows, held_rows, resolve_granularity
-from ..quant.groups import num_groups
-from ..quant.int4 import Int4Matrix
 from ..quant.int8 import Int8Weight
 from ..quant.state8 import Blockwise8bit
 from .collectives import Collectives, CommCounters
@@ -625,18 +623,12 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         for n in names:
             self._timed("svd", self.rule.refresh, self.mstate[n], full[n])
 
-    def _basis_kind(self) -> str:
-        c = self.config
-        if c.projection in RANDOM_PROJECTIONS:
-            return "random"
-        return "int4" if c.quantize and c.proj_bits == 4 else "float"
-
     def _sync_projectors(self, names: Sequence[str], carry: bool = True) -> None:
         """Owners send ``[next_refresh, interval, draw step]`` of every refreshed matrix, then the projector
         (INT4 codes + scales, or fp32; a random draw is regenerated from its step) to every rank. With ``carry``,
         a rank holding moment rows of a matrix it does not own rotates them into the new basis (the rule decides
         whether moments rotate); the owner did so in its refresh."""
-        kind = self._basis_kind()
+        kind = self.rule.basis_kind()
         headers = {}
         for n in names:
             h = torch.zeros(4, dtype=torch.int64)
@@ -650,21 +642,10 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         for n in names:
             by_owner.setdefault(self._owner(n), []).append(headers[n])
         self.collectives.broadcast_from_owners(by_owner)
-        payload: dict[str, list[torch.Tensor]] = {}
         stored = [n for n in names if int(headers[n][3])] if kind != "random" else []
-        for n in stored:
-            st = self.mstate[n]
-            if n in self.owned:
-                payload[n] = [st.basis.packed, st.basis.scales] if kind == "int4" else [st.basis.contiguous()]
-                continue
-            rows, cols = basis_shape(*st.proj_shape, st.rank, st.side)
-            dev = self._shard[n].local_tensor().device
-            if kind == "int4":
-                payload[n] = [torch.empty((rows * cols + 1) // 2, dtype=torch.uint8, device=dev),
-                              torch.empty(rows, num_groups(cols, min(self.config.proj_group_size, cols)),
-                                          dtype=torch.float32, device=dev)]
-            else:
-                payload[n] = [torch.empty(rows, cols, dtype=torch.float32, device=dev)]
+        payload = {n: [t.contiguous() for t in self.rule.basis_tensors(self.mstate[n])] if n in self.owned else
+                   self.rule.basis_buffers(self.mstate[n], self._shard[n].local_tensor().device)
+                   for n in stored}
         by_owner = {}
         for n in stored:
             by_owner.setdefault(self._owner(n), []).extend(payload[n])
@@ -676,15 +657,8 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
             st.gate.next_refresh, st.gate.interval = int(h[0]), int(h[1])
             if not int(h[3]):
                 continue
-            shape = basis_shape(*st.proj_shape, st.rank, st.side)
             old = st.basis_float() if carry and st.basis is not None else None
-            if kind == "int4":
-                st.basis = Int4Matrix(*payload[n], shape, self.config.proj_group_size)
-            elif kind == "float":
-                st.basis = payload[n][0]
-            else:
-                st.basis = RandomBasis(self.config.projection, self.config.seed, int(h[2]), n, shape, st.rank,
-                                       str(self._shard[n].local_tensor().device))
+            self.rule.basis_from_tensors(st, payload.get(n, []), int(h[2]), self._shard[n].local_tensor().device)
             if old is not None:
                 self.rule.carry_moments(st, old, st.basis_float())
 

@@ -101,9 +101,8 @@ from ..optim.lowrank_adamw import MatrixState
 from ..optim.norms import StepResult, clip_coef, closure_loss, squared_norm
 from ..optim.optimizer import ProjectedMatrix, QGaLoreOptimizer
 from ..optim.projfactor import ProjFactorState
-from ..projection.projector import basis_shape, lowrank_shape
+from ..projection.projector import lowrank_shape
 from ..projection.random_proj import RANDOM_PROJECTIONS, RandomBasis
-from ..quant.groups import num_groups
 from ..quant.int4 import Int4Matrix
 from .collectives import Collectives, CommCounters
 from .plan import OwnershipPlan, plan_for_model, plan_options
@@ -397,12 +396,6 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
             else:
                 self._owner_only.add(n)
 
-    def _basis_kind(self) -> str:
-        c = self.config
-        if c.projection in RANDOM_PROJECTIONS:
-            return "random"
-        return "int4" if c.quantize and c.proj_bits == 4 else "float"
-
     def _sync_projectors(self, names: Sequence[str]) -> None:
         """Owners broadcast the projector, step and next refresh of ``names`` to the replicas (collective).
 
@@ -413,7 +406,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         """
         if self.world_size == 1 or not names:
             return
-        kind = self._basis_kind()
+        kind = self.rule.basis_kind()
         headers: dict[str, torch.Tensor] = {}
         for n in names:
             h = torch.zeros(6, dtype=torch.int64)
@@ -427,37 +420,20 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
             headers[n] = h
         self.collectives.broadcast_from_owners(self._by_owner(names, lambda n: [headers[n]]))
         stored = [n for n in names if int(headers[n][2])] if kind != "random" else []
-        payload: dict[str, list[torch.Tensor]] = {}
-        for n in stored:
-            st = self.mstate[n]
-            if n in self.owned:
-                payload[n] = [st.basis.packed, st.basis.scales] if kind == "int4" else [st.basis]
-                continue
-            rows, cols = basis_shape(*st.proj_shape, st.rank, st.side)
-            device = self._pm[n].tensor().device
-            if kind == "int4":
-                payload[n] = [torch.empty((rows * cols + 1) // 2, dtype=torch.uint8, device=device),
-                              torch.empty(rows, num_groups(cols, min(self.config.proj_group_size, cols)),
-                                          dtype=torch.float32, device=device)]
-            else:
-                payload[n] = [torch.empty_strided((rows, cols), tuple(int(x) for x in headers[n][4:6]),
-                                                  dtype=torch.float32, device=device)]
+        payload = {n: self.rule.basis_tensors(self.mstate[n]) if n in self.owned else
+                   self.rule.basis_buffers(self.mstate[n], self._pm[n].tensor().device,
+                                           tuple(int(x) for x in headers[n][4:6]))
+                   for n in stored}
         self.collectives.broadcast_from_owners(self._by_owner(stored, lambda n: payload[n]))
         for n in names:
             if n in self.owned:
                 continue
             st, h = self.mstate[n], headers[n]
             st.step, st.gate.next_refresh = int(h[0]), int(h[1])
-            shape = basis_shape(*st.proj_shape, st.rank, st.side)
             if not int(h[2]):
                 st.basis = None
-            elif kind == "int4":
-                st.basis = Int4Matrix(*payload[n], shape, self.config.proj_group_size)
-            elif kind == "float":
-                st.basis = payload[n][0]
             else:
-                st.basis = RandomBasis(self.config.projection, self.config.seed, int(h[3]), n, shape, st.rank,
-                                       str(self._pm[n].tensor().device))
+                self.rule.basis_from_tensors(st, payload.get(n, []), int(h[3]), self._pm[n].tensor().device)
 
     # --- the step ---------------------------------------------------------------------------------------------
     def _present(self) -> tuple[list[str], list[tuple[str, torch.Tensor]]]:
