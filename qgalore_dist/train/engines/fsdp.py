@@ -20,8 +20,10 @@
   *unsharded* gradient of every parameter — the whole model's gradient per rank, fp32 — until the step.
 * Checkpoints (``<save-dir>/step_NNNNNN/``): ``dcp/`` written with ``torch.distributed.checkpoint`` — INT8 codes and
   scales of every projected weight and the dense parameters as row-sharded DTensors (keyed by parameter name),
-  right-projected moment rows as DTensors too, and every other optimizer tensor (owners' projectors, gates, left
-  moments, dense AdamW state) under ``optim.rank<R>.<parameter name>...`` from the rank that holds it — plus
+  the row state laid out like ``torch.chunk`` of the weight rows as DTensors too (right-projected moment rows at
+  granularity 1, ProjFactor's row factor: ``RowShardedQGaLoreOptimizer.chunk_laid``), and every other optimizer
+  tensor (owners' projectors, gates, left moments, moments of VLoRP-reshaped rows, replicated column factors, dense
+  AdamW state) under ``optim.rank<R>.<parameter name>...`` from the rank that holds it — plus
   ``optim_rank<R>.json`` (the rest of each rank's optimizer state), ``trainer_rank<R>.json`` (RNG), the tokenizer
   and ``trainer.json`` (run record + sha256 manifest of every file) written last. All ranks write into one
   ``.tmp-<pid of rank 0>`` directory that rank 0 publishes by rename. Resuming (same world size) verifies every hash
