@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from .projection.vlorp import check_granularity
 
 PROJECTIONS = ("svd", "rsvd", "gaussian", "rademacher")
-OPTIMIZERS = ("adamw", "projfactor")
+OPTIMIZERS = ("adamw", "projfactor", "lion")  # optim/rules.py maps them to rules
 SIMILARITIES = ("cos", "overlap")
 MOMENT_ON_REFRESH = ("keep", "rotate")
 SECOND_MOMENT_ON_ROTATE = ("keep", "reset", "square")
@@ -35,7 +35,8 @@ class QGaLoreConfig:
     into c pieces (:mod:`qgalore_dist.projection.vlorp`; 1 = GaLore); ``projection="gaussian"`` / ``"rademacher"``
     draw a seeded random basis every ``update_proj_gap`` steps instead of an SVD (fixed gap: the convergence gate
     is skipped for them — the similarity of two independent random draws says nothing about the gradient);
-    ``optimizer="projfactor"`` selects VLoRP's ProjFactor rule instead of low-rank AdamW.
+    ``optimizer="projfactor"`` selects VLoRP's ProjFactor rule instead of low-rank AdamW, ``"lion"`` low-rank Lion
+    (:mod:`qgalore_dist.optim.lion`, library only: the command line does not offer it).
     """
 
     rank: int = 128

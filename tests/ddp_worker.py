@@ -37,7 +37,7 @@ STEPS_LOWRANK = 20  # replicas compared after this many steps
 STEPS_VARIANT = 5
 CLIP = {"full": 0.5, "lowrank": 0.5}  # global-norm clipping in the two main parity runs (0: off)
 SEEDS = {"full": 11, "lowrank": 12, "projfactor": 13, "float": 14, "accum": 15, "bf16": 16, "vlorp_merge": 17,
-         "vlorp_fine_full": 18}
+         "vlorp_fine_full": 18, "lion": 19}
 # parity variants: ProjFactor on seeded gaussian projections (its 3-tensor update on the wire, drawn projectors,
 # moments carried into each new draw), the float reference mode (fp32 projectors on the wire), VLoRP granularity
 # 1/4 with a Rademacher basis and rotated moments, and granularity 4 with randomized SVD in full traffic mode
@@ -45,7 +45,8 @@ VARIANTS = {"projfactor": {"optimizer": "projfactor", "projection": "gaussian", 
             "float": {"quantize": False},
             "vlorp_merge": {"granularity": 0.25, "projection": "rademacher", "moments_on_refresh": "rotate",
                             "update_proj_gap": 2},
-            "vlorp_fine_full": {"granularity": 4.0, "projection": "rsvd", "update_proj_gap": 2}}
+            "vlorp_fine_full": {"granularity": 4.0, "projection": "rsvd", "update_proj_gap": 2},
+            "lion": {"optimizer": "lion", "granularity": 0.25, "update_proj_gap": 2, "lr": 1e-3}}
 VARIANT_MODES = {"vlorp_fine_full": "full"}  # the others run in lowrank mode
 
 

@@ -25,7 +25,7 @@ from ..quant.int8 import Int8Weight
 from .dense_adamw import DenseState, dense_adamw_step, dense_sr_key, init_dense_state
 from .lowrank_adamw import LowRankAdamW, MatrixState, effective_rank
 from .norms import StepResult, clip_coef, closure_loss, squared_norm
-from .projfactor import make_rule
+from .rules import make_rule
 
 
 @dataclass

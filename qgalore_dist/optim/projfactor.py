@@ -37,7 +37,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import QGaLoreConfig
 from ..projection.projector import apply_rotation, project_back, rotation
 from ..projection.random_proj import RandomBasis
 from ..projection.vlorp import covering_rows, from_granular
@@ -241,9 +240,4 @@ class ProjFactor(LowRankAdamW):
         return replace(update, exp_avg=lowrank)
 
 
-def make_rule(config: QGaLoreConfig) -> LowRankAdamW:
-    """The per-matrix rule ``config.optimizer`` names: :class:`LowRankAdamW` or :class:`ProjFactor`."""
-    return ProjFactor(config) if config.optimizer == "projfactor" else LowRankAdamW(config)
-
-
-__all__ = ["ProjFactor", "ProjFactorState", "ProjFactorUpdate", "make_rule", "projfactor_numel"]
+__all__ = ["ProjFactor", "ProjFactorState", "ProjFactorUpdate", "projfactor_numel"]

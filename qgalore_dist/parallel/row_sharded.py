@@ -81,7 +81,8 @@ from ..optim.dense_adamw import DenseState, dense_adamw_step, dense_sr_key
 from ..optim.lowrank_adamw import LowRankAdamW, MatrixState
 from ..optim.norms import StepResult, clip_coef, closure_loss, squared_norm
 from ..optim.optimizer import PhasedGroups
-from ..optim.projfactor import ProjFactorState, make_rule
+from ..optim.projfactor import ProjFactorState
+from ..optim.rules import make_rule
 from ..projection.projector import lowrank_shape
 from ..projection.random_proj import RANDOM_PROJECTIONS
 from ..projection.vlorp import covering_rows, held_rows, resolve_granularity

@@ -47,6 +47,8 @@ CONFIGS = {
     "projfactor_merge_left_gaussian": dict(optimizer="projfactor", granularity=4.0, projection="gaussian"),
     "galore_rotate_square": dict(quantize=False, moments_on_refresh="rotate", granularity=0.25),
     "qgalore_rsvd_keep_8bit": dict(projection="rsvd", state_bits=8),
+    # a rule added as one file (optim/lion.py): on this placement with no change to it
+    "lion_merge_rotate": dict(optimizer="lion", granularity=0.25, moments_on_refresh="rotate", lr=2e-3),
 }
 
 

@@ -17,7 +17,8 @@ from helpers import tiny_llama, token_batches, train
 
 from qgalore_dist import QGaLoreConfig, QGaLoreOptimizer, quantize_model
 from qgalore_dist.optim.lowrank_adamw import LowRankAdamW
-from qgalore_dist.optim.projfactor import ProjFactor, ProjFactorState, make_rule, projfactor_numel
+from qgalore_dist.optim.projfactor import ProjFactor, ProjFactorState, projfactor_numel
+from qgalore_dist.optim.rules import make_rule
 from qgalore_dist.projection.projector import projection_side
 from qgalore_dist.projection.random_proj import RandomBasis
 from qgalore_dist.projection.vlorp import (
@@ -379,3 +380,31 @@ def test_projfactor_trains_tiny_llama_int8():
     assert all(t.dtype == torch.int8 for n, t in m.named_buffers() if n.endswith("weight_codes"))
     mem = opt.memory_bytes()
     assert mem["projectors"] == 0  # random bases are regenerated, never stored
+
+
+def test_lowrank_lion_is_a_rule_in_one_file():
+    """optim/lion.py: one step by hand — u = sign(β1·m + (1−β1)·R), m ← β2·m + (1−β2)·R, W ← W − lr·scale·project_back(u)
+    — on a float matrix, and the state has one moment."""
+    from qgalore_dist import QGaLoreConfig
+    from qgalore_dist.optim.lion import LowRankLion
+
+    cfg = QGaLoreConfig(rank=4, quantize=False, optimizer="lion", lr=1e-2, scale=0.5, betas=(0.9, 0.99))
+    rule = make_rule(cfg)
+    assert isinstance(rule, LowRankLion)
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    grads = [torch.randn(12, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    st = rule.init_state("w", (12, 8), dtype=torch.float64)
+    assert st.exp_avg_sq is None and st.state_bytes()["moments"] == st.exp_avg.nbytes()
+    w = w0.clone()
+    m = torch.zeros(12, 4, dtype=torch.float64)
+    want = w0.clone()
+    for grad in grads:
+        rule.step(st, w, grad, lr=1e-2)
+        q = st.basis_float(torch.float64)  # right projection: R = G Qᵀ
+        r = grad @ q.mT
+        u = torch.sign(0.9 * m + 0.1 * r)
+        m = 0.99 * m + 0.01 * r
+        want = want - 1e-2 * 0.5 * (u @ q)
+    torch.testing.assert_close(w, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(st.exp_avg.to_float(torch.float64), m, rtol=0, atol=1e-12)
