@@ -101,7 +101,11 @@ def zero3_bytes_per_step(shapes, rank: int, world: int, c: float = 1.0, projfact
     * right projection: the local low-rank gradient [m', r] reduce-scattered to the row holders:
       ``2(N−1)/N · m'·r·b``; left: the r×n' partial reduced to the owner and its update broadcast back:
       ``2 · 2(N−1)/N · r·n'·b`` (a ring's bytes; ProjFactor's update adds its two factors, ``(m + n)·b``);
-    * ProjFactor, right projection: one all-reduce of ``n + 1`` column sums, ``2(N−1)/N · (n + 1)·b``.
+    * ProjFactor, right projection: one all-reduce of ``n + 1`` column sums, ``2 · 2(N−1)/N · (n + 1)·b`` (an
+      all-reduce sends and receives ``2(N−1)/N`` of its payload each).
+
+    Reduces and broadcasts are counted by ``Collectives`` as one payload per rank at N = 2 (what the ring terms
+    give there); at N > 2 a reduce to one owner is cheaper for the other ranks than this ring bound.
     """
     ring = 2 * (world - 1) / world
     out = {"int8_gathers": 0.0, "lowrank": 0.0, "factor_sums": 0.0}
@@ -111,7 +115,7 @@ def zero3_bytes_per_step(shapes, rank: int, world: int, c: float = 1.0, projfact
         if side == "right":
             out["lowrank"] += ring * lm * ln * b
             if projfactor:
-                out["factor_sums"] += ring * (n + 1) * b
+                out["factor_sums"] += 2 * ring * (n + 1) * b
         else:
             out["lowrank"] += 2 * ring * lm * ln * b + (ring * (m + n) * b if projfactor else 0)
     return out

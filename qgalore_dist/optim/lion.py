@@ -26,6 +26,7 @@ class LowRankLion(LowRankAdamW):
     def init_state(self, *args, **kwargs) -> MatrixState:
         st = super().init_state(*args, **kwargs)
         st.exp_avg_sq = None  # one moment
+        st.rule_name = "lion"
         return st
 
     def normalise(self, st: MatrixState, lowrank_grad: torch.Tensor, lr: float,

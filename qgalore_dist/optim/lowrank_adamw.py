@@ -74,6 +74,7 @@ class MatrixState:
     refresh_offset: int = 0
     history: list[RefreshRecord] = field(default_factory=list)
     granularity: float = 1.0
+    rule_name: str = "adamw"  # which rule's state this is (optim/rules.py): checkpoints of another are refused
 
     @property
     def proj_shape(self) -> tuple[int, int]:
@@ -114,13 +115,17 @@ class MatrixState:
         elif self.basis is not None and not isinstance(self.basis, RandomBasis):
             tensors["basis"] = self.basis
         meta = {"step": self.step, "gate": self.gate.state_dict(), "shape": list(self.shape), "rank": self.rank,
-                "side": self.side, "refresh_offset": self.refresh_offset, "granularity": self.granularity}
+                "side": self.side, "refresh_offset": self.refresh_offset, "granularity": self.granularity,
+                "optimizer": self.rule_name}
         if isinstance(self.basis, RandomBasis):
             meta["random_basis"] = self.basis.meta()  # three integers instead of the matrix
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, d: dict, proj_group_size: int) -> None:
         meta, tensors = d["meta"], d["tensors"]
+        saved = meta.get("optimizer", "adamw")  # checkpoints written before the tag: low-rank AdamW's
+        if saved != self.rule_name:
+            raise ValueError(f"{self.name}: checkpoint holds {saved} state, this run uses {self.rule_name}")
         if tuple(meta["shape"]) != self.shape or meta["rank"] != self.rank or meta["side"] != self.side:
             raise ValueError(f"{self.name}: checkpoint holds shape {tuple(meta['shape'])} rank {meta['rank']} "
                              f"side {meta['side']}, this run has {self.shape} rank {self.rank} side {self.side}")

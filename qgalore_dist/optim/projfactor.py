@@ -56,6 +56,7 @@ class ProjFactorState(MatrixState):
 
     row_factor: torch.Tensor | None = None
     col_factor: torch.Tensor | None = None
+    rule_name: str = "projfactor"
 
     def state_numel(self) -> dict[str, int]:
         """Numbers held per matrix: first moment (projected shape), factors (m + n), and the accumulator the
@@ -76,13 +77,10 @@ class ProjFactorState(MatrixState):
         d = super().state_dict()
         d["tensors"]["row_factor"] = self.row_factor
         d["tensors"]["col_factor"] = self.col_factor
-        d["meta"]["optimizer"] = "projfactor"
         return d
 
     def load_state_dict(self, d: dict, proj_group_size: int) -> None:
-        if d["meta"].get("optimizer") != "projfactor":
-            raise ValueError(f"{self.name}: checkpoint holds low-rank AdamW state, this run uses ProjFactor")
-        super().load_state_dict(d, proj_group_size)
+        super().load_state_dict(d, proj_group_size)  # checks the rule first
         self.row_factor.copy_(d["tensors"]["row_factor"])
         self.col_factor.copy_(d["tensors"]["col_factor"])
 

@@ -310,7 +310,7 @@ def test_projfactor_matches_written_out_reference_and_round_trips():
     for g in gs[3:]:
         rule.step(st2, w_saved, g, lr=cfg.lr)
     assert torch.equal(w_saved, w)
-    with pytest.raises(ValueError, match="ProjFactor"):
+    with pytest.raises(ValueError, match="holds adamw state, this run uses projfactor"):
         st2.load_state_dict(LowRankAdamW(cfg).init_state("w", (24, 16)).state_dict(), 32)
 
 
@@ -408,3 +408,20 @@ def test_lowrank_lion_is_a_rule_in_one_file():
         want = want - 1e-2 * 0.5 * (u @ q)
     torch.testing.assert_close(w, want, rtol=0, atol=1e-12)
     torch.testing.assert_close(st.exp_avg.to_float(torch.float64), m, rtol=0, atol=1e-12)
+
+
+def test_a_rule_refuses_another_rules_state():
+    """State dicts say which rule wrote them: AdamW, ProjFactor and Lion states do not load into each other."""
+    from qgalore_dist import QGaLoreConfig
+
+    states = {}
+    for name in ("adamw", "projfactor", "lion"):
+        rule = make_rule(QGaLoreConfig(rank=4, quantize=False, optimizer=name))
+        states[name] = (rule, rule.init_state("w", (12, 8)))
+    for a, (_, sa) in states.items():
+        for b, (_, sb) in states.items():
+            if a == b:
+                sb.load_state_dict(sa.state_dict(), 256)
+            else:
+                with pytest.raises(ValueError, match=f"holds {a} state, this run uses {b}"):
+                    sb.load_state_dict(sa.state_dict(), 256)
