@@ -105,6 +105,15 @@ class PhasedGroups:
         groups.append({"params": projected, "kind": "projected", "lr": config.lr, "weight_decay": config.weight_decay})
         return groups
 
+    def _load_dense_and_groups(self, sd: dict) -> None:
+        """The dense parameters' AdamW state and the groups' hyperparameters from a state dict (every placement's)."""
+        for n, st in self.dense_state.items():
+            if n not in sd["dense"]:
+                raise ValueError(f"optimizer state has no entry for dense parameter {n}")
+            st.load_state_dict(sd["dense"][n])
+        for g, saved in zip(self.param_groups, sd["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k not in ("params", "kind")})
+
     def _group(self, kind: str) -> dict:
         for g in self.param_groups:
             if g.get("kind") == kind:
@@ -382,9 +391,4 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
                              f"{extra[:3]}")
         for n, st in self.mstate.items():
             st.load_state_dict(state_dict["projected"][n], self.config.proj_group_size)
-        for n, st in self.dense_state.items():
-            if n not in state_dict["dense"]:
-                raise ValueError(f"optimizer state has no entry for dense parameter {n}")
-            st.load_state_dict(state_dict["dense"][n])
-        for g, saved in zip(self.param_groups, state_dict["param_groups"]):
-            g.update({k: v for k, v in saved.items() if k not in ("params", "kind")})
+        self._load_dense_and_groups(state_dict)

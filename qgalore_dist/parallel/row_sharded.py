@@ -784,12 +784,7 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
             elif st.side == "right":
                 _load_row_tensors(st, e["tensors"])
             st.step = int(e["step"])
-        for n, st in self.dense_state.items():
-            if n not in sd["dense"]:
-                raise ValueError(f"optimizer state has no entry for dense parameter {n}")
-            st.load_state_dict(sd["dense"][n])
-        for g, saved in zip(self.param_groups, sd["param_groups"]):
-            g.update({k: v for k, v in saved.items() if k not in ("params", "kind")})
+        self._load_dense_and_groups(sd)
 
 
 def _row_sharded_key(key: str) -> bool:

@@ -663,12 +663,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
                              f"unexpected {unexpected[:3]} (to change the world size, load merge_state_dicts(...))")
         for n in sorted(self.owned):
             self.mstate[n].load_state_dict(sd["projected"][n], self.config.proj_group_size)
-        for n, st in self.dense_state.items():
-            if n not in sd["dense"]:
-                raise ValueError(f"optimizer state has no entry for dense parameter {n}")
-            st.load_state_dict(sd["dense"][n])
-        for g, saved in zip(self.param_groups, sd["param_groups"]):
-            g.update({k: v for k, v in saved.items() if k not in ("params", "kind")})
+        self._load_dense_and_groups(sd)
         if "shard" in sd and sd["shard"].get("world_size") == self.world_size and \
                 sd["shard"].get("comm_mode") != self.comm_mode:
             warnings.warn(f"optimizer state was saved in comm_mode={sd['shard'].get('comm_mode')!r}, resuming in "
