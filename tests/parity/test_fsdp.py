@@ -204,6 +204,19 @@ def _records(run, world: int, scenario: str) -> list[dict]:
     return recs
 
 
+def _assert_same_model(path: Path, ref_state: dict) -> None:
+    """The gathered final model equals the single-device one: INT8 codes and scales bit for bit, the rest to 1e-12
+    (fp64)."""
+    state = torch.load(path)
+    for k, v in ref_state.items():
+        if "rotary" in k:
+            continue
+        if k.endswith(("_codes", "_scales")):
+            assert torch.equal(state[k], v), f"{k} differs from the single-device run"
+        else:
+            assert torch.allclose(state[k], v, atol=1e-12, rtol=0), k
+
+
 def _pad(m: int, world: int) -> int:
     return -(-m // world)
 
@@ -218,14 +231,7 @@ def test_parity_with_single_device_on_concatenated_batch(run, world):
     for rec in recs:
         assert rec["losses"] == pytest.approx(ref["losses"], abs=1e-12, rel=0)
         assert rec["norms"] == pytest.approx(ref["norms"], abs=1e-12, rel=0)
-    state = torch.load(run["dir"] / f"w{world}_parity.pt")
-    for k, v in ref["state"].items():
-        if "rotary" in k:
-            continue
-        if k.endswith(("_codes", "_scales")):
-            assert torch.equal(state[k], v), f"{k} differs from the single-device run"
-        else:
-            assert torch.allclose(state[k], v, atol=1e-12, rtol=0), k
+    _assert_same_model(run["dir"] / f"w{world}_parity.pt", ref["state"])
 
 
 @pytest.mark.parametrize("world", W.WORLDS)
@@ -338,14 +344,7 @@ def test_vlorp_options_equal_single_device(run, world, label):
         assert rec[label]["losses"] == pytest.approx(ref["losses"], abs=1e-12, rel=0)
         assert rec[label]["norms"] == pytest.approx(ref["norms"], abs=1e-10, rel=0)
         assert rec[label]["svd_count"][-1] == ref["svd"]
-    state = torch.load(run["dir"] / f"w{world}_options_{label}.pt")
-    for k, v in ref["state"].items():
-        if "rotary" in k:
-            continue
-        if k.endswith(("_codes", "_scales")):
-            assert torch.equal(state[k], v), f"{k} differs from the single-device run"
-        else:
-            assert torch.allclose(state[k], v, atol=1e-12, rtol=0), k
+    _assert_same_model(run["dir"] / f"w{world}_options_{label}.pt", ref["state"])
 
 
 @pytest.mark.parametrize("world", W.WORLDS)
