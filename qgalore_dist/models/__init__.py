@@ -4,6 +4,7 @@ Typical use::
 
     config = resolve_model_config("llama_60m", vocab_size=len(tokenizer))
     model = build_model(config, meta=True)   # no storage; materialise layer by layer into INT8
+    model = load_quantized_pretrained("path/to/hf_dir")   # safetensors straight into INT8, tensor by tensor
 """
 
 from qgalore_dist.models.build import (
@@ -16,14 +17,28 @@ from qgalore_dist.models.build import (
     resolve_model_config,
     shipped_config_names,
 )
+from qgalore_dist.models.pretrained import (
+    SafetensorsCheckpoint,
+    SafetensorsSource,
+    load_quantized_pretrained,
+    pretrained_eval_loss,
+    safetensors_files,
+    streamed_float_model,
+)
 
 __all__ = [
     "ModelSpecError",
+    "SafetensorsCheckpoint",
+    "SafetensorsSource",
     "build_model",
     "enable_activation_checkpointing",
     "load_pretrained",
+    "load_quantized_pretrained",
     "param_count",
+    "pretrained_eval_loss",
     "rebuild_rotary_buffers",
     "resolve_model_config",
+    "safetensors_files",
     "shipped_config_names",
+    "streamed_float_model",
 ]
