@@ -23,13 +23,16 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "LaunchInfo", "discover_launch", "init_distributed"]
+__all__ = ["DistEnv", "LaunchInfo", "discover_launch", "init_distributed", "watch_launcher"]
 
 LOOPBACK = "127.0.0.1"
 
@@ -196,3 +199,33 @@ def _init_from_mpi(info: LaunchInfo, backend: str, device: torch.device, timeout
     dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size, timeout=timeout)
     return DistEnv("mpi", info.rank, info.world_size, info.local_rank, info.local_world_size, backend, device, addr,
                    port)
+
+
+def watch_launcher(poll_s: float = 1.0, what: str = "worker") -> threading.Thread | None:
+    """Stop this process when the launcher that started it dies (torchrun's agent, DeepSpeed's launcher, MPI's
+    daemon): a daemon thread polls ``getppid()`` and, once the process has been re-parented, prints one line and
+    exits with status 1. Without it a ``kill -9`` of the launcher leaves the ranks training on — their collectives
+    still succeed among themselves, so no timeout ever fires — and writing checkpoints no one will collect (and
+    that a new run in the same directory would race). Checkpoints are published by rename, so exiting at any
+    moment leaves the previous complete one. Polling rather than ``prctl(PR_SET_PDEATHSIG)``: the latter fires when
+    the parent *thread* that forked us exits, which a launcher's helper thread may do while the launcher lives.
+    Only for processes a launcher started (:func:`discover_launch` is not "single"): a single process's parent is
+    a shell that may legitimately go away (``nohup``). Returns the thread (None when not watching)."""
+    if discover_launch().launcher == "single":
+        return None
+    parent = os.getppid()
+    if parent == 1:  # already orphaned (or started by init): nothing to watch
+        return None
+
+    def run() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                sys.stderr.write(f"error: the launcher of this {what} (pid {parent}) is gone; stopping (pid "
+                                 f"{os.getpid()}); the last complete checkpoint is kept\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    t = threading.Thread(target=run, name="qgalore-launcher-watch", daemon=True)
+    t.start()
+    return t

@@ -74,6 +74,11 @@ class Engine:
         fn = getattr(getattr(self, "optimizer", None), "memory_bytes", None)
         return fn() if fn is not None else None
 
+    def _agree(self, error: str | None, exc_type: type[Exception], what: str) -> None:
+        """Collective: raise ``exc_type`` on every rank when ``error`` is set on any (one process: when set)."""
+        if error is not None:
+            raise exc_type(error)
+
     # --- checkpoints -----------------------------------------------------------------------------------------
     def list_checkpoints(self, save_dir: str | Path) -> list[tuple[int, Path]]:
         """(step, path) of the checkpoints under ``save_dir``, oldest first."""
@@ -93,11 +98,11 @@ class Engine:
         """Restore model and optimizer state from ``path``; returns the step and trainer state."""
         raise NotImplementedError
 
-    def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any) -> Path | None:
-        """Write a plain dequantised transformers model (main rank; others return None)."""
+    def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any, dtype: torch.dtype) -> Path | None:
+        """Write a plain dequantised transformers model in ``dtype`` (main rank; others return None)."""
         from ...checkpoint.export import export_model
 
-        return export_model(model, out_dir, tokenizer) if self.is_main else None
+        return export_model(model, out_dir, tokenizer, dtype) if self.is_main else None
 
     def close(self) -> None:
         """Leave the process group (if any); called once when training ends or fails."""

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ...errors import DistributedError, UsageError
+from ...parallel.launch_env import watch_launcher
 from .base import Engine
 
 __all__ = ["DistributedEngine", "joining", "rank_backend", "short_error"]
@@ -81,6 +82,7 @@ class DistributedEngine(Engine):
         except BaseException:
             self.close()
             raise
+        watch_launcher(what=f"rank {self.rank} of {self.world_size}")  # a dead launcher stops us (issue 15)
         return self
 
     def _check_same_args(self) -> None:
