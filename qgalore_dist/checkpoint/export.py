@@ -1,37 +1,56 @@
-"""Export to a plain ``transformers`` checkpoint: every INT8 weight dequantised into an ordinary ``nn.Linear``.
+"""Export to a plain ``transformers`` directory: every INT8 weight dequantised into an ordinary ``nn.Linear`` weight.
 
 The result loads with ``AutoModelForCausalLM.from_pretrained`` (no qgalore_dist needed) and computes the same
-logits as the INT8 model, up to float rounding. Works from a live model or from a checkpoint directory::
+logits as the INT8 model up to the export dtype's rounding (fp32: ~1e-5; bf16, the default: bf16's relative step
+2⁻⁸ on every weight, a few 1e-2 on logits of a small model). Works from a live model or from a checkpoint::
 
-    python -m qgalore_dist.checkpoint.export runs/demo/step_000200 exported/ [--dtype bfloat16]
+    python -m qgalore_dist.checkpoint.export runs/demo/step_000200 exported/ [--dtype float32]
+
+**Streaming.** Tensors are dequantised and written one at a time into safetensors shards of at most
+``max_shard_bytes`` (2 GB) — ``model.safetensors`` when one shard suffices, else ``model-00001-of-0000K.safetensors``
+plus ``model.safetensors.index.json``, the layout ``save_pretrained`` writes — so the export costs the resident
+model plus one shard, never a second full-precision model.
+
+**Nothing lost.** An export never deletes what it did not write. It records what it wrote in
+``qgalore_export.json``; a later export into the same directory replaces exactly those files. A non-empty target
+that is not an earlier export is refused — before training, for ``--export`` — and so is any checkpoint directory
+(one holding ``trainer.json``, inside one, the run's ``--save-dir`` or a directory holding it). Files get the
+normal mode (``0666 & ~umask``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.utils import logging as hf_logging
 
-from ..models import build_model, rebuild_rotary_buffers
+from ..errors import UsageError
 from ..nn.int8_linear import QGaLoreLinear
 from ..quant.int8 import dequantize_rows
-from .save_load import CheckpointError, load_checkpoint, load_model_state
+from .save_load import MODEL_FILE, TRAINER_FILE, CheckpointError, verify_checkpoint
 
-__all__ = ["dequantized_state_dict", "export_checkpoint", "export_model", "export_state", "main",
+__all__ = ["EXPORT_MARKER", "MAX_SHARD_BYTES", "check_export_target", "dequantized_state_dict",
+           "export_checkpoint", "export_model", "export_state", "export_tensors", "iter_dequantized", "main",
            "quantized_modules"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float64": torch.float64}
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float64": torch.float64}
+EXPORT_MARKER = "qgalore_export.json"
+EXPORT_FORMAT = "qgalore_dist.export/1"
+MAX_SHARD_BYTES = 2_000_000_000  # transformers' own default shard size ("2GB"); also under 32-bit tools' limits
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def quantized_modules(model: nn.Module) -> dict[str, int]:
@@ -40,103 +59,272 @@ def quantized_modules(model: nn.Module) -> dict[str, int]:
     return {n: m.group_size for n, m in model.named_modules() if isinstance(m, QGaLoreLinear)}
 
 
+def iter_dequantized(state: Mapping[str, torch.Tensor], quantized: Mapping[str, int],
+                     dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """``state``'s tensors in order, each ``<name>.weight_codes`` / ``<name>.weight_scales`` pair of a quantised
+    module yielded once as the float ``<name>.weight`` [m, n] (codes × scales) at the codes' position; floating
+    tensors cast to ``dtype``, others kept. Lazy: one dequantised matrix exists at a time."""
+    for name in quantized:
+        if f"{name}.weight_codes" not in state or f"{name}.weight_scales" not in state:
+            raise CheckpointError(f"state has no INT8 weight for quantised module {name!r}")
+    for k, v in state.items():
+        if k.endswith(".weight_scales"):
+            if k[:-len(".weight_scales")] not in quantized:
+                raise CheckpointError(f"state holds INT8 tensor {k!r} of a module not listed as quantised")
+            continue
+        if k.endswith(".weight_codes"):
+            name = k[:-len(".weight_codes")]
+            if name not in quantized:
+                raise CheckpointError(f"state holds INT8 tensor {k!r} of a module not listed as quantised")
+            yield f"{name}.weight", dequantize_rows(v, state[f"{name}.weight_scales"], quantized[name], dtype)
+        else:
+            yield k, (v.to(dtype) if v.is_floating_point() else v)
+
+
 def dequantized_state_dict(state: Mapping[str, torch.Tensor], quantized: Mapping[str, int],
                            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """``state`` with every ``<name>.weight_codes`` / ``<name>.weight_scales`` pair of a quantised module replaced
-    by the float ``<name>.weight`` (codes × scales); floating tensors cast to ``dtype``, others kept."""
-    out: dict[str, torch.Tensor] = {}
-    for name, group in quantized.items():
-        ck, sk = f"{name}.weight_codes", f"{name}.weight_scales"
-        if ck not in state or sk not in state:
-            raise CheckpointError(f"state has no INT8 weight for quantised module {name!r}")
-        out[f"{name}.weight"] = dequantize_rows(state[ck], state[sk], group, dtype)
-    done = {f"{n}.weight_{s}" for n in quantized for s in ("codes", "scales")}
-    for k, v in state.items():
-        if k in done:
+    """:func:`iter_dequantized`, all at once."""
+    return dict(iter_dequantized(state, quantized, dtype))
+
+
+# ------------------------------------------------------------------------------------------------ the target
+def _inside(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b`` or lies under it."""
+    return a == b or b in a.parents
+
+
+def _earlier_export(out_dir: Path) -> dict | None:
+    """The marker of an earlier export in ``out_dir`` (None when there is none, or it is not ours)."""
+    try:
+        rec = json.loads((out_dir / EXPORT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(rec, dict) and rec.get("format") == EXPORT_FORMAT and isinstance(rec.get("files"), list):
+        return rec
+    return None
+
+
+def check_export_target(out_dir: str | os.PathLike[str], *, save_dir: str | os.PathLike[str] | None = None,
+                        flag: str = "--export") -> None:
+    """Raise :class:`UsageError` unless ``out_dir`` is a safe export target: absent, an empty directory or an
+    earlier export; never a checkpoint, inside one, ``save_dir`` or a directory around it."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {out_dir}: exists and is not a directory")
+    if save_dir is not None:
+        sd = Path(save_dir).expanduser().resolve()
+        if _inside(out, sd) or _inside(sd, out):
+            raise UsageError(f"{flag} {out_dir}: the checkpoint directory --save-dir {save_dir} "
+                             f"{'is or contains' if _inside(out, sd) else 'lies inside'} it; export elsewhere")
+    for p in (out, *out.parents):
+        if (p / TRAINER_FILE).is_file():
+            raise UsageError(f"{flag} {out_dir}: {p} is a checkpoint; export elsewhere")
+    if out.is_dir() and _earlier_export(out) is None:
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            raise UsageError(f"{flag} {out_dir}: the directory is not empty and is not an earlier export (it holds "
+                             f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); an export never "
+                             "deletes what it did not write: choose an empty or new directory")
+
+
+# ------------------------------------------------------------------------------------------------- the writer
+def _mode_bits(directory: bool) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def _reference(config: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """The state a ``transformers`` model of ``config`` expects (name → shape, from a meta-device build: no
+    storage) and the parameters that alias another when the config ties them (``lm_head.weight``), which
+    ``save_pretrained`` leaves out and ``from_pretrained`` ties back."""
+    from ..models import build_model
+
+    model = build_model(copy.deepcopy(config), meta=True)  # from_config writes its dtype into the config
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    keys = getattr(model, "_tied_weights_keys", None) or () if getattr(text, "tie_word_embeddings", False) else ()
+    return shapes, set(keys.keys() if isinstance(keys, dict) else keys)
+
+
+def _checked(tensors: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[str, tuple[int, ...]], tied: set[str],
+             what: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``tensors``, each checked against the model's names and shapes as it passes; every name but the tied ones
+    seen at the end."""
+    seen = set()
+    for name, t in tensors:
+        if name not in shapes:
+            raise CheckpointError(f"{what} does not match this model: unexpected tensor {name!r}")
+        if tuple(t.shape) != shapes[name]:
+            raise CheckpointError(f"{what} does not match this model: {name} has shape {tuple(t.shape)}, the "
+                                  f"model {shapes[name]}")
+        seen.add(name)
+        yield name, t
+    missing = sorted(set(shapes) - seen - tied)
+    if missing:
+        raise CheckpointError(f"{what} does not match this model: missing {missing[:3]}")
+
+
+def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], tmp: Path, max_shard_bytes: int,
+                  skip: set[str]) -> list[str]:
+    """Write ``tensors`` in order into shards of at most ``max_shard_bytes`` (a larger tensor gets a shard of its
+    own); names them like ``save_pretrained`` and writes the index when there is more than one. Returns the file
+    names written."""
+    shards: list[list[str]] = []
+    weight_map: dict[str, int] = {}
+    cur: dict[str, torch.Tensor] = {}
+    cur_bytes = total = 0
+
+    def flush() -> None:
+        nonlocal cur, cur_bytes
+        if cur:
+            save_file(cur, str(tmp / f"shard-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+            shards.append(list(cur))
+            cur, cur_bytes = {}, 0
+
+    for name, t in tensors:
+        if name in skip:
             continue
-        if k.endswith((".weight_codes", ".weight_scales")):
-            raise CheckpointError(f"state holds INT8 tensor {k!r} of a module not listed as quantised")
-        out[k] = v.to(dtype) if v.is_floating_point() else v
-    return out
+        if name in weight_map or name in cur:
+            raise CheckpointError(f"tensor {name!r} occurs twice in the exported state")
+        t = t.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if cur and cur_bytes + nbytes > max_shard_bytes:
+            flush()
+        cur[name] = t
+        weight_map[name] = len(shards)
+        cur_bytes += nbytes
+        total += nbytes
+    flush()
+    if len(shards) <= 1:
+        names = [MODEL_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for i, final in enumerate(names):
+        if (tmp / f"shard-{i:05d}.safetensors").exists():
+            os.replace(tmp / f"shard-{i:05d}.safetensors", tmp / final)
+    written = list(names) if shards else []
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {n: names[i] for n, i in weight_map.items()}}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+        written.append(INDEX_FILE)
+    return written
 
 
-def _atomic_dir(out_dir: Path):
-    """``(tmp, publish)``: write into ``tmp``, then ``publish()`` renames it to ``out_dir`` (replacing a previous
-    export only once the new one is complete)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def _publish_into(tmp: Path, out_dir: Path, source: str, dtype: torch.dtype) -> None:
+    """Move the files of ``tmp`` into ``out_dir``. The marker first lists old ∪ new files (so a crash midway
+    leaves every file of ours claimed), then the new files replace the old, the old ones not rewritten go, and
+    the marker is rewritten with the new list."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(out_dir, _mode_bits(True))
+    new = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    old = (_earlier_export(out_dir) or {}).get("files", [])
 
-    def publish() -> None:
-        if out_dir.exists():
-            old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+    def marker(files: list[str]) -> None:
+        rec = {"format": EXPORT_FORMAT, "source": source, "dtype": str(dtype).removeprefix("torch."),
+               "files": sorted(files)}
+        part = out_dir / f".{EXPORT_MARKER}.part"
+        part.write_text(json.dumps(rec, indent=1), encoding="utf-8")
+        os.chmod(part, _mode_bits(False))
+        os.replace(part, out_dir / EXPORT_MARKER)
 
-    return tmp, publish
+    marker(sorted(set(old) | set(new)))
+    for rel in new:
+        dst = out_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(dst.parent, _mode_bits(True))
+        os.chmod(tmp / rel, _mode_bits(False))
+        os.replace(tmp / rel, dst)
+    for rel in set(old) - set(new):
+        p = out_dir / rel
+        if _inside(p.resolve(), out_dir.resolve()) and p.is_file():
+            p.unlink()
+    marker(new)
 
 
-def export_state(state: Mapping[str, torch.Tensor], config: PretrainedConfig, quantized: Mapping[str, int],
-                 out_dir: str | os.PathLike[str], tokenizer: Any = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write ``save_pretrained`` output (+ tokenizer) for a model state that may hold INT8 weights.
-
-    The float model is built on the meta device and takes the dequantised tensors by assignment, so the only
-    full-precision copy that ever exists is the exported one.
-    """
-    out_dir = Path(out_dir)
+def export_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: PretrainedConfig,
+                   out_dir: str | os.PathLike[str], tokenizer: Any = None, *, dtype: torch.dtype = torch.bfloat16,
+                   max_shard_bytes: int = MAX_SHARD_BYTES, source: str = "") -> Path:
+    """Write a ``transformers`` directory from ``(name, float tensor)`` pairs in the model's naming (consumed
+    lazily, written shard by shard), ``config`` and the tokenizer; the pairs should already be in ``dtype``.
+    ``out_dir`` must pass :func:`check_export_target` (re-checked here)."""
+    out_dir = Path(out_dir).expanduser()
+    check_export_target(out_dir)
     config = copy.deepcopy(config)
     config.use_cache = True  # training turns the KV cache off; an exported model is for inference
-    model = build_model(config, dtype=dtype, meta=True)
-    sd = dequantized_state_dict(state, quantized, dtype)
-    load_model_state(model, sd, f"the dequantised state (for a {config.model_type} model of this config)",
-                     assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()  # assign=True replaced the shared Parameter by two separate ones
-    rebuild_rotary_buffers(model, "cpu")
-    tmp, publish = _atomic_dir(out_dir)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise in training logs
+    config.dtype = dtype  # what from_pretrained(dtype="auto") loads in
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.export-tmp-*"):  # left by an interrupted export
+        shutil.rmtree(stale, ignore_errors=True)
+    shapes, tied = _reference(config)
+    tmp = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
+    tmp.mkdir()
     try:
-        model.save_pretrained(str(tmp))
+        _write_shards(_checked(tensors, shapes, tied, f"the exported state (for a {config.model_type} model of this "
+                                                "config)"), tmp, max_shard_bytes, tied)
+        config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        publish()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _publish_into(tmp, out_dir, source, dtype)
     finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
+def export_state(state: Mapping[str, torch.Tensor], config: PretrainedConfig, quantized: Mapping[str, int],
+                 out_dir: str | os.PathLike[str], tokenizer: Any = None, dtype: torch.dtype = torch.bfloat16,
+                 *, max_shard_bytes: int = MAX_SHARD_BYTES, source: str = "") -> Path:
+    """Export a model state that may hold INT8 weights (dequantised one matrix at a time)."""
+    return export_tensors(iter_dequantized(state, quantized, dtype), config, out_dir, tokenizer, dtype=dtype,
+                          max_shard_bytes=max_shard_bytes, source=source)
+
+
 def export_model(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None,
-                 dtype: torch.dtype = torch.float32) -> Path:
+                 dtype: torch.dtype = torch.bfloat16, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Export a live (possibly INT8) ``transformers`` model; the model itself is left unchanged."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return export_state(state, model.config, quantized_modules(model), out_dir, tokenizer, dtype)
+    return export_state(model.state_dict(), model.config, quantized_modules(model), out_dir, tokenizer, dtype,
+                        max_shard_bytes=max_shard_bytes, source="live model")
+
+
+class _MappedState(Mapping[str, torch.Tensor]):
+    """A safetensors file as a read-only mapping, each tensor read (from the memory map) when asked for."""
+
+    def __init__(self, handle):
+        self._h = handle
+        self._keys = list(handle.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._h.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def export_checkpoint(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                      dtype: torch.dtype = torch.float32) -> Path:
-    """Export a training checkpoint directory (verified first) with the tokenizer it carries."""
-    ckpt = load_checkpoint(ckpt_dir)
+                      dtype: torch.dtype = torch.bfloat16, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Export a training checkpoint directory (verified first) with the tokenizer it carries; its model file is
+    read tensor by tensor."""
+    root = Path(ckpt_dir)
+    record = verify_checkpoint(root)
     try:
-        cfg_dict = dict(ckpt.trainer["model_config"])
-        quantized = dict(ckpt.trainer["quantized_modules"])
+        cfg_dict = dict(record["model_config"])
+        quantized = dict(record["quantized_modules"])
         config = CONFIG_MAPPING[cfg_dict["model_type"]].from_dict(cfg_dict)
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt.path}: trainer.json lacks a usable model config ({exc})") from exc
+        raise CheckpointError(f"checkpoint {root}: trainer.json lacks a usable model config ({exc})") from exc
     tokenizer = None
-    if ckpt.tokenizer_dir is not None:
+    if (root / "tokenizer").is_dir():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir), local_files_only=True)
-    return export_state(ckpt.model_state, config, quantized, out_dir, tokenizer, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+    with safe_open(str(root / MODEL_FILE), framework="pt") as fh:
+        return export_state(_MappedState(fh), config, quantized, out_dir, tokenizer, dtype,
+                            max_shard_bytes=max_shard_bytes, source=str(root))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,12 +332,19 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Export a qgalore_dist checkpoint as a plain dequantised "
                                                  "transformers model directory (+ tokenizer).")
     parser.add_argument("checkpoint", help="checkpoint directory (e.g. runs/x/step_000200)")
-    parser.add_argument("out_dir", help="output directory (replaced atomically if it exists)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the exported weights")
+    parser.add_argument("out_dir", help="output directory: new, empty, or an earlier export (whose files it "
+                                        "replaces; nothing else is ever deleted)")
+    parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="bfloat16",
+                        help="dtype of the exported weights (default bfloat16)")
+    parser.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9,
+                        help="largest safetensors shard, in GB (default 2)")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, _DTYPES[args.dtype])
-    except (CheckpointError, OSError) as exc:
+        if not args.max_shard_gb > 0:
+            raise UsageError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+        out = export_checkpoint(args.checkpoint, args.out_dir, EXPORT_DTYPES[args.dtype],
+                                max_shard_bytes=int(args.max_shard_gb * 1e9))
+    except (CheckpointError, UsageError, OSError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"exported {args.checkpoint} -> {out}")

@@ -241,10 +241,10 @@ class Zero3Sidecar:
                 state[n] = b.detach().cpu()
         return state
 
-    def export(self, module: nn.Module, out_dir, tokenizer, is_main: bool):
+    def export(self, module: nn.Module, out_dir, tokenizer, is_main: bool, dtype: torch.dtype = torch.bfloat16):
         from ..checkpoint.export import export_state
 
         state = self.full_state(module, is_main)
         if not is_main:
             return None
-        return export_state(state, module.config, {}, out_dir, tokenizer)
+        return export_state(state, module.config, {}, out_dir, tokenizer, dtype)

@@ -92,14 +92,21 @@ class TrainArgs:
                              "sequences, each rank evaluating its --batch-size slice", type=int)
     save_dir: str | None = _opt(None, "checkpoint root; checkpoints go to <save-dir>/step_NNNNNN/", type=str)
     save_every: int = _opt(0, "checkpoint every N steps (0: only at the end); needs --save-dir", type=int)
-    resume: str | None = _opt(None, "checkpoint directory to resume from, or 'auto' (latest in --save-dir; "
-                              "starts fresh when there is none); settings come from this command line / "
-                              "--config, not from the checkpoint, so pass the original ones", type=str)
+    resume: str | None = _opt(None, "a checkpoint directory to resume from, a save root (its newest intact "
+                              "checkpoint), or 'auto' (the same in --save-dir; starts fresh when there is none); a "
+                              "damaged newest checkpoint of a root is skipped with a warning; settings come from "
+                              "this command line / --config, not from the checkpoint, so pass the original ones",
+                              type=str)
+    keep_last: int = _opt(0, "keep only the newest K checkpoints in --save-dir, deleting older ones after each "
+                          "save (0: keep all)", type=int, metavar="K")
     metrics_jsonl: str | None = _opt(None, "write one JSON object per step / evaluation to this file", type=str,
                                      metavar="PATH")
     log_every: int = _opt(10, "plain log line every N steps (when stderr is not a terminal)", type=int)
     export: str | None = _opt(None, "after training, write a plain dequantised transformers model + tokenizer "
-                              "here", type=str, metavar="DIR")
+                              "here (sharded safetensors, at most 2 GB each): a new or empty directory or an "
+                              "earlier export, never a checkpoint directory", type=str, metavar="DIR")
+    export_dtype: str = _opt("bfloat16", "dtype of the --export weights", type=str,
+                             choices=("bfloat16", "float16", "float32", "float64"))
     # hardware
     device: str | None = _opt(None, "cpu, cuda, cuda:N (default: cuda when available, else cpu)", type=str)
     dtype: str | None = _opt(None, "compute dtype (default: float32 on CPU, bfloat16 on CUDA)", type=str,
@@ -263,7 +270,7 @@ def validate(args: TrainArgs) -> None:
                  "log_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"{flag_name(name)} must be a positive integer, got {getattr(args, name)}")
-    for name in ("warmup_steps", "eval_every", "save_every"):
+    for name in ("warmup_steps", "eval_every", "save_every", "keep_last"):
         if getattr(args, name) < 0:
             raise UsageError(f"{flag_name(name)} must be >= 0, got {getattr(args, name)}")
     if args.seed < 0:
@@ -286,6 +293,8 @@ def validate(args: TrainArgs) -> None:
         raise UsageError("--target-modules is empty")
     if args.save_every and not args.save_dir:
         raise UsageError("--save-every needs --save-dir")
+    if args.keep_last and not args.save_dir:
+        raise UsageError("--keep-last needs --save-dir")
     if args.resume == "auto" and not args.save_dir:
         raise UsageError("--resume auto needs --save-dir (the latest checkpoint there is resumed)")
     named_corpus = args.data is None or args.data in ("default", "shakespeare")
@@ -297,6 +306,12 @@ def validate(args: TrainArgs) -> None:
         value = getattr(args, name)
         if value is not None and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
             raise UsageError(f"{flag_name(name)} {value}: exists and is not a directory")
+    if args.export is None and args.export_dtype != "bfloat16":
+        raise UsageError(f"--export-dtype {args.export_dtype} needs --export")
+    if args.export is not None:
+        from ..checkpoint.export import check_export_target
+
+        check_export_target(args.export, save_dir=args.save_dir)
     if args.metrics_jsonl is not None and Path(args.metrics_jsonl).expanduser().is_dir():
         raise UsageError(f"--metrics-jsonl {args.metrics_jsonl}: is a directory")
     if args.resume not in (None, "auto") and not Path(args.resume).expanduser().is_dir():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint.export import quantized_modules
+from ..checkpoint.export import EXPORT_DTYPES, quantized_modules
 from ..checkpoint.save_load import TRAINER_FILE, CheckpointError, capture_rng_state, restore_rng_state
+from ..checkpoint.save_root import SaveRootLock, choose_resume, clean_leftovers, prune_checkpoints
 from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
 from ..errors import UsageError
 from ..models import build_model, enable_activation_checkpointing, load_pretrained, param_count, resolve_model_config
@@ -138,10 +140,14 @@ def _other_layout(save_dir: str, found: list[tuple[int, Path]]) -> list[str]:
                   and (p / TRAINER_FILE).is_file())
 
 
-def resolve_resume(args: TrainArgs, engine: Engine) -> Path | None:
-    """The checkpoint to resume from (None: fresh start). Refuses a fresh start into a directory that already
-    holds checkpoints — this engine's or another engine's layout — so a forgotten ``--resume`` can never
-    overwrite them, and ``--resume auto`` never starts afresh beside another engine's checkpoints."""
+def resolve_resume(args: TrainArgs, engine: Engine) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume from and its verified trainer record ((None, None): fresh start).
+
+    ``--resume`` names a checkpoint (verified; a damaged one is an error naming the file), a save root, or
+    ``auto`` (the save root is ``--save-dir``): from a root the newest *intact* checkpoint is taken, each newer
+    damaged one skipped with a warning saying why. A fresh start into a directory that already holds checkpoints
+    — this engine's or another engine's layout — is refused, so a forgotten ``--resume`` can never overwrite
+    them, and ``--resume auto`` never starts afresh beside another engine's checkpoints."""
     if args.save_dir is not None and args.resume in (None, "auto"):
         found = engine.list_checkpoints(args.save_dir)
         other = _other_layout(args.save_dir, found)
@@ -149,17 +155,50 @@ def resolve_resume(args: TrainArgs, engine: Engine) -> Path | None:
             raise UsageError(f"--save-dir {args.save_dir} holds checkpoints of another engine's layout "
                              f"({', '.join(other[:3])}) that --engine {args.engine} cannot resume; resume them "
                              "with the engine that wrote them, or choose another --save-dir")
-    if args.resume == "auto":
-        found = engine.list_checkpoints(args.save_dir)
-        return found[-1][1] if found else None
-    if args.resume is not None:
-        return Path(args.resume).expanduser()
-    if args.save_dir is not None:
-        found = engine.list_checkpoints(args.save_dir)
-        if found:
-            raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints (latest {found[-1][1].name}); "
-                             "pass --resume auto to continue that run, or choose another --save-dir")
-    return None
+    if args.resume is None:
+        if args.save_dir is not None:
+            found = engine.list_checkpoints(args.save_dir)
+            if found:
+                raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints (latest "
+                                 f"{found[-1][1].name}); pass --resume auto to continue that run, or choose another "
+                                 "--save-dir")
+        return None, None
+    root = Path(args.save_dir if args.resume == "auto" else args.resume).expanduser()
+    if args.resume != "auto":
+        if (root / TRAINER_FILE).is_file():  # one checkpoint: exactly that one, no fallback
+            return root, engine.verify_checkpoint(root)
+        if not engine.list_checkpoints(root):
+            other = _other_layout(str(root), [])
+            raise UsageError(f"--resume {args.resume}: " + (
+                f"holds checkpoints of another engine's layout ({', '.join(other[:3])}) that --engine "
+                f"{args.engine} cannot resume" if other else
+                "is neither a checkpoint (no trainer.json) nor a save root holding checkpoints"))
+    choice = choose_resume(engine.list_checkpoints(root), engine.verify_checkpoint)
+    if engine.is_main:
+        for path, why in choice.skipped:
+            print(f"warning: not resuming {path}: {why}; falling back to an older checkpoint", file=sys.stderr,
+                  flush=True)
+    return choice.path, choice.record
+
+
+def lock_save_root(args: TrainArgs, engine: Engine) -> SaveRootLock | None:
+    """Collective: rank 0 takes ``--save-dir``'s lock (one run per directory) and removes what interrupted saves
+    left there; every rank raises the same ``UsageError`` when another run holds it. None without ``--save-dir``
+    or on ranks other than 0."""
+    if args.save_dir is None:
+        return None
+    lock, error = None, None
+    if engine.is_main:
+        try:
+            lock = SaveRootLock(Path(args.save_dir).expanduser()).acquire()
+        except UsageError as exc:
+            error = str(exc)
+    engine._agree(error, UsageError, "locking --save-dir")
+    if lock is not None:
+        for line in filter(None, [lock.describe_previous(), *clean_leftovers(lock.root)]):
+            print(f"{args.save_dir}: {line}", file=sys.stderr, flush=True)
+    engine._agree(None, UsageError, "cleaning --save-dir")  # nobody lists checkpoints before rank 0 cleaned
+    return lock
 
 
 def build_training_model(args: TrainArgs, config, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -266,10 +305,8 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and args.seq_len > max_pos:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
-    resume_dir = resolve_resume(args, engine)
-    record = None
+    resume_dir, record = resolve_resume(args, engine)
     if resume_dir is not None:
-        record = engine.verify_checkpoint(resume_dir)
         if record.get("optimizer_kind") != args.optimizer:
             raise CheckpointError(f"checkpoint {resume_dir} was trained with --optimizer "
                                   f"{record.get('optimizer_kind')}, this run uses {args.optimizer}")
@@ -322,10 +359,16 @@ def train(args: TrainArgs, engine: Engine | None = None) -> TrainResult:
     """
     t_start = time.perf_counter()
     engine = engine or make_engine(args)
+    lock = None
     try:
+        lock = lock_save_root(args, engine)
         return _train(args, engine, t_start)
     finally:
-        engine.close()
+        try:
+            engine.close()
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
@@ -368,11 +411,17 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
             progress.note(f"step {step}: val_loss {val:.4f} val_ppl {perplexity(val):.2f}")
 
         def save(step: int) -> None:
+            if engine.is_main:  # a save killed earlier in this run (a disk error caught upstream) leaves a .tmp
+                for line in clean_leftovers(Path(args.save_dir).expanduser()):
+                    progress.note(f"{args.save_dir}: {line}")
             path = engine.save_checkpoint(args.save_dir, step, _trainer_state(args, model, batcher, scheduler,
                                                                               tokens, run.tok_fp, engine, result),
                                           tokenizer)
             result.checkpoints.append(str(path))
             progress.note(f"step {step}: saved {path}")
+            if engine.is_main and args.keep_last:
+                for gone in prune_checkpoints(engine.list_checkpoints(args.save_dir), args.keep_last):
+                    progress.note(f"step {step}: removed {gone.name} (--keep-last {args.keep_last})")
 
         if start_step == 0 and args.max_steps > 0:
             run_eval(0)  # the starting point of the validation curve
@@ -418,7 +467,7 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
             progress.close()
 
     if args.export:
-        out = engine.export(model, args.export, tokenizer)
+        out = engine.export(model, args.export, tokenizer, EXPORT_DTYPES[args.export_dtype])
         if out is not None:
             result.export_dir = str(out)
             print(f"exported dequantised model to {result.export_dir}", flush=True)

@@ -87,7 +87,8 @@ def trained(ws: SimpleNamespace) -> SimpleNamespace:
     out = ws.root / "run"
     args = base_args(ws, "--optimizer", "qgalore", "--max-steps", "40", "--eval-every", "20",
                      "--save-dir", str(out / "ckpt"), "--save-every", "20", "--metrics-jsonl",
-                     str(out / "metrics.jsonl"), "--export", str(out / "export"))
+                     str(out / "metrics.jsonl"), "--export", str(out / "export"),
+                     "--export-dtype", "float32")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QGALORE_CACHE", str(ws.cache))
         result = main(args)
@@ -147,7 +148,7 @@ def test_export_loads_in_transformers_with_same_logits(trained: SimpleNamespace,
     # the stand-alone export command (`python -m qgalore_dist.checkpoint.export CKPT OUT`) gives the same
     # weights from the checkpoint alone (in-process here: a subprocess would only add ~10 s of imports)
     out = tmp_path / "from_ckpt"
-    export_main([str(trained.ckpt / "step_000040"), str(out)])
+    export_main([str(trained.ckpt / "step_000040"), str(out), "--dtype", "float32"])
     again = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
     for (k, a), (k2, b) in zip(exported.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
@@ -312,6 +313,16 @@ def _bad_cases(ws: SimpleNamespace, trained: SimpleNamespace, tmp: Path):
         "fresh-run-beside-other-layout": (base_args(ws, "--save-dir", str(foreign)), "another engine's layout"),
         "auto-resume-beside-other-layout": (base_args(ws, "--save-dir", str(foreign), "--resume", "auto"),
                                             "another engine's layout"),
+        "export-into-save-dir": (base_args(ws, *keep, "--export", str(trained.ckpt)), "--save-dir"),
+        "export-into-checkpoint": (base_args(ws, "--export", ck20), "is a checkpoint"),
+        "export-into-nonempty-dir": (base_args(ws, *keep, "--export", str(ws.tok)),
+                                     "not empty and is not an earlier export"),
+        "export-dtype-without-export": (base_args(ws, "--export-dtype", "float32"), "needs --export"),
+        "keep-last-without-save-dir": (base_args(ws, "--keep-last", "2"), "--keep-last needs --save-dir"),
+        "resume-root-without-checkpoints": (base_args(ws, "--resume", str(tmp), *keep[:2]),
+                                            "neither a checkpoint"),
+        "resume-root-of-other-layout": (base_args(ws, "--resume", str(foreign), *keep[:2]),
+                                        "another engine's layout"),
     }, [trained.ckpt, trained.metrics, corrupt, truncated, foreign]
 
 
@@ -321,7 +332,9 @@ BAD_CASES = ["unknown-model", "missing-data", "malformed-config", "unknown-confi
              "other-model", "other-optimizer", "other-seq-len", "save-dir-is-a-file", "local-comm-mode",
              "local-strict-replicas", "local-replica-check", "local-dist-timeout", "dense-dtype-adamw",
              "dense-dtype-wider", "dense-dtype-on-resume", "fresh-run-beside-other-layout",
-             "auto-resume-beside-other-layout"]
+             "auto-resume-beside-other-layout", "export-into-save-dir", "export-into-checkpoint",
+             "export-into-nonempty-dir", "export-dtype-without-export", "keep-last-without-save-dir",
+             "resume-root-without-checkpoints", "resume-root-of-other-layout"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -213,7 +213,7 @@ def test_export_model_matches_int8_logits(tmp_path: Path, trained) -> None:
     from transformers import AutoModelForCausalLM
 
     model, _ = trained
-    out = export_model(model, tmp_path / "plain")
+    out = export_model(model, tmp_path / "plain", dtype=torch.float32)
     assert isinstance(model.model.layers[0].self_attn.q_proj, QGaLoreLinear)  # the live model is unchanged
     plain = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
     assert isinstance(plain.model.layers[0].self_attn.q_proj, torch.nn.Linear)
@@ -256,3 +256,58 @@ def test_dequantized_state_dict_requires_both_int8_tensors(trained) -> None:
         dequantized_state_dict(state, quant)
     with pytest.raises(CheckpointError, match="not listed as quantised"):
         dequantized_state_dict(model.state_dict(), {})
+
+
+def test_sharded_bf16_export_loads_in_transformers(tmp_path: Path, trained) -> None:
+    """Shards of at most max_shard_bytes with an index, bf16 by default, normal file modes; transformers loads it
+    and computes the INT8 model's logits within bf16's rounding of every weight."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    model, _ = trained
+    out = export_model(model, tmp_path / "bf16", max_shard_bytes=40_000)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert all(p.stat().st_size <= 40_000 + 4096 for p in out.glob("model-*.safetensors"))  # + header
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
+    plain = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.bfloat16)
+    q = model.model.layers[1].mlp.down_proj
+    assert torch.equal(plain.model.layers[1].mlp.down_proj.weight, q.dequantized_weight(torch.bfloat16))
+    ids = token_batches(1, batch=2, seq=12, seed=7)[0]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        got = plain.float()(input_ids=ids).logits
+    # bf16 keeps 8 significant bits: every weight moves by <= 2^-9 relative; on this 2-layer model the logits
+    # move by a few 1e-3 of their spread
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_export_never_deletes_what_it_did_not_write(tmp_path: Path, trained) -> None:
+    from qgalore_dist.checkpoint.export import EXPORT_MARKER, check_export_target
+    from qgalore_dist.errors import UsageError
+
+    model, opt = trained
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="not empty and is not an earlier export.*notes.txt"):
+        export_model(model, target)
+    assert (target / "notes.txt").read_text() == "keep me"
+    # an earlier export is replaced file by file: what it wrote goes, a file the user added stays
+    out = export_model(model, tmp_path / "exp", max_shard_bytes=40_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    (out / "README.md").write_text("my notes")
+    export_model(model, out, dtype=torch.float32)  # one shard now: the old shards and index go
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["README.md", "config.json", "model.safetensors", EXPORT_MARKER]
+    ckpt = _save(tmp_path / "ck", 1, model, opt)
+    for bad, kw, fragment in [(ckpt, {}, "is a checkpoint"), (ckpt / "sub", {}, "is a checkpoint"),
+                              (tmp_path / "ck", {"save_dir": tmp_path / "ck"}, "--save-dir"),
+                              (tmp_path, {"save_dir": tmp_path / "ck"}, "--save-dir")]:
+        with pytest.raises(UsageError, match=fragment):
+            check_export_target(bad, **kw)

@@ -321,5 +321,5 @@ class DDPEngine(DistributedEngine):
         return ResumePoint(int(record["step"]), record)
 
     # --- end -------------------------------------------------------------------------------------------------
-    def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any) -> Path | None:
-        return super().export(self.model, out_dir, tokenizer)
+    def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any, dtype: torch.dtype) -> Path | None:
+        return super().export(self.model, out_dir, tokenizer, dtype)

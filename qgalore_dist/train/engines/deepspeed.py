@@ -619,14 +619,14 @@ class DeepSpeedEngine(DistributedEngine):
         trainer["rng"] = state["rng"]  # this rank's own random state
         return ResumePoint(int(record["step"]), trainer)
 
-    def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any) -> Path | None:
+    def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any, dtype: torch.dtype) -> Path | None:
         """Plain transformers model on rank 0 (ZeRO-3: dense parameters and INT8 rows gathered first)."""
         from ...checkpoint.export import export_model
 
         if self.stage == 3:
             with self._guard("gathering the ZeRO-3 model for --export"):
-                return self.sidecar.export(self.module, out_dir, tokenizer, self.is_main)
-        return export_model(self.module, out_dir, tokenizer) if self.is_main else None
+                return self.sidecar.export(self.module, out_dir, tokenizer, self.is_main, dtype)
+        return export_model(self.module, out_dir, tokenizer, dtype) if self.is_main else None
 
 
 class _ThroughEngine(nn.Module):

@@ -479,7 +479,7 @@ class FSDPEngine(DistributedEngine):
                 out[n] = b.detach().cpu()
         return out if self.is_main else None
 
-    def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any) -> Path | None:
+    def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any, dtype: torch.dtype) -> Path | None:
         from ...checkpoint.export import export_state
 
         with self._guard("gathering the model for --export"):
@@ -490,7 +490,7 @@ class FSDPEngine(DistributedEngine):
                      if isinstance(m, QGaLoreLinear) and m.source.kind == "fsdp"}
         expected = set(_model_state_keys(self.model.config))
         state = {k: v for k, v in state.items() if k in expected or k.endswith(("_codes", "_scales"))}
-        return export_state(state, self.model.config, quantized, out_dir, tokenizer)
+        return export_state(state, self.model.config, quantized, out_dir, tokenizer, dtype)
 
     def memory_bytes(self) -> dict[str, int] | None:
         fn = getattr(self.optimizer, "memory_bytes", None)
