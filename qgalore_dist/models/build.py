@@ -159,18 +159,12 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """Load a causal LM from a local directory (``config.json`` + weights); never contacts a hub."""
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise _fail(str(path), f"pretrained model directory {directory} does not exist")
-    if not (directory / "config.json").is_file():
-        raise _fail(str(path), f"directory {directory} has no config.json")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **_dtype_kwargs(dtype))
-    except OSError as exc:
-        # transformers raises OSError for missing/unreadable weight files.
-        raise _fail(str(path), f"cannot load weights from {directory} ({str(exc).splitlines()[0]})") from exc
-    return model.to(device)
+    """A causal LM from a local directory (``config.json`` + safetensors) in ``dtype``; never contacts a hub and
+    never unpickles. Streams tensor by tensor into a meta-built model
+    (:func:`~qgalore_dist.models.pretrained.load_quantized_pretrained` without quantisation): one float copy."""
+    from .pretrained import load_quantized_pretrained  # deferred: pretrained builds on this module
+
+    return load_quantized_pretrained(path, quantize=False, dense_dtype=dtype, device=device)
 
 
 def _llama_param_count(config: PretrainedConfig) -> int:

@@ -56,6 +56,10 @@ class ParamSource(Protocol):
         """A context the dense modules are materialised in (e.g. a seeded global RNG)."""
         ...
 
+    # optional: ``int8_rows(qname, rows, group_size, device) -> (codes [r1 - r0, n] int8, scales [r1 - r0,
+    # ceil(n / group_size)] fp32) | None`` — INT8 rows the source already holds, taken as they are (re-quantising
+    # dequantised codes need not give the same codes back); None: quantise ``matrix_rows`` instead
+
 
 class KeyedRandomInit:
     """A fresh model, identical on every rank and engine without communicating.
@@ -133,9 +137,14 @@ def materialize(model: nn.Module, source: ParamSource, target_modules=DEFAULT_TA
         r0, r1 = rows(q.qname, lin.out_features) if rows is not None else (0, lin.out_features)
         if not 0 <= r0 <= r1 <= lin.out_features:
             raise ValueError(f"{q.qname}: row range [{r0}, {r1}) outside its {lin.out_features} rows")
-        w, key = source.matrix_rows(q.qname, (lin.out_features, lin.in_features), (r0, r1), device)
-        codes, scales = quantize_rows(w, group_size, 8, key, row_offset=r0)
-        del w
+        stored = getattr(source, "int8_rows", None)  # a source that already holds INT8 (one of our checkpoints)
+        got = stored(q.qname, (r0, r1), group_size, device) if stored is not None else None
+        if got is not None:
+            codes, scales = got
+        else:
+            w, key = source.matrix_rows(q.qname, (lin.out_features, lin.in_features), (r0, r1), device)
+            codes, scales = quantize_rows(w, group_size, 8, key, row_offset=r0)
+            del w
         if (r0, r1) == (0, lin.out_features):
             q.weight_codes.copy_(codes)
             q.weight_scales.copy_(scales)

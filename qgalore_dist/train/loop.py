@@ -25,13 +25,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint.as_model import (
+    checkpoint_model_config,
+    checkpoint_model_record,
+    checkpoint_tokenizer_dir,
+    is_checkpoint,
+    load_checkpoint_model,
+)
 from ..checkpoint.export import EXPORT_DTYPES, quantized_modules
 from ..checkpoint.save_load import TRAINER_FILE, CheckpointError, capture_rng_state, restore_rng_state
 from ..checkpoint.save_root import SaveRootLock, choose_resume, clean_leftovers, prune_checkpoints
 from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
 from ..errors import UsageError
-from ..models import build_model, enable_activation_checkpointing, load_pretrained, param_count, resolve_model_config
-from ..nn import quantize_model
+from ..models import (
+    build_model,
+    enable_activation_checkpointing,
+    load_quantized_pretrained,
+    param_count,
+    resolve_model_config,
+    streamed_float_model,
+)
 from ..nn.dense_storage import store_dense_params
 from ..nn.materialize import materialize_quantized
 from .args import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs
@@ -116,10 +129,15 @@ def dense_storage_dtype(spec: str | None, compute: torch.dtype) -> torch.dtype:
 
 
 def resolve_tokenizer(args: TrainArgs):
-    """``--tokenizer``, else the model directory's own tokenizer, else the default BPE (trained once, cached)."""
+    """``--tokenizer``, else the model directory's own tokenizer (a checkpoint's ``tokenizer/``), else the default
+    BPE (trained once, cached)."""
     if args.tokenizer is not None:
         return get_tokenizer(args.tokenizer)
     model_dir = Path(args.model).expanduser()
+    if model_dir.is_dir() and is_checkpoint(model_dir):
+        tok_dir = checkpoint_tokenizer_dir(model_dir)
+        if tok_dir is not None:
+            return get_tokenizer(tok_dir)
     if model_dir.is_dir() and any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return get_tokenizer(model_dir)
     return get_tokenizer()
@@ -201,33 +219,34 @@ def lock_save_root(args: TrainArgs, engine: Engine) -> SaveRootLock | None:
     return lock
 
 
-def build_training_model(args: TrainArgs, config, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The model to train: fresh from ``config`` (seeded) or loaded from a model directory; KV cache off,
-    activation checkpointing on request, targeted linears converted to INT8 for ``qgalore``."""
+def build_training_model(args: TrainArgs, config, device: torch.device, dtype: torch.dtype,
+                         checkpoint_record: dict[str, Any] | None = None) -> nn.Module:
+    """The model to train, built on the meta device and materialised one matrix at a time — fresh from ``config``
+    (keyed init), from a Hugging Face directory (safetensors, streamed) or from one of our checkpoints
+    (``checkpoint_record``: its verified trainer.json) — with the targeted linears in INT8 for ``qgalore`` /
+    ``projfactor`` (dense modules in their storage dtype): a 7B model never exists in fp32/bf16. KV cache off,
+    activation checkpointing on request."""
     torch.manual_seed(args.seed)
-    from_dir = Path(args.model).expanduser().is_dir()
-    if from_dir:
-        model = load_pretrained(args.model, dtype=dtype, device=device)
-    elif args.optimizer in INT8_OPTIMIZERS:
-        # a fresh model goes from the meta device straight into INT8, one matrix at a time: a 7B model never
-        # exists in fp32/bf16 (dense modules are materialised in their storage dtype)
-        model = build_model(config, meta=True)
-        try:
-            materialize_quantized(model, tuple(args.target_module_list), group_size=WEIGHT_GROUP_SIZE,
-                                  seed=args.seed, device=device,
-                                  dense_dtype=dense_storage_dtype(args.dense_dtype, dtype))
-        except ValueError as exc:
-            raise UsageError(f"--target-modules: {exc}") from exc
-    else:
-        model = build_model(config, device=device, dtype=dtype)
+    model_dir = Path(args.model).expanduser()
+    int8 = args.optimizer in INT8_OPTIMIZERS
+    opts = dict(target_modules=tuple(args.target_module_list), group_size=WEIGHT_GROUP_SIZE, device=device,
+                dense_dtype=dense_storage_dtype(args.dense_dtype, dtype) if int8 else dtype, quantize=int8)
+    try:
+        if checkpoint_record is not None:
+            model = load_checkpoint_model(model_dir, checkpoint_record, **opts)
+        elif model_dir.is_dir():
+            model = load_quantized_pretrained(model_dir, config, **opts)
+        elif int8:
+            model = build_model(config, meta=True)
+            materialize_quantized(model, opts["target_modules"], group_size=WEIGHT_GROUP_SIZE, seed=args.seed,
+                                  device=device, dense_dtype=opts["dense_dtype"])
+        else:
+            model = build_model(config, device=device, dtype=dtype)
+    except ValueError as exc:  # no targeted linear matched
+        raise UsageError(f"--target-modules: {exc}") from exc
     model.config.use_cache = False
     if args.activation_checkpointing:
         enable_activation_checkpointing(model)
-    if from_dir and args.optimizer in INT8_OPTIMIZERS:
-        try:
-            quantize_model(model, tuple(args.target_module_list), group_size=WEIGHT_GROUP_SIZE, seed=args.seed)
-        except ValueError as exc:
-            raise UsageError(f"--target-modules: {exc}") from exc
     if args.dense_dtype is not None:  # after quantisation: the INT8 weights are buffers, only dense params remain
         try:
             store_dense_params(model, dense_storage_dtype(args.dense_dtype, dtype), dtype)
@@ -250,6 +269,7 @@ class TrainResult:
     checkpoints: list[str] = field(default_factory=list)
     export_dir: str | None = None
     wall_s: float = 0.0
+    original_val_loss: float | None = None  # the unquantised pretrained model's, when one was loaded into INT8
 
     @property
     def final_val_loss(self) -> float | None:
@@ -288,6 +308,8 @@ class _Run:
     resume_dir: Path | None
     start_step: int = 0
     tokens: int = 0
+    vocab_note: str = ""
+    original: Path | None = None  # a pretrained directory quantised on load: its float model is evaluated too
 
 
 def _prepare(args: TrainArgs, engine: Engine) -> _Run:
@@ -301,7 +323,10 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
                          "narrower (or the same)")
     if args.optimizer in LOWRANK_OPTIMIZERS:
         qgalore_config(args)  # raises UsageError on an invalid combination
-    config = resolve_model_config(args.model)
+    model_dir = Path(args.model).expanduser()
+    from_checkpoint = model_dir.is_dir() and is_checkpoint(model_dir)
+    model_record = checkpoint_model_record(model_dir) if from_checkpoint else None
+    config = checkpoint_model_config(model_dir, model_record) if from_checkpoint else resolve_model_config(args.model)
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and args.seq_len > max_pos:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
@@ -323,12 +348,13 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
     if record is not None and record.get("tokenizer_fingerprint") != tok_fp:
         raise CheckpointError(f"checkpoint {resume_dir} was trained with another tokenizer (fingerprint "
                               f"{record.get('tokenizer_fingerprint')}, this run {tok_fp})")
-    if not Path(args.model).expanduser().is_dir():
+    config_vocab = config.vocab_size
+    if not model_dir.is_dir():  # a config spec: the model is sized to the tokenizer (a directory keeps its own)
         config = resolve_model_config(args.model, vocab_size=len(tokenizer))
     batcher = TokenBatcher.from_source(args.data, tokenizer, args.seq_len, args.batch_size, seed=args.seed,
                                        world_size=engine.world_size, rank=engine.rank)
 
-    model, optimizer = engine.prepare(build_training_model(args, config, engine.device, dtype),
+    model, optimizer = engine.prepare(build_training_model(args, config, engine.device, dtype, model_record),
                                       lambda m: make_optimizer(m, args))
     used = max(len(tokenizer), batcher.stream.vocab_size or 0)
     if used > model.config.vocab_size:
@@ -337,6 +363,12 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
     scheduler = build_scheduler(optimizer, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                                 schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio)
     run = _Run(tokenizer, tok_fp, batcher, model, optimizer, scheduler, resume_dir)
+    tok_name = Path(str(getattr(tokenizer, "name_or_path", "") or "default BPE")).name or "default BPE"
+    run.vocab_note = (f"vocab {model.config.vocab_size}" + (
+        f" (the config's {config_vocab} sized to the tokenizer's)" if config.vocab_size != config_vocab else "")
+        + f", tokenizer {tok_name} ({len(tokenizer)} tokens)")
+    if model_dir.is_dir() and not from_checkpoint and args.optimizer in INT8_OPTIMIZERS:
+        run.original = model_dir
     if resume_dir is not None:
         ckpt = engine.load_checkpoint(resume_dir)
         try:
@@ -375,14 +407,14 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
     run = _prepare(args, engine)
     model, optimizer, scheduler, batcher = run.model, run.optimizer, run.scheduler, run.batcher
     tokenizer, resume_dir, start_step, tokens = run.tokenizer, run.resume_dir, run.start_step, run.tokens
-    device, dtype, vocab = engine.device, resolve_dtype(args.dtype, engine.device), model.config.vocab_size
+    device, dtype = engine.device, resolve_dtype(args.dtype, engine.device)
 
     # --- from here on the run writes (metrics, checkpoints, export) -----------------------------------------
     result = TrainResult(start_step=start_step, steps=start_step, tokens=tokens)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * engine.world_size
     progress = Progress(total=args.max_steps, start=start_step, log_every=args.log_every, enabled=engine.is_main)
     progress.note(
-        f"model {args.model}: {param_count(model.config) / 1e6:.2f}M params, vocab {vocab} | optimizer "
+        f"model {args.model}: {param_count(model.config) / 1e6:.2f}M params, {run.vocab_note} | optimizer "
         f"{args.optimizer} | {device} {str(dtype).removeprefix('torch.')} | {tokens_per_step} tokens/step | "
         f"data {batcher.stream.source}: {batcher.n_windows} train / {batcher.n_val_windows()} val windows"
         + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir is not None else "")
@@ -393,22 +425,31 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
 
     with MetricsWriter(args.metrics_jsonl if engine.is_main else None, append=resume_dir is not None) as metrics:
 
-        def run_eval(step: int) -> None:
-            t0 = time.perf_counter()
+        def held_out_loss(m: nn.Module) -> tuple[float, int]:
             # each rank evaluates its slice of every global batch; a held-out split smaller than one global batch
             # is evaluated whole by every rank instead (same value everywhere)
             shard = 1 < engine.world_size and args.batch_size * engine.world_size <= batcher.n_val_windows()
-            total, count, done = evaluate_sums(model, batcher, args.eval_batches, args.batch_size, device, shard)
+            total, count, done = evaluate_sums(m, batcher, args.eval_batches, args.batch_size, device, shard)
             if shard:
                 total, count = engine.sum_over_ranks([total, float(count)])
             val = total / count if count else math.nan
-            if not shard:
-                val = engine.mean_over_ranks(val)
+            return (val if shard else engine.mean_over_ranks(val)), done
+
+        def run_eval(step: int) -> None:
+            t0 = time.perf_counter()
+            val, done = held_out_loss(model)
             result.evals.append((step, val))
-            metrics.write({"event": "eval", "step": step, "tokens": tokens, "val_loss": val,
-                           "val_ppl": perplexity(val), "eval_time_s": time.perf_counter() - t0,
-                           "eval_batches_this_rank": done})
-            progress.note(f"step {step}: val_loss {val:.4f} val_ppl {perplexity(val):.2f}")
+            record = {"event": "eval", "step": step, "tokens": tokens, "val_loss": val, "val_ppl": perplexity(val),
+                      "eval_time_s": time.perf_counter() - t0, "eval_batches_this_rank": done}
+            note = f"step {step}: val_loss {val:.4f} val_ppl {perplexity(val):.2f}"
+            if step == 0 and run.original is not None:
+                # where training starts from: the INT8-loaded model next to the original float one (streamed one
+                # module at a time, never held whole)
+                original, _ = held_out_loss(streamed_float_model(run.original, dtype=dtype, device=device))
+                record["original_val_loss"] = result.original_val_loss = original
+                note += f" (INT8-loaded; the original model {original:.4f})"
+            metrics.write(record)
+            progress.note(note)
 
         def save(step: int) -> None:
             if engine.is_main:  # a save killed earlier in this run (a disk error caught upstream) leaves a .tmp

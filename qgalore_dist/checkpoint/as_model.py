@@ -1,0 +1,133 @@
+"""One of our training checkpoints used as a model directory (``--model runs/x/step_000200``): fine-tune from your
+own run without exporting first.
+
+The checkpoint's ``model.safetensors`` holds INT8 codes + scales of the projected matrices and the dense tensors;
+``trainer.json`` the model config and which modules are INT8. It is read through the same streaming path as a
+Hugging Face directory (:func:`~qgalore_dist.nn.materialize.materialize` with a file-backed source): a module the
+new run also trains in INT8 takes the stored codes and scales as they are (no re-quantisation); one the new run
+keeps in float (another ``--optimizer`` or ``--target-modules``) gets the dequantised weight; a float weight the
+new run targets is quantised to nearest, as from a Hugging Face directory. Optimizer state, step and data position
+are *not* taken — that is ``--resume``.
+
+Readable: the layout of the local and ddp engines (one ``model.safetensors``). Checkpoints of ``--engine fsdp``
+(``torch.distributed.checkpoint`` shards) and DeepSpeed (``global_stepN``) are refused with the command that turns
+them into a model directory (``--export``), until one checkpoint format serves every engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from ..errors import ModelSpecError
+from ..models.pretrained import SafetensorsCheckpoint, SafetensorsSource, _expected_tensors, _tied_aliases
+from ..nn.convert import DEFAULT_TARGET_MODULES
+from ..nn.materialize import materialize
+from ..quant.int8 import dequantize_rows
+from .save_load import MODEL_FILE, TOKENIZER_DIR, TRAINER_FILE, CheckpointError, verify_checkpoint
+
+__all__ = ["Int8CheckpointTensors", "checkpoint_model_config", "checkpoint_model_record", "checkpoint_tokenizer_dir",
+           "is_checkpoint", "load_checkpoint_model"]
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint directory of ours (any engine): it holds ``trainer.json``."""
+    return (Path(path).expanduser() / TRAINER_FILE).is_file()
+
+
+def checkpoint_model_record(root: str | Path) -> dict:
+    """The verified ``trainer.json`` of a checkpoint to use as a model (every file's hash checked once);
+    :class:`ModelSpecError` for a damaged checkpoint or a layout that cannot be read as a model."""
+    root = Path(root).expanduser()
+    try:
+        return verify_checkpoint(root)
+    except CheckpointError as exc:
+        if not (root / MODEL_FILE).is_file():
+            raise ModelSpecError(f"--model {root}: a checkpoint of --engine fsdp or deepspeed cannot be read as a "
+                                 "model yet; export it first (--export) and pass the export") from exc
+        raise ModelSpecError(f"--model {root}: {exc}") from exc
+
+
+def checkpoint_model_config(root: str | Path, record: Mapping | None = None) -> PretrainedConfig:
+    """The model config a checkpoint was trained with (from its verified ``trainer.json``; ``record`` when the
+    caller already has it)."""
+    root = Path(root).expanduser()
+    record = checkpoint_model_record(root) if record is None else record
+    try:
+        data = dict(record["model_config"])
+        return CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelSpecError(f"--model {root}: trainer.json lacks a usable model config ({exc})") from exc
+
+
+def checkpoint_tokenizer_dir(root: str | Path) -> Path | None:
+    p = Path(root).expanduser() / TOKENIZER_DIR
+    return p if p.is_dir() else None
+
+
+class Int8CheckpointTensors(SafetensorsCheckpoint):
+    """The tensors of a checkpoint's ``model.safetensors`` under the float model's names: an INT8 module's
+    ``<name>.weight`` [m, n] is its codes × scales (rows on request), its codes and scales are also readable as
+    they are (:meth:`int8`)."""
+
+    def __init__(self, root: str | Path, quantized: Mapping[str, int]):
+        super().__init__(root)
+        self.quantized = {f"{n}.weight": int(g) for n, g in quantized.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.quantized or super().__contains__(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return super().shape(f"{name}_codes" if name in self.quantized else name)
+
+    def int8(self, name: str, rows: tuple[int, int] | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes [k, n] int8 and scales [k, ceil(n / g)] fp32 of ``name``'s rows ``[r0, r1)`` (all without rows)."""
+        return (super().read(f"{name}_codes", rows=rows, device=device),
+                super().read(f"{name}_scales", rows=rows, device=device))
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+        if name not in self.quantized:
+            return super().read(name, rows=rows, dtype=dtype, device=device)
+        codes, scales = self.int8(name, rows, device)
+        return dequantize_rows(codes, scales, self.quantized[name], dtype or torch.float32)
+
+
+class _Int8CheckpointSource(SafetensorsSource):
+    """:class:`SafetensorsSource` over :class:`Int8CheckpointTensors`, handing stored INT8 rows over as they are
+    when the group size is the run's."""
+
+    checkpoint: Int8CheckpointTensors
+
+    def int8_rows(self, qname: str, rows: tuple[int, int], group_size: int, device):
+        if self.checkpoint.quantized.get(qname) != group_size:
+            return None  # stored in float, or with other groups: quantised to nearest from the float rows
+        return self.checkpoint.int8(qname, rows, device)
+
+
+def load_checkpoint_model(root: str | Path, record: Mapping | None = None, *,
+                          target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, group_size: int = 256,
+                          device: torch.device | str = "cpu", dense_dtype: torch.dtype = torch.float32,
+                          quantize: bool = True) -> PreTrainedModel:
+    """The model of checkpoint ``root``, built on the meta device and filled tensor by tensor (see the module
+    docstring); INT8 targeted linears with ``quantize``, float otherwise (in ``dense_dtype``). ``record``: its
+    :func:`checkpoint_model_record`, when the caller already verified it."""
+    root = Path(root).expanduser()
+    record = checkpoint_model_record(root) if record is None else record
+    config = checkpoint_model_config(root, record)
+    from ..models import build_model
+
+    model = build_model(config, meta=True) if quantize else build_model(config, dtype=dense_dtype, meta=True)
+    tensors = Int8CheckpointTensors(root, record.get("quantized_modules") or {})
+    aliases = _tied_aliases(model)
+    try:
+        tensors.check(_expected_tensors(model, aliases))
+    except ModelSpecError as exc:
+        raise ModelSpecError(f"--model {root}: {exc}") from exc
+    materialize(model, _Int8CheckpointSource(tensors, aliases), tuple(target_modules), group_size, device,
+                dense_dtype, quantize=quantize)
+    return model
