@@ -323,6 +323,33 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
             return {"message": str(exc), "seconds": time.monotonic() - t}
         raise AssertionError("the forward succeeded without the last rank")
 
+    def sharded_start():
+        """The training loop's start: the model on the meta device, each rank allocating and filling only its rows
+        (fresh keyed init, and from a Hugging Face directory); rank 0 saves the gathered state."""
+        from qgalore_dist.models import resolve_model_config
+        from qgalore_dist.nn.int8_fsdp import Int8RowTensor
+        from qgalore_dist.train.loop import pending_training_model
+
+        out = {}
+        for label, spec in (("fresh", "llama_tiny"), ("pretrained", str(out_dir / "hf"))):
+            args = engine_args(model=spec, seed=7)
+            config = resolve_model_config(spec, vocab_size=None if label == "pretrained" else 512)
+            engine = FSDPEngine(args, env, timeout)
+            pending = pending_training_model(args, config, torch.float32)
+            model, _ = engine.prepare(pending, lambda m: None)
+            held = {}
+            for n, p in model.named_parameters():
+                local = p.to_local()
+                held[n] = int(local.shape[0]) if p.dim() else 1
+                if isinstance(local, Int8RowTensor):
+                    assert local.codes.shape[0] == held[n]
+            state = engine.full_state()
+            if rank == 0:
+                torch.save(state, out_dir / f"w{world}_start_{label}.pt")
+            out[label] = held
+        return out
+
+    scenario("sharded_start", sharded_start)
     scenario("parity", parity)
     scenario("toy", toy)
     scenario("accum", accum)

@@ -20,18 +20,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..errors import ModelSpecError
 from ..models.pretrained import SafetensorsCheckpoint, SafetensorsSource, _expected_tensors, _tied_aliases
 from ..nn.convert import DEFAULT_TARGET_MODULES
-from ..nn.materialize import materialize
+from ..nn.materialize import ParamSource, materialize
 from ..quant.int8 import dequantize_rows
 from .save_load import MODEL_FILE, TOKENIZER_DIR, TRAINER_FILE, CheckpointError, verify_checkpoint
 
-__all__ = ["Int8CheckpointTensors", "checkpoint_model_config", "checkpoint_model_record", "checkpoint_tokenizer_dir",
-           "is_checkpoint", "load_checkpoint_model"]
+__all__ = ["Int8CheckpointTensors", "checkpoint_model_config", "checkpoint_model_record", "checkpoint_source",
+           "checkpoint_tokenizer_dir", "is_checkpoint", "load_checkpoint_model"]
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -122,12 +123,19 @@ def load_checkpoint_model(root: str | Path, record: Mapping | None = None, *,
     from ..models import build_model
 
     model = build_model(config, meta=True) if quantize else build_model(config, dtype=dense_dtype, meta=True)
+    materialize(model, checkpoint_source(root, record, model), tuple(target_modules), group_size, device,
+                dense_dtype, quantize=quantize)
+    return model
+
+
+def checkpoint_source(root: str | Path, record: Mapping, model: nn.Module) -> ParamSource:
+    """The source that fills ``model`` (built on the meta device from the checkpoint's config, before any INT8
+    skeleton) from checkpoint ``root`` (``record``: its verified trainer.json), every tensor checked first."""
+    root = Path(root).expanduser()
     tensors = Int8CheckpointTensors(root, record.get("quantized_modules") or {})
     aliases = _tied_aliases(model)
     try:
         tensors.check(_expected_tensors(model, aliases))
     except ModelSpecError as exc:
         raise ModelSpecError(f"--model {root}: {exc}") from exc
-    materialize(model, _Int8CheckpointSource(tensors, aliases), tuple(target_modules), group_size, device,
-                dense_dtype, quantize=quantize)
-    return model
+    return _Int8CheckpointSource(tensors, aliases)

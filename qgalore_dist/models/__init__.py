@@ -22,6 +22,7 @@ from qgalore_dist.models.pretrained import (
     SafetensorsSource,
     load_quantized_pretrained,
     pretrained_eval_loss,
+    pretrained_source,
     safetensors_files,
     streamed_float_model,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "load_quantized_pretrained",
     "param_count",
     "pretrained_eval_loss",
+    "pretrained_source",
     "rebuild_rotary_buffers",
     "resolve_model_config",
     "safetensors_files",

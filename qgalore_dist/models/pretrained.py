@@ -19,8 +19,9 @@ exist only during its own forward), so a run can print the original model's held
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,7 +31,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import ModelSpecError
 from ..nn.convert import DEFAULT_TARGET_MODULES
+from ..nn.layout import StoredAs, int8_layout
 from ..nn.materialize import RowRange, materialize
+from .arch import LEGACY_EXPERT_FILES
 from .build import build_model, rebuild_rotary_buffers, resolve_model_config
 
 __all__ = [
@@ -38,12 +41,15 @@ __all__ = [
     "SafetensorsSource",
     "load_quantized_pretrained",
     "pretrained_eval_loss",
+    "pretrained_source",
     "safetensors_files",
     "streamed_float_model",
 ]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# a per-expert file tensor, in transformers >= 5 module names: <...>.experts.<e>.<part>.weight
+_PER_EXPERT = re.compile(r"(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<part>[^.]+)\.weight")
 # file names that hold pickled tensors (torch.save): refused, never opened
 _PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "pytorch_model.bin.index.json")
 
@@ -128,6 +134,12 @@ class SafetensorsCheckpoint:
     Construction reads only the files' headers (each file opened and closed in turn). Every :meth:`read` opens
     the one file holding the tensor and closes it before returning: no two files are ever mapped at once, and a
     read copies out just the requested rows.
+
+    Tensors are named as transformers >= 5 names them. Files that hold MoE experts one tensor per expert (the hub's
+    Mixtral / Qwen2-MoE checkpoints, and what ``save_pretrained`` writes) also answer to the 3-D names
+    (``...mlp.experts.gate_up_proj`` [E, 2·I, H]) and renamed modules (Mixtral's ``block_sparse_moe``) they are
+    loaded as (:data:`~qgalore_dist.models.arch.LEGACY_EXPERT_FILES`): such a tensor is assembled from its per-expert
+    tensors on read, and :meth:`read_expert` reads one expert's rows without the others.
     """
 
     def __init__(self, directory: str | Path):
@@ -147,9 +159,35 @@ class SafetensorsCheckpoint:
                     self._shape[name] = tuple(f.get_slice(name).get_shape())
         # tensors the index puts in a shard that does not hold them: remembered to name the shard on use
         self._absent = {t: p for t, p in claimed.items() if t not in self._where}
+        self._renamed, self._fused = self._legacy_names()
+
+    def _legacy_names(self) -> tuple[dict[str, str], dict[str, list[list[str]]]]:
+        """``({transformers >= 5 name: file tensor}, {3-D expert name: per expert e, the file tensors whose rows
+        it concatenates})`` of per-expert files (only names the files do not hold themselves)."""
+        renamed: dict[str, str] = {}
+        found: dict[str, dict[int, list[str]]] = {}
+        for fmt in LEGACY_EXPERT_FILES.values():
+            by_part = {parts[0]: (param, parts) for param, parts in fmt.parts.items()}
+            new_name = {old: new for new, old in fmt.renames}
+            for file_name in self._where:
+                name = file_name
+                for old, new in new_name.items():
+                    name = name.replace(old, new)
+                m = _PER_EXPERT.fullmatch(name)
+                if m:
+                    if m["part"] in by_part:  # the first file tensor of an expert matrix names the others
+                        param, parts = by_part[m["part"]]
+                        pieces = [file_name.replace(f".{parts[0]}.weight", f".{p}.weight") for p in parts]
+                        if all(p in self._where for p in pieces):
+                            found.setdefault(f"{m['experts']}.{param}", {})[int(m["e"])] = pieces
+                elif name != file_name and name not in self._where:
+                    renamed[name] = file_name
+        fused = {n: [got[e] for e in range(len(got))] for n, got in found.items()
+                 if n not in self._where and sorted(got) == list(range(len(got)))}
+        return renamed, fused
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._where or name in self._renamed or name in self._fused
 
     @property
     def tensor_names(self) -> list[str]:
@@ -162,7 +200,16 @@ class SafetensorsCheckpoint:
         where = self.index if self.index is not None else self.files[0]
         return ModelSpecError(f"tensor {name!r} is missing from {where}")
 
+    def _file_of(self, name: str) -> Path:
+        if name in self._fused:
+            return self._where[self._fused[name][0][0]]
+        return self._where[self._renamed.get(name, name)]
+
     def shape(self, name: str) -> tuple[int, ...]:
+        name = self._renamed.get(name, name)
+        if name in self._fused:
+            first = [self._shape[p] for p in self._fused[name][0]]
+            return (len(self._fused[name]), sum(s[0] for s in first), first[0][1])
         if name not in self._where:
             raise self._missing(name)
         return self._shape[name]
@@ -172,22 +219,72 @@ class SafetensorsCheckpoint:
         for name, shape in expected.items():
             have = self.shape(name)
             if have != tuple(shape):
-                raise ModelSpecError(f"tensor {name!r} in {self._where[name]} has shape {list(have)}, the config "
+                raise ModelSpecError(f"tensor {name!r} in {self._file_of(name)} has shape {list(have)}, the config "
                                      f"expects {list(shape)}")
+
+    def _slice(self, name: str, index: tuple[slice, ...] | None) -> torch.Tensor:
+        """File tensor ``name``, whole or ``[index]`` (only that part copied out of the mapped file)."""
+        path = self._where[name]
+        with _opened(path) as f:
+            try:
+                return f.get_tensor(name) if index is None else f.get_slice(name)[index]
+            except SafetensorError as exc:
+                raise ModelSpecError(f"cannot read tensor {name!r} from {path} ({str(exc).splitlines()[0]})") from exc
 
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None,
              device: torch.device | str = "cpu") -> torch.Tensor:
         """Tensor ``name`` (its file shape, e.g. [m, n]) or its rows ``[r0, r1)`` ([r1 - r0, n]), in ``dtype``
-        (default: the file's) on ``device``. Only the requested rows are copied out of the mapped file."""
-        shape, path = self.shape(name), self._where[name]
+        (default: the file's) on ``device``. Only the requested rows are copied out of the mapped file (a 3-D expert
+        tensor of per-expert files: rows are experts, each assembled from its file tensors)."""
+        shape = self.shape(name)
+        name = self._renamed.get(name, name)
         if rows is not None and not 0 <= rows[0] <= rows[1] <= shape[0]:
             raise ValueError(f"{name}: rows [{rows[0]}, {rows[1]}) outside its {shape[0]} rows")
-        with _opened(path) as f:
-            try:
-                t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
-            except SafetensorError as exc:
-                raise ModelSpecError(f"cannot read tensor {name!r} from {path} ({str(exc).splitlines()[0]})") from exc
+        if name in self._fused:
+            r0, r1 = rows if rows is not None else (0, shape[0])
+            per_expert = [self.read_expert(name, e, dtype=dtype) for e in range(r0, r1)]
+            t = torch.stack(per_expert) if per_expert else \
+                self._slice(self._fused[name][0][0], (slice(0, 0),)).reshape(0, *shape[1:])
+        else:
+            t = self._slice(name, None if rows is None else (slice(rows[0], rows[1]),))
         return t.to(device=device, dtype=dtype or t.dtype)
+
+    def read_expert(self, name: str, expert: int, rows: tuple[int, int] | None = None,
+                    dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Expert ``expert``'s matrix of the 3-D tensor ``name`` ([E, m, n]) -> [m, n], or its rows ``[r0, r1)``
+        ([r1 - r0, n]); per-expert files: the rows of its file tensors that fall in the range, concatenated."""
+        e_count, m, _ = self.shape(name)
+        name = self._renamed.get(name, name)
+        r0, r1 = rows if rows is not None else (0, m)
+        if not (0 <= expert < e_count and 0 <= r0 <= r1 <= m):
+            raise ValueError(f"{name}: expert {expert}, rows [{r0}, {r1}) outside [{e_count}, {m}, ...]")
+        if name not in self._fused:
+            t = self._slice(name, (slice(expert, expert + 1), slice(r0, r1)))[0]
+        else:
+            parts, pieces, offset = self._fused[name][expert], [], 0
+            for part in parts:  # the file tensors' rows that fall in [r0, r1)
+                k = self._shape[part][0]
+                lo, hi = max(r0, offset), min(r1, offset + k)
+                if lo < hi:
+                    pieces.append(self._slice(part, (slice(lo - offset, hi - offset),)))
+                offset += k
+            t = torch.cat(pieces) if pieces else self._slice(parts[0], (slice(0, 0),))
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    def read_matrix(self, stored: StoredAs, rows: tuple[int, int], dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+        """Rows ``[r0, r1)`` of a projected matrix as the INT8 model holds it ([out, in]) from where the transformers
+        layout stores it (:class:`~qgalore_dist.nn.layout.StoredAs`): an expert's slice, or the columns of a
+        ``Conv1D`` weight [in, out] transposed -> [r1 - r0, in]."""
+        if stored.expert is not None:
+            return self.read_expert(stored.name, stored.expert, rows, dtype, device)
+        if stored.transposed:
+            cols = self.shape(stored.name)[1]
+            if not 0 <= rows[0] <= rows[1] <= cols:
+                raise ValueError(f"{stored.name}: rows [{rows[0]}, {rows[1]}) outside its {cols} output features")
+            t = self._slice(self._renamed.get(stored.name, stored.name), (slice(None), slice(rows[0], rows[1])))
+            return t.t().contiguous().to(device=device, dtype=dtype or t.dtype)
+        return self.read(stored.name, rows, dtype, device)
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -219,43 +316,31 @@ class SafetensorsSource:
     """A :class:`~qgalore_dist.nn.materialize.ParamSource` reading a :class:`SafetensorsCheckpoint`.
 
     Targeted weights are read as the requested rows in the file's dtype and rounded to nearest (key ``None``);
-    every other tensor is read whole, parameters cast to the dense dtype, persistent buffers to their own dtype.
-    Tied aliases are left to ``tie_weights``; non-persistent buffers (rotary ``inv_freq``) are allocated for
-    ``rebuild_rotary_buffers`` to fill.
+    every other tensor as its requested rows, cast to the dtype its destination was allocated in. Tied aliases
+    are never read (the fill writes a shared tensor once, under its first name). ``layout``
+    (:func:`~qgalore_dist.nn.layout.int8_layout` of the model before conversion) says where a converted matrix
+    lives: a GPT-2 ``Conv1D`` weight's columns (read transposed), one expert of a 3-D experts tensor.
     """
 
-    def __init__(self, checkpoint: SafetensorsCheckpoint, aliases: Mapping[str, str]):
+    def __init__(self, checkpoint: SafetensorsCheckpoint, aliases: Mapping[str, str],
+                 layout: Mapping[str, StoredAs] | None = None):
         self.checkpoint = checkpoint
         self.aliases = dict(aliases)
+        self.layout = dict(layout or {})
 
     def matrix_rows(self, qname: str, shape: tuple[int, int], rows: tuple[int, int],
                     device: torch.device | str) -> tuple[torch.Tensor, None]:
-        return self.checkpoint.read(qname, rows=rows, device=device), None
+        stored = self.layout.get(qname)
+        if stored is None:
+            return self.checkpoint.read(qname, rows=rows, device=device), None
+        return self.checkpoint.read_matrix(stored, rows, device=device), None
 
-    def fill_bias(self, name: str, bias: nn.Parameter) -> None:
-        with torch.no_grad():
-            bias.copy_(self.checkpoint.read(name, device=bias.device))
-
-    def fill_dense(self, name: str, module: nn.Module, device: torch.device | str, dense_dtype: torch.dtype) -> None:
-        prefix = f"{name}." if name else ""
-        params, buffers = _own_tensors(module)
-        for pname in params:
-            p = module._parameters[pname]
-            if not p.is_meta or prefix + pname in self.aliases:
-                continue  # an alias keeps the shared meta parameter until tie_weights points it at the real one
-            module._parameters[pname] = nn.Parameter(
-                self.checkpoint.read(prefix + pname, dtype=dense_dtype, device=device),
-                requires_grad=p.requires_grad)
-        for bname, b in list(module._buffers.items()):
-            if b is None or not b.is_meta:
-                continue
-            if bname in buffers:
-                module._buffers[bname] = self.checkpoint.read(prefix + bname, dtype=b.dtype, device=device)
-            else:  # not in checkpoints by definition; the rotary ones are recomputed after the dense phase
-                module._buffers[bname] = torch.empty_like(b, device=device)
-
-    def dense_phase(self) -> AbstractContextManager[None]:
-        return nullcontext()
+    def dense_rows(self, name: str, module: nn.Module, shape: tuple[int, ...], rows: tuple[int, int],
+                   dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        name = self.aliases.get(name, name)
+        if not shape:
+            return self.checkpoint.read(name, dtype=dtype, device=device)
+        return self.checkpoint.read(name, rows=rows, dtype=dtype, device=device)
 
 
 def _open_pretrained(directory: str | Path,
@@ -303,11 +388,19 @@ def load_quantized_pretrained(
     # quantized: built like a fresh INT8 model (materialize_quantized's callers); float: in its dtype, as
     # from_pretrained(dtype=...) would record it in the config
     model = build_model(config, meta=True) if quantize else build_model(config, dtype=dense_dtype, meta=True)
-    aliases = _tied_aliases(model)
-    checkpoint.check(_expected_tensors(model, aliases))
-    materialize(model, SafetensorsSource(checkpoint, aliases), tuple(target_modules), group_size, device,
+    materialize(model, pretrained_source(checkpoint, model), tuple(target_modules), group_size, device,
                 dense_dtype, quantize=quantize, rows=rows)
     return model
+
+
+def pretrained_source(checkpoint: SafetensorsCheckpoint | str | Path, model: nn.Module) -> SafetensorsSource:
+    """The source that fills ``model`` (built on the meta device from the checkpoint's config, before any INT8
+    skeleton) from ``checkpoint``, once every tensor it expects was checked present with its shape."""
+    if not isinstance(checkpoint, SafetensorsCheckpoint):
+        checkpoint = SafetensorsCheckpoint(checkpoint)
+    aliases = _tied_aliases(model)
+    checkpoint.check(_expected_tensors(model, aliases))
+    return SafetensorsSource(checkpoint, aliases, int8_layout(model))
 
 
 def streamed_float_model(directory: str | Path, *, dtype: torch.dtype = torch.float32,

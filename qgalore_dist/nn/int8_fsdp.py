@@ -230,6 +230,15 @@ def _to_copy(func, args, kwargs):
     return Int8RowTensor(t.codes.to(device), t.scales.to(device), t.group_size, dtype, t.global_rows)
 
 
+def _empty_like(func, args, kwargs):
+    """``Module.to_empty``: storage for codes and scales on the new device (a model built on the meta device and
+    sharded there gets its row shards allocated, each rank only its own)."""
+    t = args[0]
+    device = kwargs.get("device") or t.device
+    return Int8RowTensor(torch.empty_like(t.codes, device=device), torch.empty_like(t.scales, device=device),
+                         t.group_size, t.dtype, t.global_rows)
+
+
 def _is_same_size(func, args, kwargs):
     return tuple(args[0].shape) == tuple(args[1].shape)
 
@@ -249,6 +258,7 @@ _OPS = {
     aten.clone.default: _clone,
     aten._to_copy.default: _to_copy,
     aten.is_same_size.default: _is_same_size,
+    aten.empty_like.default: _empty_like,
 }
 
 

@@ -28,9 +28,9 @@ from torch import nn
 from ..checkpoint.as_model import (
     checkpoint_model_config,
     checkpoint_model_record,
+    checkpoint_source,
     checkpoint_tokenizer_dir,
     is_checkpoint,
-    load_checkpoint_model,
 )
 from ..checkpoint.export import EXPORT_DTYPES, quantized_modules
 from ..checkpoint.save_load import TRAINER_FILE, CheckpointError, capture_rng_state, restore_rng_state
@@ -40,13 +40,13 @@ from ..errors import UsageError
 from ..models import (
     build_model,
     enable_activation_checkpointing,
-    load_quantized_pretrained,
     param_count,
+    pretrained_source,
     resolve_model_config,
     streamed_float_model,
 )
 from ..nn.dense_storage import store_dense_params
-from ..nn.materialize import materialize_quantized
+from ..nn.materialize import KeyedRandomInit, PendingModel, cast_dense, int8_skeleton
 from .args import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs
 from .engines import Engine, make_engine
 from .metrics import MetricsWriter, Progress, peak_memory_bytes, perplexity
@@ -219,34 +219,38 @@ def lock_save_root(args: TrainArgs, engine: Engine) -> SaveRootLock | None:
     return lock
 
 
-def build_training_model(args: TrainArgs, config, device: torch.device, dtype: torch.dtype,
-                         checkpoint_record: dict[str, Any] | None = None) -> nn.Module:
-    """The model to train, built on the meta device and materialised one matrix at a time — fresh from ``config``
-    (keyed init), from a Hugging Face directory (safetensors, streamed) or from one of our checkpoints
-    (``checkpoint_record``: its verified trainer.json) — with the targeted linears in INT8 for ``qgalore`` /
-    ``projfactor`` (dense modules in their storage dtype): a 7B model never exists in fp32/bf16. KV cache off,
-    activation checkpointing on request."""
-    torch.manual_seed(args.seed)
+def pending_training_model(args: TrainArgs, config, dtype: torch.dtype,
+                           checkpoint_record: dict[str, Any] | None = None) -> PendingModel:
+    """The model to train on the meta device, with where its values come from: fresh from ``config`` (keyed
+    init, a pure function of (seed, name, global index)), a Hugging Face directory (safetensors, streamed) or
+    one of our checkpoints (``checkpoint_record``: its verified trainer.json); the targeted linears an INT8
+    skeleton for ``qgalore`` / ``projfactor``, dense parameters in their storage dtype; KV cache off, activation
+    checkpointing on request. Nothing is allocated: the engine decides where each tensor lives (a sharding engine
+    materialises only its rows), so a 7B model never exists in fp32/bf16 and never whole on a sharded rank."""
     model_dir = Path(args.model).expanduser()
     int8 = args.optimizer in INT8_OPTIMIZERS
-    opts = dict(target_modules=tuple(args.target_module_list), group_size=WEIGHT_GROUP_SIZE, device=device,
-                dense_dtype=dense_storage_dtype(args.dense_dtype, dtype) if int8 else dtype, quantize=int8)
-    try:
-        if checkpoint_record is not None:
-            model = load_checkpoint_model(model_dir, checkpoint_record, **opts)
-        elif model_dir.is_dir():
-            model = load_quantized_pretrained(model_dir, config, **opts)
-        elif int8:
-            model = build_model(config, meta=True)
-            materialize_quantized(model, opts["target_modules"], group_size=WEIGHT_GROUP_SIZE, seed=args.seed,
-                                  device=device, dense_dtype=opts["dense_dtype"])
-        else:
-            model = build_model(config, device=device, dtype=dtype)
-    except ValueError as exc:  # no targeted linear matched
-        raise UsageError(f"--target-modules: {exc}") from exc
+    dense = dense_storage_dtype(args.dense_dtype, dtype) if int8 else dtype
+    model = build_model(config, meta=True) if int8 else build_model(config, dtype=dense, meta=True)
+    if checkpoint_record is not None:
+        source = checkpoint_source(model_dir, checkpoint_record, model)
+    elif model_dir.is_dir():
+        source = pretrained_source(model_dir, model)
+    else:
+        source = KeyedRandomInit(model, args.seed)
+    if int8:
+        try:
+            int8_skeleton(model, tuple(args.target_module_list), WEIGHT_GROUP_SIZE, bias_dtype=dense)
+        except ValueError as exc:  # no targeted linear matched
+            raise UsageError(f"--target-modules: {exc}") from exc
+    cast_dense(model, dense)
     model.config.use_cache = False
     if args.activation_checkpointing:
         enable_activation_checkpointing(model)
+    return PendingModel(model, source)
+
+
+def finish_training_model(args: TrainArgs, model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A materialised model made ready to train: ``--dense-dtype`` storage (local engine), train mode."""
     if args.dense_dtype is not None:  # after quantisation: the INT8 weights are buffers, only dense params remain
         try:
             store_dense_params(model, dense_storage_dtype(args.dense_dtype, dtype), dtype)
@@ -254,6 +258,13 @@ def build_training_model(args: TrainArgs, config, device: torch.device, dtype: t
             raise UsageError(f"--dense-dtype {args.dense_dtype}: {exc}") from exc
     model.train()
     return model
+
+
+def build_training_model(args: TrainArgs, config, device: torch.device, dtype: torch.dtype,
+                         checkpoint_record: dict[str, Any] | None = None) -> nn.Module:
+    """:func:`pending_training_model`, materialised whole on ``device`` (engines that do not shard the model)."""
+    pending = pending_training_model(args, config, dtype, checkpoint_record)
+    return finish_training_model(args, pending.materialize(device), dtype)
 
 
 # ================================================================================================= loop
@@ -354,8 +365,11 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
     batcher = TokenBatcher.from_source(args.data, tokenizer, args.seq_len, args.batch_size, seed=args.seed,
                                        world_size=engine.world_size, rank=engine.rank)
 
-    model, optimizer = engine.prepare(build_training_model(args, config, engine.device, dtype, model_record),
-                                      lambda m: make_optimizer(m, args))
+    pending = pending_training_model(args, config, dtype, model_record)
+    # a sharding engine lays the meta model out first and materialises only its own rows
+    model, optimizer = engine.prepare(
+        pending if engine.sharded_start else finish_training_model(args, pending.materialize(engine.device), dtype),
+        lambda m: make_optimizer(m, args))
     used = max(len(tokenizer), batcher.stream.vocab_size or 0)
     if used > model.config.vocab_size:
         raise UsageError(f"tokenizer/data use {used} token ids but the model's vocabulary has "

@@ -158,6 +158,7 @@ def run(tmp_path_factory) -> dict:
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if Path("/sys/class/net/lo").exists():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    _pretrained_dir(out / "hf")
     worker = subprocess.Popen(["nice", "-n", "5", sys.executable, str(Path(W.__file__).resolve()), str(out),
                                *[f"{w}:{_free_port()}" for w in W.WORLDS]], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
@@ -193,6 +194,16 @@ def run(tmp_path_factory) -> dict:
     return {"dir": out, "ref": refs, "ranks": ranks, "cli": cli, "cli_dir": cli_dir}
 
 
+def _pretrained_dir(path: Path) -> None:
+    """A Hugging Face directory (sharded safetensors) whose row counts torch.chunk splits unevenly at N = 2, 3."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=301, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True, max_shard_size="200KB")
+
+
 def _records(run, world: int, scenario: str) -> list[dict]:
     recs = []
     for rank, rec in run["ranks"][world].items():
@@ -224,6 +235,36 @@ def _pad(m: int, world: int) -> int:
 # ------------------------------------------------------------------------------------------------------------
 # multi-process
 # ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", W.WORLDS)
+@pytest.mark.parametrize("label", ["fresh", "pretrained"])
+def test_sharded_start_holds_only_its_rows_and_equals_the_local_model(run, world, label):
+    """Built on the meta device, each rank allocating and filling only its torch.chunk rows (fresh: keyed by
+    global index; pretrained: rows read from the safetensors): the gathered model equals the local engine's
+    bit for bit, INT8 codes, scales and dense parameters."""
+    from qgalore_dist.models import resolve_model_config
+    from qgalore_dist.train.loop import build_training_model
+
+    recs = _records(run, world, "sharded_start")
+    spec = "llama_tiny" if label == "fresh" else str(run["dir"] / "hf")
+    local = build_training_model(W.engine_args(engine="local", model=spec, seed=7),
+                                 resolve_model_config(spec, vocab_size=None if label == "pretrained" else 512),
+                                 torch.device("cpu"), torch.float32)
+    state = torch.load(run["dir"] / f"w{world}_start_{label}.pt")
+    for n in recs[0][label]:
+        full = state.get(n, state.get(n.removesuffix(".weight") + ".weight_codes"))
+        rows = int(full.shape[0]) if full.dim() else 1
+        held = [rec[label][n] for rec in recs]
+        assert held == (_chunks(rows, world) if full.dim() else [1] * world), (n, held)
+    for k, v in local.state_dict().items():
+        if "rotary" not in k:
+            assert torch.equal(state[k], v), f"{k} differs from the local engine's"
+
+
+def _chunks(m: int, world: int) -> list[int]:
+    sizes = [len(c) for c in torch.arange(m).chunk(world)]
+    return sizes + [0] * (world - len(sizes))
+
+
 @pytest.mark.parametrize("world", W.WORLDS)
 def test_parity_with_single_device_on_concatenated_batch(run, world):
     ref = run["ref"][world]

@@ -31,6 +31,9 @@ class Engine:
     rank = 0
     world_size = 1
     device: torch.device
+    #: ``prepare`` takes a :class:`~qgalore_dist.nn.materialize.PendingModel` (meta device) and materialises only
+    #: this rank's rows; otherwise it gets the whole materialised model
+    sharded_start = False
 
     @classmethod
     def from_args(cls, args) -> "Engine":
@@ -44,7 +47,8 @@ class Engine:
     # --- model and step --------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer]
                 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Place/wrap ``model`` and build its optimizer; returns what the loop calls forward / schedules on."""
+        """Place/wrap ``model`` and build its optimizer; returns what the loop calls forward / schedules on. An
+        engine with ``sharded_start`` may get a ``PendingModel`` instead (see there)."""
         raise NotImplementedError
 
     def backward(self, loss: torch.Tensor) -> None:

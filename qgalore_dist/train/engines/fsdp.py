@@ -62,6 +62,7 @@ from ...checkpoint.save_load import (
 from ...errors import UsageError
 from ...nn.int8_fsdp import ALL_GATHER_COUNTER, Int8RowTensor, to_fsdp_int8
 from ...nn.int8_linear import QGaLoreLinear
+from ...nn.materialize import PendingModel, allocate_and_fill
 from ...parallel.collectives import Collectives
 from ...parallel.launch_env import DistEnv, init_distributed
 from ...parallel.row_sharded import RowShard, RowShardedQGaLoreOptimizer, chunk_rows
@@ -107,6 +108,8 @@ class FSDPEngine(DistributedEngine):
         self._closed = False
 
     # --- set-up ----------------------------------------------------------------------------------------------
+    sharded_start = True
+
     @classmethod
     def from_args(cls, args: TrainArgs) -> "FSDPEngine":
         backend = rank_backend(args)
@@ -123,7 +126,11 @@ class FSDPEngine(DistributedEngine):
         from ..optimizers import qgalore_config
 
         args = self.args
-        model = model.to(self.device)
+        # sharded start: the model arrives on the meta device and each rank allocates and fills only its rows
+        # after fully_shard has laid it out (FSDP2's meta-device initialisation; the INT8 row tensor allocates its
+        # codes + scales shard through empty_like); a materialised model (library use) is moved as before
+        pending = model if isinstance(model, PendingModel) else None
+        model = pending.model if pending is not None else model.to(self.device)
         compute = next(p.dtype for p in model.parameters() if p.is_floating_point())
         lowrank = args.optimizer in LOWRANK_OPTIMIZERS
         # adamw8bit: the row-sharded placement with no projected matrices — 8-bit blocks inside the rows of each
@@ -152,6 +159,9 @@ class FSDPEngine(DistributedEngine):
         for m in self.fsdp_modules:
             # sums on the wire, one explicit ÷N (gloo has no AVG; pytorch issue #162338)
             m.set_force_sum_reduction_for_comms(True)
+        if pending is not None:
+            allocate_and_fill(model, pending.source, self.device)
+            model.train()
         self.model = model
         if not placed:
             self.optimizer = make_opt(model)
