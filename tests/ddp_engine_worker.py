@@ -122,7 +122,7 @@ def scenarios(spec: dict, world: int, rank: int) -> list[tuple[str, list[str]]]:
                               str(out / f"{w}_lowrank"), "--save-every", str(SAVE_EVERY),
                               "--metrics-jsonl", str(out / f"{w}_lowrank.jsonl"))),
         ("full", base_args(spec, b, "--engine", "ddp", "--comm-mode", "full", "--save-dir", str(out / f"{w}_full"),
-                           "--metrics-jsonl", str(out / f"{w}_full.jsonl"), "--export", str(out / f"{w}_export"))),
+                           "--metrics-jsonl", str(out / f"{w}_full.jsonl"), "--export", str(out / f"{w}_export"), "--export-dtype", "float32")),
         ("resume", base_args(spec, b, "--engine", "ddp", "--comm-mode", "lowrank", "--resume",
                              str(out / f"{w}_lowrank" / "step_000003"), "--metrics-jsonl",
                              str(out / f"{w}_resume.jsonl"))),

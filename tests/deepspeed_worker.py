@@ -67,6 +67,19 @@ def run(out: Path, name: str, argv: list[str], rank: int) -> None:
         args = parse_args(argv)
         try:
             engine = make_engine(args)
+            if name.endswith("_start"):  # start-up only: the model as each rank materialised it, gathered
+                from qgalore_dist.train.loop import _prepare
+
+                try:
+                    _prepare(args, engine)
+                    rec.update(memory=engine.memory_bytes())
+                    state = _final_state(engine)
+                finally:
+                    engine.close()
+                if state is not None:
+                    torch.save(state, out / f"{name}.pt")
+                (out / f"{name}_r{rank}.json").write_text(json.dumps(rec), encoding="utf-8")
+                return
             if name == "dies" and rank == 1:
                 _leave_at_backward(engine, 2, out, name, rank)
             result = train(args, engine)

@@ -208,8 +208,15 @@ class QGaLoreLinear(nn.Module):
         holds rank 0's view only). The side-car sets ``gather`` and ``grad_sink`` before the first forward."""
         r0 = int(sum(rows_per_rank[:rank]))
         k = int(rows_per_rank[rank])
-        codes = self.weight_codes[r0:r0 + k].clone()
-        scales = self.weight_scales[r0:r0 + k].clone()
+        if self.weight_codes.shape[0] != self.out_features:  # built with only its rows (a sharded start)
+            if (self.weight_codes.shape[0], getattr(self, "row_offset", 0)) != (k, r0):
+                raise ValueError(f"{self.qname}: holds rows [{getattr(self, 'row_offset', 0)}, "
+                                 f"{getattr(self, 'row_offset', 0) + self.weight_codes.shape[0]}), this rank's are "
+                                 f"[{r0}, {r0 + k})")
+            codes, scales = self.weight_codes, self.weight_scales
+        else:
+            codes = self.weight_codes[r0:r0 + k].clone()
+            scales = self.weight_scales[r0:r0 + k].clone()
         del self.weight_codes, self.weight_scales
         self.register_buffer("weight_codes", codes, persistent=False)
         self.register_buffer("weight_scales", scales, persistent=False)

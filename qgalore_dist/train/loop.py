@@ -45,6 +45,8 @@ from ..models import (
     resolve_model_config,
     streamed_float_model,
 )
+from ..models.arch import parameter_counts
+from ..nn.convert import find_target_linears
 from ..nn.dense_storage import store_dense_params
 from ..nn.materialize import KeyedRandomInit, PendingModel, cast_dense, int8_skeleton
 from .args import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs
@@ -320,6 +322,7 @@ class _Run:
     start_step: int = 0
     tokens: int = 0
     vocab_note: str = ""
+    counts_note: str = ""
     original: Path | None = None  # a pretrained directory quantised on load: its float model is evaluated too
 
 
@@ -383,6 +386,11 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
         + f", tokenizer {tok_name} ({len(tokenizer)} tokens)")
     if model_dir.is_dir() and not from_checkpoint and args.optimizer in INT8_OPTIMIZERS:
         run.original = model_dir
+    projected, dense = parameter_counts(pending.model)  # whole-model counts (a sharded model's global shapes)
+    if args.optimizer in LOWRANK_OPTIMIZERS and args.optimizer not in INT8_OPTIMIZERS:  # galore: float targets
+        moved = sum(m.weight.numel() for m in find_target_linears(pending.model, args.target_module_list).values())
+        projected, dense = moved, dense - moved
+    run.counts_note = f"{projected / 1e6:.2f}M projected, {dense / 1e6:.2f}M dense"
     if resume_dir is not None:
         ckpt = engine.load_checkpoint(resume_dir)
         try:
@@ -428,7 +436,8 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * engine.world_size
     progress = Progress(total=args.max_steps, start=start_step, log_every=args.log_every, enabled=engine.is_main)
     progress.note(
-        f"model {args.model}: {param_count(model.config) / 1e6:.2f}M params, {run.vocab_note} | optimizer "
+        f"model {args.model}: {param_count(model.config) / 1e6:.2f}M params ({run.counts_note}), {run.vocab_note} "
+        f"| optimizer "
         f"{args.optimizer} | {device} {str(dtype).removeprefix('torch.')} | {tokens_per_step} tokens/step | "
         f"data {batcher.stream.source}: {batcher.n_windows} train / {batcher.n_val_windows()} val windows"
         + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir is not None else "")

@@ -68,7 +68,8 @@ def _scenarios(out: Path) -> list[dict]:
         cfg = ds_config(out / f"z{s}.json", s)
         sc.append({"name": f"z{s}", "argv": ["--ds_config", cfg, *COMMON, "--save-dir", str(out / f"ck_z{s}"),
                                               "--save-every", "3",
-                                              *(["--export", str(out / "export_z2")] if s == 2 else [])]})
+                                              *(["--export", str(out / "export_z2"), "--export-dtype", "float32"]
+                                                if s == 2 else [])]})
         sc.append({"name": f"z{s}_resume", "argv": ["--ds_config", cfg, *COMMON, "--resume",
                                                      str(out / f"ck_z{s}" / "global_step3"),
                                                      "--save-dir", str(out / f"ck_z{s}_resumed")]})
@@ -76,13 +77,10 @@ def _scenarios(out: Path) -> list[dict]:
         acc = ds_config(out / f"z{s}_accum.json", s, micro=MICRO // 2, gas=2,
                         comm_mode="full" if s < 3 else "lowrank")
         sc.append({"name": f"z{s}_accum", "argv": ["--ds_config", acc, *COMMON]})
+    sc.append({"name": "z3_start", "argv": ["--ds_config", str(out / "z3.json"), *_odd_args(out)]})
     sc.append({"name": "z3_vlorp", "argv": ["--ds_config", ds_config(out / "z3_vlorp.json", 3), *_vlorp_args(out)]})
     # odd MLP width (175 rows: ZeRO-3 splits them 88 / 87): uneven INT8 row shards against ZeRO-2
-    cfg = json.loads((Path(__file__).resolve().parents[2] / "qgalore_dist" / "models" / "configs" /
-                      "llama_tiny.json").read_text())
-    cfg["intermediate_size"] = 175
-    (out / "llama_odd.json").write_text(json.dumps(cfg))
-    odd = [a if a != "llama_tiny" else str(out / "llama_odd.json") for a in COMMON]
+    odd = _odd_args(out)
     odd[odd.index("--max-steps") + 1] = "3"
     for s in (2, 3):
         sc.append({"name": f"z{s}_uneven", "argv": ["--ds_config", str(out / f"z{s}.json"), *odd]})
@@ -113,6 +111,15 @@ def _open_mpi_available() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return "Open MPI" in out.stdout + out.stderr
+
+
+def _odd_args(out: Path) -> list[str]:
+    """COMMON on llama_tiny with an MLP width of 175 rows (ZeRO-3 splits them 88 / 87)."""
+    cfg = json.loads((Path(__file__).resolve().parents[2] / "qgalore_dist" / "models" / "configs" /
+                      "llama_tiny.json").read_text())
+    cfg["intermediate_size"] = 175
+    (out / "llama_odd.json").write_text(json.dumps(cfg))
+    return [a if a != "llama_tiny" else str(out / "llama_odd.json") for a in COMMON]
 
 
 def _vlorp_args(out: Path) -> list[str]:
@@ -226,8 +233,9 @@ def test_parity_with_single_device(run, stage):
         if k.endswith("_proj.weight"):
             step = w.abs().max() / 127
             assert float(diff.max()) <= 1.01 * float(step) + 1e-6, k
-            # seen: up to 5% of one matrix's codes after 6 steps (a flip changes that element's later updates)
-            assert float((diff > 1e-6).float().mean()) <= 0.08, k
+            # codes one step apart (a flip changes that element's later updates); sub-step differences are a row
+            # group's scale moving in its last digits with the fp32 update, not a different code
+            assert float((diff > 0.5 * step).float().mean()) <= 0.08, k
             assert float(diff.norm() / w.norm()) <= 2e-3, k
         else:
             assert float(diff.max()) <= 1e-4, k
@@ -249,6 +257,29 @@ def test_zero3_partitions_int8_rows(run):
         assert z3[r]["gather_calls"] > 0  # forward + backward gathered the INT8 rows
         # dense parameters are ZeRO-3 partitions too: half of ZeRO-2's full replica
         assert z3[r]["memory"]["dense_weights"] <= 0.51 * z2[r]["memory"]["dense_weights"]
+
+
+def test_zero3_sharded_start_equals_the_local_model(run):
+    """ZeRO-3 builds the model on the meta device and each rank fills only its INT8 rows (175-row MLP: 88 / 87):
+    gathered at step 0, the model is the local engine's bit for bit (keyed init by global index)."""
+    from qgalore_dist.checkpoint.export import dequantized_state_dict, quantized_modules
+    from qgalore_dist.models import resolve_model_config
+    from qgalore_dist.train.cli import parse_args
+    from qgalore_dist.train.loop import build_training_model, resolve_tokenizer
+
+    recs = _ok(run, "z3_start")
+    args = parse_args(_odd_args(run["dir"]))
+    config = resolve_model_config(args.model, vocab_size=len(resolve_tokenizer(args)))
+    local = build_training_model(args, config, torch.device("cpu"), torch.float32)
+    want = dequantized_state_dict(local.state_dict(), quantized_modules(local))
+    got = _weights(run, "z3_start")
+    assert set(got) == {k for k in want if "rotary" not in k}
+    for k in got:
+        assert torch.equal(got[k], want[k]), k
+    full = sum(v.numel() for k, v in local.state_dict().items() if k.endswith("_codes"))
+    held = [r["memory"]["projected_weights"] for r in recs]
+    # codes (1 byte / element) + scales: each rank holds its rows only, about half
+    assert all(0.45 * full < h < 0.55 * full * (1 + 4 / 64) for h in held), (held, full)
 
 
 def test_zero3_uneven_row_shards(run):
@@ -445,7 +476,7 @@ def test_offline_export_of_a_zero2_checkpoint(run, tmp_path):
 
     from qgalore_dist.train.engines.deepspeed import export_deepspeed_checkpoint
 
-    out = export_deepspeed_checkpoint(run["dir"] / "ck_z2" / "global_step6", tmp_path / "exp")
+    out = export_deepspeed_checkpoint(run["dir"] / "ck_z2" / "global_step6", tmp_path / "exp", torch.float32)
     sd = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).state_dict()
     for k, v in _weights(run, "z2").items():
         assert torch.allclose(sd[k].float(), v.float(), atol=1e-6), k

@@ -92,6 +92,8 @@ from ...checkpoint.save_load import (
     verify_files,
 )
 from ...errors import DistributedError, UsageError
+from ...nn.int8_linear import QGaLoreLinear
+from ...nn.materialize import PendingModel
 from ...optim.norms import closure_loss
 from ..args import INT8_OPTIMIZERS, TrainArgs
 from .base import ResumePoint
@@ -374,6 +376,8 @@ class DeepSpeedEngine(DistributedEngine):
         from ..optimizers import ADAM_EPS, qgalore_config
 
         args = self.args
+        if isinstance(model, PendingModel):  # ZeRO-3's sharded start: this rank's INT8 rows only
+            model = self._materialize_rows(model)
         model = model.to(self.device)
         self.collectives = Collectives(timeout=datetime.timedelta(seconds=args.dist_timeout))
         config = qgalore_config(args).replace(proj_bits=self.settings.proj_bits, fused=self.settings.fused)
@@ -397,6 +401,28 @@ class DeepSpeedEngine(DistributedEngine):
         # in DeepSpeedEngine.forward (clear_backward_seen_flag), and without it the second micro-batch's dense
         # gradients would overwrite the first's instead of adding to them
         return _ThroughEngine(self.ds, self._guard), self.optimizer
+
+    @property
+    def sharded_start(self) -> bool:  # type: ignore[override]
+        return self.stage == 3
+
+    def _materialize_rows(self, pending: PendingModel) -> nn.Module:
+        """ZeRO-3: every INT8 matrix allocated and filled only in this rank's ``torch.chunk`` rows (what the
+        side-car's row shard keeps), so no rank ever holds the whole INT8 model. The dense parameters are
+        materialised whole and partitioned by ``deepspeed.initialize`` right after (DeepSpeed partitions a built
+        module; ``zero.Init`` would need the model constructed inside it): a transient of the dense part."""
+        from ...parallel.row_sharded import chunk_rows
+
+        for mod in pending.model.modules():
+            if isinstance(mod, QGaLoreLinear):
+                rows = chunk_rows(mod.out_features, self.world_size)
+                r0 = sum(rows[:self.rank])
+                mod.weight_codes = mod.weight_codes[r0:r0 + rows[self.rank]]
+                mod.weight_scales = mod.weight_scales[r0:r0 + rows[self.rank]]
+                mod.row_offset = r0
+        model = pending.materialize(self.device)
+        model.train()
+        return model
 
     def _build_sidecar(self, model: nn.Module, config, common: dict) -> None:
         from ...parallel.deepspeed_sidecar import SidecarQGaLoreOptimizer
@@ -686,7 +712,7 @@ class _JointOptimizer(torch.optim.Optimizer):
         raise RuntimeError("the deepspeed engine checkpoints through DeepSpeedEngine.save_checkpoint")
 
 
-def export_deepspeed_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
+def export_deepspeed_checkpoint(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Dequantised transformers model from a ZeRO-1/2 checkpoint directory (``global_stepN``), offline.
 
     DeepSpeed's ``mp_rank_00_model_states.pt`` holds the full module state (ZeRO-1/2 keep full dense weights and the
@@ -714,4 +740,4 @@ def export_deepspeed_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-    return export_state(module, config, record["quantized_modules"], out_dir, tokenizer)
+    return export_state(module, config, record["quantized_modules"], out_dir, tokenizer, dtype)

@@ -59,7 +59,8 @@ from ...checkpoint.save_load import (
     unflatten_state,
     verify_files,
 )
-from ...errors import UsageError
+from ...errors import ModelSpecError, UsageError
+from ...models.arch import decoder_layer_modules
 from ...nn.int8_fsdp import ALL_GATHER_COUNTER, Int8RowTensor, to_fsdp_int8
 from ...nn.int8_linear import QGaLoreLinear
 from ...nn.materialize import PendingModel, allocate_and_fill
@@ -149,8 +150,13 @@ class FSDPEngine(DistributedEngine):
         if self.world_size > 1:
             with self._guard("FSDP2 start-up (device mesh, sharding)"):
                 self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-                layers = getattr(getattr(model, "model", None), "layers", None)
-                for layer in (layers if layers is not None else []):
+                # every decoder layer of any architecture (the classes transformers never splits), each its own
+                # unit: gathered for its forward / backward only
+                try:
+                    layers = decoder_layer_modules(model)
+                except ModelSpecError as exc:
+                    raise UsageError(f"--engine fsdp: {exc}") from exc
+                for layer in layers:
                     fully_shard(layer, mesh=self.mesh, reshard_after_forward=True)
                     self.fsdp_modules.append(layer)
                 fully_shard(model, mesh=self.mesh)  # the root stays gathered from forward to backward (default)
