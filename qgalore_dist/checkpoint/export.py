@@ -38,10 +38,11 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..errors import UsageError
 from ..nn.int8_linear import QGaLoreLinear
+from ..nn.layout import int8_layout, to_transformers_layout
 from ..quant.int8 import dequantize_rows
 from .save_load import MODEL_FILE, TRAINER_FILE, CheckpointError, verify_checkpoint
 
-__all__ = ["EXPORT_MARKER", "MAX_SHARD_BYTES", "check_export_target", "dequantized_state_dict",
+__all__ = ["DequantizedTensors", "EXPORT_MARKER", "MAX_SHARD_BYTES", "check_export_target", "dequantized_state_dict",
            "export_checkpoint", "export_model", "export_state", "export_tensors", "iter_dequantized", "main",
            "quantized_modules"]
 
@@ -59,26 +60,45 @@ def quantized_modules(model: nn.Module) -> dict[str, int]:
     return {n: m.group_size for n, m in model.named_modules() if isinstance(m, QGaLoreLinear)}
 
 
+class DequantizedTensors(Iterator[tuple[str, torch.Tensor]]):
+    """What :func:`iter_dequantized` returns: its ``(name, tensor)`` pairs, plus ``int8_modules``, the names of the
+    modules whose weights it dequantised — matrices in the INT8 model's layout ([out, in], one per expert), which
+    :func:`export_tensors` puts back into the transformers layout."""
+
+    def __init__(self, pairs: Iterator[tuple[str, torch.Tensor]], int8_modules: Iterable[str]):
+        self._pairs = pairs
+        self.int8_modules = frozenset(int8_modules)
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        return next(self._pairs)
+
+
 def iter_dequantized(state: Mapping[str, torch.Tensor], quantized: Mapping[str, int],
-                     dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+                     dtype: torch.dtype = torch.float32) -> DequantizedTensors:
     """``state``'s tensors in order, each ``<name>.weight_codes`` / ``<name>.weight_scales`` pair of a quantised
     module yielded once as the float ``<name>.weight`` [m, n] (codes × scales) at the codes' position; floating
-    tensors cast to ``dtype``, others kept. Lazy: one dequantised matrix exists at a time."""
-    for name in quantized:
-        if f"{name}.weight_codes" not in state or f"{name}.weight_scales" not in state:
-            raise CheckpointError(f"state has no INT8 weight for quantised module {name!r}")
-    for k, v in state.items():
-        if k.endswith(".weight_scales"):
-            if k[:-len(".weight_scales")] not in quantized:
-                raise CheckpointError(f"state holds INT8 tensor {k!r} of a module not listed as quantised")
-            continue
-        if k.endswith(".weight_codes"):
-            name = k[:-len(".weight_codes")]
-            if name not in quantized:
-                raise CheckpointError(f"state holds INT8 tensor {k!r} of a module not listed as quantised")
-            yield f"{name}.weight", dequantize_rows(v, state[f"{name}.weight_scales"], quantized[name], dtype)
-        else:
-            yield k, (v.to(dtype) if v.is_floating_point() else v)
+    tensors cast to ``dtype``, others kept. Lazy: one dequantised matrix exists at a time. Names and layout are the
+    INT8 model's (a GPT-2 ``Conv1D`` as [out, in], MoE experts one matrix each): ``int8_modules`` of the result
+    lists the quantised modules for :func:`export_tensors`."""
+
+    def pairs() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in quantized:
+            if f"{name}.weight_codes" not in state or f"{name}.weight_scales" not in state:
+                raise CheckpointError(f"state has no INT8 weight for quantised module {name!r}")
+        for k, v in state.items():
+            if k.endswith(".weight_scales"):
+                if k[:-len(".weight_scales")] not in quantized:
+                    raise CheckpointError(f"state holds INT8 tensor {k!r} of a module not listed as quantised")
+                continue
+            if k.endswith(".weight_codes"):
+                name = k[:-len(".weight_codes")]
+                if name not in quantized:
+                    raise CheckpointError(f"state holds INT8 tensor {k!r} of a module not listed as quantised")
+                yield f"{name}.weight", dequantize_rows(v, state[f"{name}.weight_scales"], quantized[name], dtype)
+            else:
+                yield k, (v.to(dtype) if v.is_floating_point() else v)
+
+    return DequantizedTensors(pairs(), quantized)
 
 
 def dequantized_state_dict(state: Mapping[str, torch.Tensor], quantized: Mapping[str, int],
@@ -247,7 +267,10 @@ def export_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Pretrain
                    max_shard_bytes: int = MAX_SHARD_BYTES, source: str = "") -> Path:
     """Write a ``transformers`` directory from ``(name, float tensor)`` pairs in the model's naming (consumed
     lazily, written shard by shard), ``config`` and the tokenizer; the pairs should already be in ``dtype``.
-    ``out_dir`` must pass :func:`check_export_target` (re-checked here)."""
+    Pairs from :func:`iter_dequantized` are put back into the transformers layout first
+    (:func:`~qgalore_dist.nn.layout.to_transformers_layout`: an INT8 ``Conv1D`` weight transposed to [in, out],
+    the INT8 expert matrices of a 3-D parameter stacked into [E, out, in]), so the export loads in plain
+    transformers. ``out_dir`` must pass :func:`check_export_target` (re-checked here)."""
     out_dir = Path(out_dir).expanduser()
     check_export_target(out_dir)
     config = copy.deepcopy(config)
@@ -257,6 +280,12 @@ def export_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Pretrain
     for stale in out_dir.parent.glob(f".{out_dir.name}.export-tmp-*"):  # left by an interrupted export
         shutil.rmtree(stale, ignore_errors=True)
     shapes, tied = _reference(config)
+    int8 = getattr(tensors, "int8_modules", frozenset())
+    if int8:  # INT8 matrices in the INT8 model's layout: where each lives in transformers' (a meta build)
+        from ..models import build_model
+
+        layout = int8_layout(build_model(copy.deepcopy(config), meta=True))
+        tensors = to_transformers_layout(tensors, {k: s for k, s in layout.items() if k.rpartition(".")[0] in int8})
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
     tmp.mkdir()
     try:
