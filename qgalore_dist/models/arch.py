@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..errors import ModelSpecError
@@ -19,7 +20,7 @@ from ..nn.int8_linear import QGaLoreLinear
 from ..nn.layout import SUPPORTED_MODEL_TYPES
 
 __all__ = ["LEGACY_EXPERT_FILES", "SUPPORTED_MODEL_TYPES", "LegacyExperts", "decoder_layer_modules",
-           "parameter_counts"]
+           "init_non_persistent_buffers", "parameter_counts"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,33 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
                 int8_params.add(id(w))
     dense = sum(p.numel() for p in model.parameters() if id(p) not in int8_params)
     return projected, dense
+
+
+def init_non_persistent_buffers(model: nn.Module) -> int:
+    """Set the non-persistent buffers of a model materialised from the meta device — values no checkpoint holds,
+    left uninitialised by ``to_empty`` (Gemma's ``embed_scale`` = √hidden) — by the model's own ``_init_weights``,
+    module by module, as ``from_pretrained`` does. Rotary modules (``inv_freq``) are left to
+    :func:`~qgalore_dist.models.build.rebuild_rotary_buffers`. The module's parameters and persistent buffers are
+    flagged ``_is_hf_initialized`` during the call, which transformers' init functions (``transformers.
+    initialization``) honour by leaving them alone. Returns how many modules were initialised."""
+    init_fn = getattr(model, "_init_weights", None)
+    if init_fn is None:
+        return 0
+    done = 0
+    for module in model.modules():
+        volatile = [b for b in module._non_persistent_buffers_set if module._buffers.get(b) is not None]
+        if not volatile or hasattr(module, "inv_freq"):
+            continue
+        keep = [t for t in module._parameters.values() if t is not None]
+        keep += [t for n, t in module._buffers.items() if t is not None and n not in volatile]
+        flagged = [t for t in keep if not getattr(t, "_is_hf_initialized", False)]
+        for t in flagged:
+            t._is_hf_initialized = True
+        try:
+            with torch.no_grad():
+                init_fn(module)
+        finally:
+            for t in flagged:
+                del t._is_hf_initialized
+        done += 1
+    return done

@@ -107,7 +107,9 @@ class KeyedRandomInit:
         clone._parameters = {n: None if p is None else
                              nn.Parameter(torch.empty(tuple(p.shape), dtype=torch.float32), requires_grad=False)
                              for n, p in module._parameters.items()}
-        clone._buffers = {}
+        # buffers as CPU placeholders: some rules set them too (Gemma's ``embed_scale``); the clone is discarded
+        clone._buffers = {n: None if b is None else torch.empty(tuple(b.shape), dtype=b.dtype)
+                          for n, b in module._buffers.items()}
         clone._modules = {}
         k1, k2 = stream_key(self.seed, 0, module_name, SALT_INIT ^ 0xD0D0)
         with torch.random.fork_rng(devices=[]):
@@ -247,9 +249,11 @@ def allocate_and_fill(model: nn.Module, source: ParamSource, device: torch.devic
     if tie and hasattr(model, "tie_weights"):
         model.tie_weights()  # casts and to_empty gave each name of a tied pair its own tensor again
     fill(model, source)
+    from ..models.arch import init_non_persistent_buffers
     from ..models.build import rebuild_rotary_buffers
 
     rebuild_rotary_buffers(model, device)
+    init_non_persistent_buffers(model)  # the others no checkpoint holds (Gemma's embed_scale)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"materialize: {len(left)} tensors left on the meta device (first: {left[0]})")
