@@ -102,15 +102,18 @@ def _warn_unknown_architecture(model: nn.Module, target_modules: Sequence[str]) 
     if model_type is None or model_type in SUPPORTED_MODEL_TYPES:
         return
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    left = []
+    left, projected = [], False
     for name, module in model.named_modules():
         if module is head or not name:
             continue
-        if isinstance(module, (nn.Linear, Conv1D)) and not matches_target(name, target_modules):
-            left.append(_pattern(name))
+        if isinstance(module, (nn.Linear, Conv1D)):
+            if matches_target(name, target_modules):
+                projected = True
+            else:
+                left.append(_pattern(name))
         left += [_pattern(f"{name}.{p}") for p, t in module.named_parameters(recurse=False)
                  if t.dim() == 3 and not matches_target(f"{name}.{p}", target_modules)]
-    if left:
+    if left and projected:  # nothing projected at all: the caller refuses, listing the layer names
         warnings.warn(f"model_type {model_type!r} is not one of the architectures whose projections are known "
                       f"({', '.join(SUPPORTED_MODEL_TYPES)}); of its linear layers "
                       f"({', '.join(linear_layer_names(model))}) these stay dense: {', '.join(_dedup(left))}",
