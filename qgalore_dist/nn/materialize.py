@@ -68,20 +68,16 @@ _SMALL_MODULE = 1 << 22  # a module with at most this many own elements is initi
 class KeyedRandomInit:
     """A fresh model, identical on every rank and engine without communicating, each rank drawing only its rows.
 
-    * Targeted weights: ``std · z`` with ``z`` keyed by (seed, name, global element index)
-      (:func:`~qgalore_dist.quant.rng.keyed_normal_rows`), ``std = config.initializer_range``; rounded with the
-      initial keyed stochastic-rounding stream (seed, step 0, name).
+    * Targeted weights: N(0, std²), ``std = config.initializer_range``, each row from a generator keyed by
+      (seed, name, global row index) (:func:`~qgalore_dist.quant.rng.keyed_normal_rows`); rounded with the initial
+      keyed stochastic-rounding stream (seed, step 0, name, global element index).
     * Modules with at most 4 M own elements (norms, small linears): the model's own ``_init_weights`` on a whole
       copy of the module, under an RNG seeded from (seed, module name) — cheap, and the same rule transformers
       applies (ones for RMSNorm, zeros for Gemma's offset norm ...); a rank keeps its rows of the result.
-    * Larger dense tensors (embeddings, ``lm_head``, untargeted big linears): matrices ``std · z`` keyed like the
-      targeted weights (an embedding's ``padding_idx`` row zero), vectors zero (biases) — what ``_init_weights``
-      does for ``nn.Linear`` / ``nn.Embedding``, drawn by global index.
+    * Larger dense tensors (embeddings, ``lm_head``, untargeted big linears): matrices N(0, std²) keyed by row like
+      the targeted weights (an embedding's ``padding_idx`` row zero), vectors zero (biases) — what
+      ``_init_weights`` does for ``nn.Linear`` / ``nn.Embedding``, drawn by global row.
     * Biases of targeted linears: zero.
-
-    ``z`` is an Irwin–Hall sum of four keyed uniforms in integer arithmetic, scaled to unit variance by one
-    multiply: bit-identical on every CPU/GPU kernel (no transcendental function whose last bit depends on the SIMD
-    path), with the normal's mean and variance and tails cut at ±3.46·std — harmless for an initialisation.
     """
 
     def __init__(self, model: nn.Module, seed: int = 0, init_std: float | None = None):
@@ -91,12 +87,12 @@ class KeyedRandomInit:
         self.init_fn: Callable[[nn.Module], None] | None = getattr(model, "_init_weights", None)
         self._whole: tuple[int, dict[str, torch.Tensor]] | None = None  # the last small module's values
 
-    def _keys(self, name: str) -> list[tuple[int, int]]:
-        return [stream_key(self.seed, 0, name, SALT_INIT ^ (0xFFFF - j)) for j in range(4)]
+    def _key(self, name: str) -> tuple[int, int]:
+        return stream_key(self.seed, 0, name, SALT_INIT ^ 0xFFFF)
 
     def matrix_rows(self, qname, shape, rows, device):
         r0, r1 = rows
-        w = keyed_normal_rows(r0, r1 - r0, shape[1], self._keys(qname), self.std, device)
+        w = keyed_normal_rows(r0, r1 - r0, shape[1], self._key(qname), self.std, device)
         return w, stream_key(self.seed, 0, qname, SALT_INIT)
 
     def _small_module(self, module: nn.Module, module_name: str) -> dict[str, torch.Tensor]:
@@ -135,7 +131,7 @@ class KeyedRandomInit:
             return (whole[r0:r1] if shape else whole).to(device=device, dtype=dtype)
         if len(shape) >= 2:
             cols = math.prod(shape[1:])
-            w = keyed_normal_rows(r0, r1 - r0, cols, self._keys(name), self.std, device).view(out_shape)
+            w = keyed_normal_rows(r0, r1 - r0, cols, self._key(name), self.std, device).view(out_shape)
             pad = getattr(module, "padding_idx", None)
             if isinstance(module, nn.Embedding) and pad is not None and r0 <= pad < r1:
                 w[pad - r0].zero_()
