@@ -33,7 +33,7 @@ from ..errors import ModelSpecError
 from ..nn.convert import DEFAULT_TARGET_MODULES
 from ..nn.layout import StoredAs, int8_layout
 from ..nn.materialize import RowRange, materialize
-from .arch import LEGACY_EXPERT_FILES
+from .arch import LEGACY_EXPERT_FILES, init_non_persistent_buffers
 from .build import build_model, rebuild_rotary_buffers, resolve_model_config
 
 __all__ = [
@@ -418,16 +418,15 @@ def streamed_float_model(directory: str | Path, *, dtype: torch.dtype = torch.fl
     aliases = _tied_aliases(model)
     checkpoint.check(_expected_tensors(model, aliases))
     rebuild_rotary_buffers(model, device)  # small, and no checkpoint holds them: materialised once, for good
+    for module in model.modules():  # the other non-persistent buffers (Gemma's embed_scale): the model's own rule
+        for b, t in module._buffers.items():
+            if t is not None and t.is_meta and b in module._non_persistent_buffers_set:
+                module._buffers[b] = torch.empty_like(t, device=device)
+    init_non_persistent_buffers(model)
     for name, module in model.named_modules():
         params, buffers = _own_tensors(module)
         if params or buffers:
             _StreamHooks(checkpoint, aliases, name, module, params, buffers, dtype, device).install()
-    # a meta non-persistent buffer left now is one nothing can fill (rotary ones were rebuilt above)
-    left = [f"{name}.{b}" for name, module in model.named_modules() for b, t in module._buffers.items()
-            if t is not None and t.is_meta and b in module._non_persistent_buffers_set]
-    if left:
-        raise ModelSpecError(f"{directory}: non-persistent buffer {left[0]!r} cannot be rebuilt "
-                             f"(model_type {config.model_type!r} is not supported for streamed evaluation)")
     model.eval()
     return model
 

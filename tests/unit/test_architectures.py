@@ -38,7 +38,7 @@ from transformers import (
 from qgalore_dist import QGaLoreConfig, QGaLoreOptimizer
 from qgalore_dist.checkpoint.export import export_model, iter_dequantized, quantized_modules
 from qgalore_dist.errors import ModelSpecError, UsageError
-from qgalore_dist.models import build_model, load_quantized_pretrained
+from qgalore_dist.models import build_model, load_pretrained, load_quantized_pretrained, streamed_float_model
 from qgalore_dist.models.arch import decoder_layer_modules, parameter_counts
 from qgalore_dist.nn.convert import find_target_linears, quantize_model
 from qgalore_dist.nn.experts import SplitExperts
@@ -260,6 +260,20 @@ def test_pretrained_codes_logits_and_export(arch: str, saved, tmp_path) -> None:
         if not k.endswith(("weight_codes", "weight_scales")):
             assert torch.equal(back_state[k], v), k
     assert_same_logits(model, back.eval())
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gpt2", "mixtral"])
+def test_float_loads_of_the_original(arch: str, saved) -> None:
+    """The float modes read the same files: load_pretrained and the streamed evaluation model (Gemma's
+    non-persistent embed_scale set by the model's rule, Mixtral's per-expert files fused) give the original logits."""
+    directory, original = saved[arch]
+    ref = copy.deepcopy(original).double().eval()
+    ids = batch()
+    for model in (load_pretrained(directory, dtype=torch.float64).eval(),
+                  streamed_float_model(directory, dtype=torch.float64)):
+        model.config._experts_implementation = "eager"
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "mixtral", "qwen2_moe"])
