@@ -156,3 +156,14 @@ def main(argv: Sequence[str] | None = None):
         fail(str(exc))
     except DistributedError as exc:
         fail(str(exc), status=1)
+
+
+def console(argv: Sequence[str] | None = None) -> int:
+    """The ``qgalore-pretrain`` console script: :func:`main`, exit status 0 after a run (a console-script wrapper
+    passes the return value to ``sys.exit``, which would print the :class:`~.loop.TrainResult` and exit 1)."""
+    main(argv)
+    return 0
+
+
+if __name__ == "__main__":  # python -m qgalore_dist.train.cli
+    sys.exit(console())

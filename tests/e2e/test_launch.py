@@ -407,3 +407,23 @@ def test_torchrun_job_prints_one_error_line(ws: SimpleNamespace) -> None:
     assert ours == ["error: invalid optimizer setting: granularity=3.0 is invalid: must be a positive power of two "
                     "(e.g. 0.25, 0.5, 1, 2, 4)"], proc.stdout + proc.stderr
     assert proc.returncode != 0
+
+
+def test_package_lists_its_commands_and_installs_console_scripts(capsys) -> None:
+    """``python -m qgalore_dist`` prints the commands; the installed metadata declares the console scripts (the
+    venv's ``bin/`` holds them once ``make setup`` installed the package)."""
+    from importlib.metadata import entry_points
+
+    from qgalore_dist.__main__ import main as package_main
+
+    assert package_main([]) == 0
+    out = capsys.readouterr().out
+    assert "qgalore-pretrain" in out and "qgalore-export" in out
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("qgalore-pretrain") == "qgalore_dist.train.cli:console"
+    assert scripts.get("qgalore-export") == "qgalore_dist.checkpoint.export:main"
+    with pytest.raises(SystemExit) as exc:  # the console wrapper keeps main's exit status for bad input
+        from qgalore_dist.train.cli import console
+
+        console(["--lr", "-1"])
+    assert exc.value.code == 2
