@@ -27,6 +27,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from ..errors import ModelSpecError
 from ..models.pretrained import SafetensorsCheckpoint, SafetensorsSource, _expected_tensors, _tied_aliases
 from ..nn.convert import DEFAULT_TARGET_MODULES
+from ..nn.layout import prepare_int8_layout
 from ..nn.materialize import ParamSource, materialize
 from ..quant.int8 import dequantize_rows
 from .save_load import MODEL_FILE, TOKENIZER_DIR, TRAINER_FILE, CheckpointError, verify_checkpoint
@@ -132,6 +133,9 @@ def checkpoint_source(root: str | Path, record: Mapping, model: nn.Module) -> Pa
     """The source that fills ``model`` (built on the meta device from the checkpoint's config, before any INT8
     skeleton) from checkpoint ``root`` (``record``: its verified trainer.json), every tensor checked first."""
     root = Path(root).expanduser()
+    saved_targets = (record.get("args") or {}).get("target_modules")
+    if saved_targets:  # the checkpoint stores GPT-2 Conv1D / MoE experts in the layout its run trained them in
+        prepare_int8_layout(model, tuple(t.strip() for t in str(saved_targets).split(",") if t.strip()))
     tensors = Int8CheckpointTensors(root, record.get("quantized_modules") or {})
     aliases = _tied_aliases(model)
     try:

@@ -119,3 +119,28 @@ def test_model_directories_that_cannot_be_read(ws, tmp_path, capsys, case) -> No
     assert exc.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mixtral"])
+def test_other_architectures_train_and_restart_from_their_checkpoint(ws, tmp_path, arch) -> None:
+    """A config JSON of another architecture through the command line: GPT-2's Conv1D and Mixtral's 3-D experts
+    are projected in INT8 (the banner counts them), a checkpoint of the run is a model directory again."""
+    from transformers import GPT2Config, MixtralConfig
+
+    cfg = (GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=96, vocab_size=512) if arch == "gpt2"
+           else MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=512,
+                              max_position_embeddings=64))
+    spec = tmp_path / f"{arch}.json"
+    spec.write_text(cfg.to_json_string())
+    run = tmp_path / "run"
+    first = main(args(ws, "--model", str(spec), "--tokenizer", str(ws.hf), "--max-steps", "2", "--save-dir",
+                      str(run)))
+    assert first.steps == 2 and all(torch.isfinite(torch.tensor(first.losses)))
+    state = load_checkpoint(run / "step_000002").model_state
+    assert any(k.endswith("weight_codes") and (".c_attn." in k if arch == "gpt2" else ".experts." in k)
+               for k in state)
+    tuned = main(args(ws, "--model", str(run / "step_000002"), "--max-steps", "1", "--metrics-jsonl",
+                      str(tmp_path / "t.jsonl")))
+    assert evals(tmp_path / "t.jsonl")[0]["val_loss"] == first.evals[-1][1]
+    assert tuned.steps == 1
