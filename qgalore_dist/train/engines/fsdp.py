@@ -38,7 +38,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -469,13 +469,13 @@ class FSDPEngine(DistributedEngine):
         return ResumePoint(int(record["step"]), record)
 
     # --- export ----------------------------------------------------------------------------------------------
-    def full_state(self) -> dict[str, torch.Tensor] | None:
-        """Collective: the whole model state on rank 0 (INT8 projected weights as ``<module>.weight_codes`` /
-        ``_scales``, as a single-device ``QGaLoreLinear`` model stores them); None on other ranks."""
+    def _gathered(self) -> Iterator[tuple[str, Any]]:
+        """Collective generator — every rank must run it to the end: each parameter and buffer whole, one at a
+        time, on rank 0 (None on the others); an INT8 weight as ``(codes [m, n], scales [m, G], group size)``
+        under its parameter name. At most one gathered tensor exists at a time."""
         from torch.distributed.tensor import DTensor
 
         self._reshard()
-        out: dict[str, torch.Tensor] = {}
         coll = self.collectives or Collectives(timeout=self.timeout)
         for n, p in self.model.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
@@ -483,30 +483,51 @@ class FSDPEngine(DistributedEngine):
                 rows = chunk_rows(int(p.shape[0]), self.world_size)
                 codes = coll.gather_to(local.codes.detach(), 0, rows)
                 scales = coll.gather_to(local.scales.detach(), 0, rows)
-                base = n[: -len(".weight")]
-                if self.is_main:
-                    out[f"{base}.weight_codes"], out[f"{base}.weight_scales"] = codes.cpu(), scales.cpu()
+                yield n, ((codes.cpu(), scales.cpu(), local.group_size) if self.is_main else None)
             else:
                 full = p.full_tensor() if isinstance(p, DTensor) else p
-                if self.is_main:
-                    out[n] = full.detach().cpu()
+                yield n, (full.detach().cpu() if self.is_main else None)
         for n, b in self.model.named_buffers():
-            if self.is_main:
-                out[n] = b.detach().cpu()
+            yield n, (b.detach().cpu() if self.is_main else None)
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """Collective: the whole model state on rank 0 (INT8 projected weights as ``<module>.weight_codes`` /
+        ``_scales``, as a single-device ``QGaLoreLinear`` model stores them); None on other ranks."""
+        out: dict[str, torch.Tensor] = {}
+        for n, v in self._gathered():
+            if isinstance(v, tuple):
+                base = n[: -len(".weight")]
+                out[f"{base}.weight_codes"], out[f"{base}.weight_scales"] = v[0], v[1]
+            elif v is not None:
+                out[n] = v
         return out if self.is_main else None
 
     def export(self, model: nn.Module, out_dir: str | Path, tokenizer: Any, dtype: torch.dtype) -> Path | None:
-        from ...checkpoint.export import export_state
+        """Streaming export: one matrix gathered to rank 0 and dequantised at a time, written shard by shard
+        (rank 0 holds its share, one gathered matrix and the current <= 2 GB shard)."""
+        from torch.distributed.tensor import DTensor
+
+        from ...checkpoint.export import DequantizedTensors, export_tensors
+        from ...quant.int8 import dequantize_rows
+
+        expected = set(_model_state_keys(self.model.config))
+        int8 = [n.removesuffix(".weight") for n, p in self.model.named_parameters()
+                if isinstance(p.to_local() if isinstance(p, DTensor) else p, Int8RowTensor)]
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for n, v in self._gathered():
+                if isinstance(v, tuple):
+                    yield n, dequantize_rows(v[0], v[1], v[2], dtype)
+                elif v is not None and n in expected:
+                    yield n, (v.to(dtype) if v.is_floating_point() else v)
 
         with self._guard("gathering the model for --export"):
-            state = self.full_state()
-        if not self.is_main:
-            return None
-        quantized = {n: m.group_size for n, m in self.model.named_modules()
-                     if isinstance(m, QGaLoreLinear) and m.source.kind == "fsdp"}
-        expected = set(_model_state_keys(self.model.config))
-        state = {k: v for k, v in state.items() if k in expected or k.endswith(("_codes", "_scales"))}
-        return export_state(state, self.model.config, quantized, out_dir, tokenizer, dtype)
+            if not self.is_main:
+                for _ in self._gathered():  # the same collectives as rank 0's export, in order
+                    pass
+                return None
+            return export_tensors(DequantizedTensors(tensors(), int8), self.model.config, out_dir, tokenizer,
+                                  dtype=dtype)
 
     def memory_bytes(self) -> dict[str, int] | None:
         fn = getattr(self.optimizer, "memory_bytes", None)
