@@ -19,7 +19,6 @@ import torch
 
 from qgalore_dist.checkpoint import load_checkpoint
 from qgalore_dist.checkpoint.export import main as export_main
-from qgalore_dist.data import default_corpus_files, get_tokenizer
 from qgalore_dist.errors import UsageError
 from qgalore_dist.models import build_model, resolve_model_config
 from qgalore_dist.nn import quantize_model
@@ -30,34 +29,6 @@ VOCAB = 512
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """Corpus, cache and tokenizer shared by the module (the tokenizer is trained once here)."""
-    root = tmp_path_factory.mktemp("launch")
-    cache = root / "cache"
-    corpus = root / "sonnets.txt"
-    sonnets = next(p for p in default_corpus_files() if p.name.startswith("sonnets"))
-    shutil.copy(sonnets, corpus)
-    tok = get_tokenizer(vocab_size=VOCAB, corpus=corpus, cache_dir=cache)
-    tok.save_pretrained(str(root / "tok"))
-    return SimpleNamespace(root=root, cache=cache, corpus=corpus, tok=root / "tok")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """llama_tiny's matrices are far too small to gain from intra-op threads, and on a shared 2-core machine
-    OpenMP threads of an oversubscribed process spin and slow every op down ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(monkeypatch: pytest.MonkeyPatch, ws: SimpleNamespace) -> None:
-    monkeypatch.setenv("QGALORE_CACHE", str(ws.cache))
-
-
 def base_args(ws: SimpleNamespace, *extra: str) -> list[str]:
     return ["--model", "llama_tiny", "--tokenizer", str(ws.tok), "--data", str(ws.corpus), "--batch-size", "4",
             "--seq-len", "32", "--rank", "16", "--update-proj-gap", "10", "--eval-batches", "4",

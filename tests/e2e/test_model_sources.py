@@ -13,34 +13,20 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qgalore_dist.checkpoint import load_checkpoint
-from qgalore_dist.data import default_corpus_files, get_tokenizer
+from qgalore_dist.data import get_tokenizer
 from qgalore_dist.train.cli import main
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("sources")
-    cache = root / "cache"
-    corpus = root / "sonnets.txt"
-    shutil.copy(next(p for p in default_corpus_files() if p.name.startswith("sonnets")), corpus)
-    tok = get_tokenizer(vocab_size=512, corpus=corpus, cache_dir=cache)
-    # a "pretrained" model directory as users bring it: config.json, safetensors, tokenizer files
-    hf = root / "hf"
+def hf(ws: SimpleNamespace) -> Path:
+    """A "pretrained" model directory as users bring it: config.json, sharded safetensors, tokenizer files."""
+    d = ws.root / "hf"
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=520, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(str(hf), safe_serialization=True, max_shard_size="100KB")
-    tok.save_pretrained(str(hf))
-    return SimpleNamespace(root=root, cache=cache, corpus=corpus, hf=hf)
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, ws: SimpleNamespace):
-    monkeypatch.setenv("QGALORE_CACHE", str(ws.cache))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    LlamaForCausalLM(config).save_pretrained(str(d), safe_serialization=True, max_shard_size="100KB")
+    get_tokenizer(ws.tok).save_pretrained(str(d))
+    return d
 
 
 def args(ws: SimpleNamespace, *extra: str) -> list[str]:
@@ -52,9 +38,9 @@ def evals(path: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == "eval"]
 
 
-def test_pretrained_directory_streams_into_int8_and_reports_the_original_loss(ws, tmp_path, capsys) -> None:
-    assert (ws.hf / "model.safetensors.index.json").is_file()  # sharded, as real checkpoints are
-    res = main(args(ws, "--model", str(ws.hf), "--max-steps", "2", "--metrics-jsonl", str(tmp_path / "m.jsonl")))
+def test_pretrained_directory_streams_into_int8_and_reports_the_original_loss(ws, hf, tmp_path, capsys) -> None:
+    assert (hf / "model.safetensors.index.json").is_file()  # sharded, as real checkpoints are
+    res = main(args(ws, "--model", str(hf), "--max-steps", "2", "--metrics-jsonl", str(tmp_path / "m.jsonl")))
     out = capsys.readouterr().out
     assert "vocab 520" in out and "tokenizer hf (512 tokens)" in out, out  # the model keeps its vocabulary
     assert "the original model" in out
@@ -63,8 +49,8 @@ def test_pretrained_directory_streams_into_int8_and_reports_the_original_loss(ws
     from qgalore_dist.data import TokenBatcher
     from qgalore_dist.train.loop import evaluate
 
-    plain = LlamaForCausalLM.from_pretrained(str(ws.hf), local_files_only=True)
-    batcher = TokenBatcher.from_source(str(ws.corpus), get_tokenizer(ws.hf), 16, 2, seed=0)
+    plain = LlamaForCausalLM.from_pretrained(str(hf), local_files_only=True)
+    batcher = TokenBatcher.from_source(str(ws.corpus), get_tokenizer(hf), 16, 2, seed=0)
     want = evaluate(plain, batcher, 2, 2, torch.device("cpu"))
     assert first["original_val_loss"] == pytest.approx(want, rel=1e-6, abs=0)
     assert res.original_val_loss == first["original_val_loss"]
@@ -73,14 +59,14 @@ def test_pretrained_directory_streams_into_int8_and_reports_the_original_loss(ws
     assert abs(first["val_loss"] - first["original_val_loss"]) < 0.05 * first["original_val_loss"]
 
 
-def test_float_optimizers_load_the_directory_in_float(ws, tmp_path) -> None:
-    res = main(args(ws, "--model", str(ws.hf), "--optimizer", "adamw", "--max-steps", "1"))
+def test_float_optimizers_load_the_directory_in_float(ws, hf, tmp_path) -> None:
+    res = main(args(ws, "--model", str(hf), "--optimizer", "adamw", "--max-steps", "1"))
     assert res.original_val_loss is None and res.steps == 1
 
 
-def test_our_checkpoint_is_a_model_directory(ws, tmp_path) -> None:
+def test_our_checkpoint_is_a_model_directory(ws, hf, tmp_path) -> None:
     run = tmp_path / "run"
-    first = main(args(ws, "--model", "llama_tiny", "--tokenizer", str(ws.hf), "--max-steps", "3",
+    first = main(args(ws, "--model", "llama_tiny", "--tokenizer", str(hf), "--max-steps", "3",
                       "--save-dir", str(run)))
     ckpt = run / "step_000003"
     tuned = main(args(ws, "--model", str(ckpt), "--max-steps", "1", "--metrics-jsonl", str(tmp_path / "t.jsonl")))
@@ -94,16 +80,16 @@ def test_our_checkpoint_is_a_model_directory(ws, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("case", ["pickle-only", "fsdp-layout", "damaged-checkpoint"])
-def test_model_directories_that_cannot_be_read(ws, tmp_path, capsys, case) -> None:
+def test_model_directories_that_cannot_be_read(ws, hf, tmp_path, capsys, case) -> None:
     d = tmp_path / case
     if case == "pickle-only":
         d.mkdir()
-        shutil.copy(ws.hf / "config.json", d / "config.json")
+        shutil.copy(hf / "config.json", d / "config.json")
         (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
         fragment = "safetensors"
     else:
         run = tmp_path / "run"
-        main(args(ws, "--model", "llama_tiny", "--tokenizer", str(ws.hf), "--max-steps", "1", "--save-dir",
+        main(args(ws, "--model", "llama_tiny", "--tokenizer", str(hf), "--max-steps", "1", "--save-dir",
                   str(run)))
         shutil.copytree(run / "step_000001", d)
         if case == "fsdp-layout":
@@ -122,7 +108,7 @@ def test_model_directories_that_cannot_be_read(ws, tmp_path, capsys, case) -> No
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "mixtral"])
-def test_other_architectures_train_and_restart_from_their_checkpoint(ws, tmp_path, arch) -> None:
+def test_other_architectures_train_and_restart_from_their_checkpoint(ws, hf, tmp_path, arch) -> None:
     """A config JSON of another architecture through the command line: GPT-2's Conv1D and Mixtral's 3-D experts
     are projected in INT8 (the banner counts them), a checkpoint of the run is a model directory again."""
     from transformers import GPT2Config, MixtralConfig
@@ -134,7 +120,7 @@ def test_other_architectures_train_and_restart_from_their_checkpoint(ws, tmp_pat
     spec = tmp_path / f"{arch}.json"
     spec.write_text(cfg.to_json_string())
     run = tmp_path / "run"
-    first = main(args(ws, "--model", str(spec), "--tokenizer", str(ws.hf), "--max-steps", "2", "--save-dir",
+    first = main(args(ws, "--model", str(spec), "--tokenizer", str(hf), "--max-steps", "2", "--save-dir",
                       str(run)))
     assert first.steps == 2 and all(torch.isfinite(torch.tensor(first.losses)))
     state = load_checkpoint(run / "step_000002").model_state

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,34 +14,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from qgalore_dist.checkpoint import load_checkpoint
 from qgalore_dist.checkpoint.save_root import LOCK_FILE, SaveRootLock, clean_leftovers, prune_checkpoints
-from qgalore_dist.data import default_corpus_files, get_tokenizer
 from qgalore_dist.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("saveroot")
-    cache = root / "cache"
-    corpus = root / "sonnets.txt"
-    shutil.copy(next(p for p in default_corpus_files() if p.name.startswith("sonnets")), corpus)
-    tok = get_tokenizer(vocab_size=512, corpus=corpus, cache_dir=cache)
-    tok.save_pretrained(str(root / "tok"))
-    return SimpleNamespace(root=root, cache=cache, corpus=corpus, tok=root / "tok")
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, ws: SimpleNamespace):
-    monkeypatch.setenv("QGALORE_CACHE", str(ws.cache))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def args(ws: SimpleNamespace, *extra: str) -> list[str]:
