@@ -289,7 +289,7 @@ def main(argv=None) -> None:
             "included):\n\n" + md7 + "\n")
     write_report("startup", "Sharded start-up: per-rank memory, fresh and from a directory (issue 15)",
                  {"model": a.model, "rank": a.rank, "summary": summary, "results": results, "llama_7b": rows7},
-                 text)
+                 text, script="bench_startup.py")
     print(text)
 
 

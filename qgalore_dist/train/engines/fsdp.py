@@ -259,6 +259,9 @@ class FSDPEngine(DistributedEngine):
         else:
             with self._guard("optimizer step"):
                 self.optimizer.step()
+        # the gradient shards are spent: FSDP2 keeps them as fp32 (4 bytes per weight element / N, four times the
+        # INT8 weights) until the next zero_grad, through evaluation and checkpointing — free them now
+        self.optimizer.zero_grad(set_to_none=True)
         return self.optimizer.last_step.grad_norm
 
     def zero_grad(self) -> None:
