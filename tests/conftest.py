@@ -108,3 +108,44 @@ def load_galore_adamw():
 def galore_adamw():
     """The GaLoreAdamW class (``galore_torch.adamw.AdamW``); skips if galore-torch is missing."""
     return load_galore_adamw()
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line tests (tests/e2e): one workspace per module
+# --------------------------------------------------------------------------------------------------
+CLI_VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory):
+    """Corpus (the embedded sonnets), a small tokenizer trained once on it and saved, and the tokenizer cache:
+    the workspace of a command-line test module."""
+    import shutil
+    from types import SimpleNamespace
+
+    from qgalore_dist.data import default_corpus_files, get_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    cache = root / "cache"
+    corpus = root / "sonnets.txt"
+    shutil.copy(next(p for p in default_corpus_files() if p.name.startswith("sonnets")), corpus)
+    tok = get_tokenizer(vocab_size=CLI_VOCAB, corpus=corpus, cache_dir=cache)
+    tok.save_pretrained(str(root / "tok"))
+    return SimpleNamespace(root=root, cache=cache, corpus=corpus, tok=root / "tok")
+
+
+@pytest.fixture(autouse=True)
+def _cli_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """For a test using ``ws``: its tokenizer cache, and one intra-op thread (tiny models gain nothing from
+    threads, and on a shared 2-core machine OpenMP threads of an oversubscribed process spin and slow every op
+    down ~10x)."""
+    if "ws" not in request.fixturenames:
+        yield
+        return
+    import torch
+
+    monkeypatch.setenv("QGALORE_CACHE", str(request.getfixturevalue("ws").cache))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
