@@ -25,7 +25,7 @@ optimizer), :meth:`Zero3Sidecar.finish_step` (the update) after it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -217,34 +217,41 @@ class Zero3Sidecar:
 
     # --- export -------------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def _gathered(self, module: nn.Module, is_main: bool,
+                  dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Collective generator — every rank must run it to the end: the model's float state one tensor at a time
+        on the main rank (None elsewhere): each dense parameter gathered from its ZeRO-3 partitions, each INT8
+        matrix gathered and dequantised (in ``dtype``), then the persistent buffers."""
+        import deepspeed
+
+        for n, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                t = p.detach().cpu().clone() if is_main else None
+            yield n, t
+        for mod in self.modules:
+            codes, scales = self._gather(mod)
+            yield mod.qname, (dequantize_rows(codes, scales, mod.group_size, dtype) if is_main else None)
+        self.collectives.reset_step()
+        persistent = set(module.state_dict(keep_vars=True))  # names only (non-persistent buffers are not saved)
+        params = {n for n, _ in module.named_parameters()}
+        for n, b in module.named_buffers():
+            if n in persistent and n not in params:
+                yield n, (b.detach().cpu() if is_main else None)
+
     def full_state(self, module: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
         """Collective: the whole model's float state (dense parameters gathered from ZeRO-3, every INT8 matrix
         gathered and dequantised) on the main rank; None elsewhere."""
-        import deepspeed
-
-        state: dict[str, torch.Tensor] = {}
-        params = dict(module.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            if is_main:
-                for n, p in params.items():
-                    state[n] = p.detach().cpu().clone()
-        for mod in self.modules:
-            codes, scales = self._gather(mod)
-            if is_main:
-                state[mod.qname] = dequantize_rows(codes, scales, mod.group_size, torch.float32)
-        self.collectives.reset_step()
-        if not is_main:
-            return None
-        persistent = set(module.state_dict(keep_vars=True))  # names only (non-persistent buffers are not saved)
-        for n, b in module.named_buffers():
-            if n in persistent and n not in state:
-                state[n] = b.detach().cpu()
-        return state
+        state = {n: t for n, t in self._gathered(module, is_main) if t is not None}
+        return state if is_main else None
 
     def export(self, module: nn.Module, out_dir, tokenizer, is_main: bool, dtype: torch.dtype = torch.bfloat16):
-        from ..checkpoint.export import export_state
+        """Streaming export: one tensor gathered to the main rank at a time, written shard by shard."""
+        from ..checkpoint.export import DequantizedTensors, export_tensors
 
-        state = self.full_state(module, is_main)
         if not is_main:
+            for _ in self._gathered(module, is_main, dtype):  # the same collectives as the main rank's, in order
+                pass
             return None
-        return export_state(state, module.config, {}, out_dir, tokenizer, dtype)
+        tensors = ((n, t.to(dtype) if t.is_floating_point() else t) for n, t in self._gathered(module, True, dtype))
+        int8 = [m.qname.removesuffix(".weight") for m in self.modules]
+        return export_tensors(DequantizedTensors(tensors, int8), module.config, out_dir, tokenizer, dtype=dtype)
