@@ -148,6 +148,17 @@ def check_export_target(out_dir: str | os.PathLike[str], *, save_dir: str | os.P
 
 
 # ------------------------------------------------------------------------------------------------- the writer
+def _pid_alive(tag: str) -> bool:
+    """Whether the process whose pid names a temporary directory still runs (this host)."""
+    try:
+        os.kill(int(tag), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _mode_bits(directory: bool) -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -278,7 +289,9 @@ def export_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Pretrain
     config.dtype = dtype  # what from_pretrained(dtype="auto") loads in
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.parent.glob(f".{out_dir.name}.export-tmp-*"):  # left by an interrupted export
-        shutil.rmtree(stale, ignore_errors=True)
+        tag = stale.name.rpartition("-")[2]
+        if tag == str(os.getpid()) or not _pid_alive(tag):  # not one another live export is writing
+            shutil.rmtree(stale, ignore_errors=True)
     shapes, tied = _reference(config)
     int8 = getattr(tensors, "int8_modules", frozenset())
     if int8:  # INT8 matrices in the INT8 model's layout: where each lives in transformers' (a meta build)

@@ -49,7 +49,9 @@ def clean_leftovers(root: str | os.PathLike[str]) -> list[str]:
     entries = sorted(root.iterdir(), key=lambda p: p.name)
     for p in entries:  # first the rescues, so a rescued name is not deleted as a leftover below
         m = _LEFTOVER.match(p.name)
-        if m and m.group(2) == "old" and p.is_dir() and not (root / m.group(1)).exists():
+        # a pruned checkpoint (.old-prune) was being deleted on purpose: never brought back half-deleted
+        if m and m.group(2) == "old" and not p.name.endswith(".old-prune") and p.is_dir() \
+                and not (root / m.group(1)).exists():
             os.replace(p, root / m.group(1))
             done.append(f"restored {m.group(1)} from {p.name} (a save was interrupted while replacing it)")
     for p in entries:

@@ -252,6 +252,12 @@ class Zero3Sidecar:
             for _ in self._gathered(module, is_main, dtype):  # the same collectives as the main rank's, in order
                 pass
             return None
-        tensors = ((n, t.to(dtype) if t.is_floating_point() else t) for n, t in self._gathered(module, True, dtype))
+        gathered = self._gathered(module, True, dtype)
+        tensors = ((n, t.to(dtype) if t.is_floating_point() else t) for n, t in gathered)
         int8 = [m.qname.removesuffix(".weight") for m in self.modules]
-        return export_tensors(DequantizedTensors(tensors, int8), module.config, out_dir, tokenizer, dtype=dtype)
+        try:
+            return export_tensors(DequantizedTensors(tensors, int8), module.config, out_dir, tokenizer, dtype=dtype)
+        except BaseException:
+            for _ in gathered:  # the other ranks are in these gathers: finish them, then fail
+                pass
+            raise

@@ -186,7 +186,13 @@ def resolve_resume(args: TrainArgs, engine: Engine) -> tuple[Path | None, dict[s
     root = Path(args.save_dir if args.resume == "auto" else args.resume).expanduser()
     if args.resume != "auto":
         if (root / TRAINER_FILE).is_file():  # one checkpoint: exactly that one, no fallback
-            return root, engine.verify_checkpoint(root)
+            record = engine.verify_checkpoint(root)
+            newer = [p.name for s, p in (engine.list_checkpoints(args.save_dir) if args.save_dir else [])
+                     if s > int(record.get("step", 0))]
+            if newer:  # its saves would interleave with them, and retention would keep theirs over ours
+                raise UsageError(f"--save-dir {args.save_dir} holds checkpoints newer than {root.name} "
+                                 f"({', '.join(newer[:3])}); resume the newest (--resume auto) or save elsewhere")
+            return root, record
         if not engine.list_checkpoints(root):
             other = _other_layout(str(root), [])
             raise UsageError(f"--resume {args.resume}: " + (
@@ -215,9 +221,13 @@ def lock_save_root(args: TrainArgs, engine: Engine) -> SaveRootLock | None:
             error = str(exc)
     engine._agree(error, UsageError, "locking --save-dir")
     if lock is not None:
-        for line in filter(None, [lock.describe_previous(), *clean_leftovers(lock.root)]):
-            print(f"{args.save_dir}: {line}", file=sys.stderr, flush=True)
-    engine._agree(None, UsageError, "cleaning --save-dir")  # nobody lists checkpoints before rank 0 cleaned
+        try:
+            for line in filter(None, [lock.describe_previous(), *clean_leftovers(lock.root)]):
+                print(f"{args.save_dir}: {line}", file=sys.stderr, flush=True)
+        except OSError as exc:
+            error = f"--save-dir {args.save_dir}: cannot remove what an interrupted save left ({exc})"
+            lock.release()
+    engine._agree(error, CheckpointError, "cleaning --save-dir")  # nobody lists checkpoints before rank 0 did
     return lock
 
 
@@ -474,18 +484,34 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
             metrics.write(record)
             progress.note(note)
 
+        def on_main(what: str, fn) -> None:
+            """``fn`` on rank 0; a file-system error there becomes one CheckpointError on every rank."""
+            error = None
+            if engine.is_main:
+                try:
+                    fn()
+                except OSError as exc:
+                    error = f"--save-dir {args.save_dir}: {what} failed ({exc})"
+            engine._agree(error, CheckpointError, what)
+
+        def cleanup() -> None:  # a save that failed earlier in this run (a disk error) leaves a .tmp
+            for line in clean_leftovers(Path(args.save_dir).expanduser()):
+                progress.note(f"{args.save_dir}: {line}")
+
+        def prune(step: int) -> None:  # never a checkpoint newer than this run's own (a damaged one skipped)
+            found = [(s, p) for s, p in engine.list_checkpoints(args.save_dir) if s <= step]
+            for gone in prune_checkpoints(found, args.keep_last):
+                progress.note(f"step {step}: removed {gone.name} (--keep-last {args.keep_last})")
+
         def save(step: int) -> None:
-            if engine.is_main:  # a save killed earlier in this run (a disk error caught upstream) leaves a .tmp
-                for line in clean_leftovers(Path(args.save_dir).expanduser()):
-                    progress.note(f"{args.save_dir}: {line}")
+            on_main("removing an interrupted save", cleanup)
             path = engine.save_checkpoint(args.save_dir, step, _trainer_state(args, model, batcher, scheduler,
                                                                               tokens, run.tok_fp, engine, result),
                                           tokenizer)
             result.checkpoints.append(str(path))
             progress.note(f"step {step}: saved {path}")
-            if engine.is_main and args.keep_last:
-                for gone in prune_checkpoints(engine.list_checkpoints(args.save_dir), args.keep_last):
-                    progress.note(f"step {step}: removed {gone.name} (--keep-last {args.keep_last})")
+            if args.keep_last:
+                on_main("removing old checkpoints (--keep-last)", lambda: prune(step))
 
         if start_step == 0 and args.max_steps > 0:
             run_eval(0)  # the starting point of the validation curve

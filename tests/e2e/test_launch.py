@@ -267,10 +267,11 @@ def _bad_cases(ws: SimpleNamespace, trained: SimpleNamespace, tmp: Path):
         "missing-resume-dir": (base_args(ws, "--resume", str(tmp / "nowhere"), *keep[:2]), "does not exist"),
         "corrupted-checkpoint": (base_args(ws, "--save-dir", str(corrupt), "--resume", "auto"), "corrupted"),
         "truncated-trainer-json": (base_args(ws, "--save-dir", str(truncated), "--resume", "auto"), "unreadable"),
-        "other-model": (base_args(ws, "--model", str(other_cfg), "--resume", ck20, *keep[:2]),
+        "other-model": (base_args(ws, "--model", str(other_cfg), "--resume", ck20),
                         "does not match this model"),
         "other-optimizer": (base_args(ws, "--optimizer", "adamw", *keep), "--optimizer qgalore"),
-        "other-seq-len": (base_args(ws, "--seq-len", "16", "--resume", ck20, *keep[:2]), "seq_len"),
+        "other-seq-len": (base_args(ws, "--seq-len", "16", "--resume", ck20), "seq_len"),
+        "resume-older-into-save-dir": (base_args(ws, "--resume", ck20, *keep[:2]), "newer than step_000020"),
         "save-dir-is-a-file": (base_args(ws, "--save-dir", str(trained.metrics)), "not a directory"),
         "local-comm-mode": (base_args(ws, "--comm-mode", "full", *keep), "--comm-mode full does nothing"),
         "local-strict-replicas": (base_args(ws, "--strict-replicas", *keep), "--strict-replicas does nothing"),
@@ -279,7 +280,7 @@ def _bad_cases(ws: SimpleNamespace, trained: SimpleNamespace, tmp: Path):
         "dense-dtype-adamw": (base_args(ws, "--optimizer", "adamw", "--dense-dtype", "bfloat16", *keep),
                               "--dense-dtype bfloat16 applies to --optimizer qgalore"),
         "dense-dtype-wider": (base_args(ws, "--dense-dtype", "float64", *keep), "must be narrower"),
-        "dense-dtype-on-resume": (base_args(ws, "--dense-dtype", "bfloat16", "--resume", ck20, *keep[:2]),
+        "dense-dtype-on-resume": (base_args(ws, "--dense-dtype", "bfloat16", "--resume", ck20),
                                   "stores its dense parameters in torch.float32"),
         "fresh-run-beside-other-layout": (base_args(ws, "--save-dir", str(foreign)), "another engine's layout"),
         "auto-resume-beside-other-layout": (base_args(ws, "--save-dir", str(foreign), "--resume", "auto"),
@@ -305,7 +306,7 @@ BAD_CASES = ["unknown-model", "missing-data", "malformed-config", "unknown-confi
              "dense-dtype-wider", "dense-dtype-on-resume", "fresh-run-beside-other-layout",
              "auto-resume-beside-other-layout", "export-into-save-dir", "export-into-checkpoint",
              "export-into-nonempty-dir", "export-dtype-without-export", "keep-last-without-save-dir",
-             "resume-root-without-checkpoints", "resume-root-of-other-layout"]
+             "resume-root-without-checkpoints", "resume-root-of-other-layout", "resume-older-into-save-dir"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

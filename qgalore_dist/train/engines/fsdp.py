@@ -517,8 +517,10 @@ class FSDPEngine(DistributedEngine):
         int8 = [n.removesuffix(".weight") for n, p in self.model.named_parameters()
                 if isinstance(p.to_local() if isinstance(p, DTensor) else p, Int8RowTensor)]
 
+        gathered = self._gathered()
+
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-            for n, v in self._gathered():
+            for n, v in gathered:
                 if isinstance(v, tuple):
                     yield n, dequantize_rows(v[0], v[1], v[2], dtype)
                 elif v is not None and n in expected:
@@ -529,8 +531,13 @@ class FSDPEngine(DistributedEngine):
                 for _ in self._gathered():  # the same collectives as rank 0's export, in order
                     pass
                 return None
-            return export_tensors(DequantizedTensors(tensors(), int8), self.model.config, out_dir, tokenizer,
-                                  dtype=dtype)
+            try:
+                return export_tensors(DequantizedTensors(tensors(), int8), self.model.config, out_dir, tokenizer,
+                                      dtype=dtype)
+            except BaseException:
+                for _ in gathered:  # the other ranks are in these gathers: finish them, then fail
+                    pass
+                raise
 
     def memory_bytes(self) -> dict[str, int] | None:
         fn = getattr(self.optimizer, "memory_bytes", None)
