@@ -16,24 +16,23 @@ them into a model directory (``--export``), until one checkpoint format serves e
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..errors import ModelSpecError
 from ..models.pretrained import SafetensorsCheckpoint, SafetensorsSource, _expected_tensors, _tied_aliases
-from ..nn.convert import DEFAULT_TARGET_MODULES
 from ..nn.layout import prepare_int8_layout
-from ..nn.materialize import ParamSource, materialize
+from ..nn.materialize import ParamSource
 from ..quant.int8 import dequantize_rows
 from .save_load import MODEL_FILE, TOKENIZER_DIR, TRAINER_FILE, CheckpointError, verify_checkpoint
 
 __all__ = ["Int8CheckpointTensors", "checkpoint_model_config", "checkpoint_model_record", "checkpoint_source",
-           "checkpoint_tokenizer_dir", "is_checkpoint", "load_checkpoint_model"]
+           "checkpoint_tokenizer_dir", "is_checkpoint"]
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -109,24 +108,6 @@ class _Int8CheckpointSource(SafetensorsSource):
         if self.checkpoint.quantized.get(qname) != group_size:
             return None  # stored in float, or with other groups: quantised to nearest from the float rows
         return self.checkpoint.int8(qname, rows, device)
-
-
-def load_checkpoint_model(root: str | Path, record: Mapping | None = None, *,
-                          target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, group_size: int = 256,
-                          device: torch.device | str = "cpu", dense_dtype: torch.dtype = torch.float32,
-                          quantize: bool = True) -> PreTrainedModel:
-    """The model of checkpoint ``root``, built on the meta device and filled tensor by tensor (see the module
-    docstring); INT8 targeted linears with ``quantize``, float otherwise (in ``dense_dtype``). ``record``: its
-    :func:`checkpoint_model_record`, when the caller already verified it."""
-    root = Path(root).expanduser()
-    record = checkpoint_model_record(root) if record is None else record
-    config = checkpoint_model_config(root, record)
-    from ..models import build_model
-
-    model = build_model(config, meta=True) if quantize else build_model(config, dtype=dense_dtype, meta=True)
-    materialize(model, checkpoint_source(root, record, model), tuple(target_modules), group_size, device,
-                dense_dtype, quantize=quantize)
-    return model
 
 
 def checkpoint_source(root: str | Path, record: Mapping, model: nn.Module) -> ParamSource:
