@@ -7,6 +7,9 @@ import sys
 COMMANDS = [
     ("qgalore-pretrain [flags]", "train (pre-train or continue from --model DIR / a checkpoint); also "
                                  "python launch/pretrain.py, torchrun / deepspeed / mpirun ... launch/pretrain.py"),
+    ("qgalore-finetune --model DIR --data FILE [flags]", "fine-tune on prompt/completion, Alpaca, chat or ShareGPT "
+                                                        "data (loss on the answers; --method lora for peft LoRA); "
+                                                        "also python launch/finetune.py under every launcher"),
     ("qgalore-export CKPT OUT", "a checkpoint as a plain transformers directory (sharded safetensors, bf16); also "
                                 "python -m qgalore_dist.checkpoint.export"),
     ("python -m qgalore_dist.plan --model M --world-size N", "which rank owns (and alone refreshes) each matrix"),

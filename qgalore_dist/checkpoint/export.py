@@ -321,10 +321,35 @@ def export_state(state: Mapping[str, torch.Tensor], config: PretrainedConfig, qu
                           max_shard_bytes=max_shard_bytes, source=source)
 
 
+_PEFT_PREFIX = "base_model.model."
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state under the plain transformers names. A peft LoRA model (``--method lora``) gives its base
+    with every adapter merged in — ``W + scaling · B @ A`` by peft's own ``get_delta_weight`` — computed beside the
+    model, which keeps its adapters (training may go on)."""
+    state = model.state_dict()
+    if not any(".lora_" in k for k in state):
+        return state
+    deltas = {name: m.get_delta_weight(m.active_adapters[0]) for name, m in model.named_modules()
+              if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        module, _, leaf = key.rpartition(".")
+        if module.endswith(".base_layer") and leaf == "weight" and module[:-len(".base_layer")] in deltas:
+            delta = deltas[module[:-len(".base_layer")]]
+            value = value.to(torch.float32) + delta.to(torch.float32)  # the export casts to --export-dtype
+        out[key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")] = value
+    return out
+
+
 def export_model(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None,
                  dtype: torch.dtype = torch.bfloat16, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Export a live (possibly INT8) ``transformers`` model; the model itself is left unchanged."""
-    return export_state(model.state_dict(), model.config, quantized_modules(model), out_dir, tokenizer, dtype,
+    """Export a live (possibly INT8, possibly LoRA-adapted) ``transformers`` model; the model itself is left
+    unchanged."""
+    return export_state(_plain_state(model), model.config, quantized_modules(model), out_dir, tokenizer, dtype,
                         max_shard_bytes=max_shard_bytes, source="live model")
 
 

@@ -498,6 +498,12 @@ class TokenBatcher:
         self.epoch += epochs
         return batch
 
+    def step_batches(self, grad_accum: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """This rank's ``grad_accum`` micro-batches of the next optimizer step, and the number of loss tokens of
+        the whole step over every rank (here every label counts: ``grad_accum × global_batch × seq_len``). The
+        loop divides each rank's summed token loss by it, the same rule as the fine-tuning batcher's."""
+        return [self.next_batch() for _ in range(grad_accum)], grad_accum * self.global_batch * self.seq_len
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield self.next_batch()

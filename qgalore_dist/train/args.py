@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 from ..errors import UsageError
 from ..nn.convert import DEFAULT_TARGET_MODULES
 
-__all__ = ["COMM_MODES", "DTYPES", "ENGINES", "INT8_OPTIMIZERS", "LOWRANK_OPTIMIZERS", "OPTIMIZERS", "TrainArgs",
-           "flag_name", "load_config_file", "validate"]
+__all__ = ["COMM_MODES", "DTYPES", "ENGINES", "FINETUNE_DEFAULTS", "INT8_OPTIMIZERS", "LOWRANK_OPTIMIZERS", "METHODS",
+           "OPTIMIZERS", "TASKS", "TrainArgs", "cli_fields", "flag_name", "load_config_file", "validate"]
 
 
 ENGINES = ("local", "ddp", "fsdp", "deepspeed")  # qgalore_dist.train.engines.ENGINES maps them to classes
@@ -27,14 +27,22 @@ OPTIMIZERS = ("qgalore", "projfactor", "galore", "adamw", "adamw8bit")
 INT8_OPTIMIZERS = ("qgalore", "projfactor")
 LOWRANK_OPTIMIZERS = ("qgalore", "projfactor", "galore")
 DTYPES = ("float32", "bfloat16", "float64")
+TASKS = ("pretrain", "finetune")
+METHODS = ("full", "lora")
+# qgalore_dist.data.sft validates the same names (kept there: the data layer does not import train/)
+FORMATS = ("auto", "prompt_completion", "alpaca", "chat", "sharegpt")
+TRUNCATION = ("truncate", "skip")
 
 
 def _opt(default: Any, help: str, *, type: Callable[[str], Any] | None = None, aliases: tuple[str, ...] = (),
-         choices: Sequence[str] | None = None, flag: bool = False, metavar: str | None = None) -> Any:
+         choices: Sequence[str] | None = None, flag: bool = False, metavar: str | None = None,
+         finetune: bool = False) -> Any:
     """A :class:`TrainArgs` field that is also a command-line flag (``metadata`` drives the parser); ``aliases``
-    are extra option strings (launchers' spellings such as ``--deepspeed_config``)."""
+    are extra option strings (launchers' spellings such as ``--deepspeed_config``); ``finetune``: a flag of the
+    fine-tuning command only."""
     return field(default=default, metadata={"help": help, "type": type, "choices": choices, "flag": flag,
-                                            "metavar": metavar, "aliases": aliases})
+                                            "metavar": metavar, "aliases": aliases, "finetune": finetune,
+                                            "cli": True})
 
 
 @dataclass
@@ -147,6 +155,41 @@ class TrainArgs:
                                  aliases=("--ds_config", "--deepspeed_config", "--deepspeed-config"))
     local_rank: int | None = _opt(None, "set by launchers (deepspeed, torch.distributed.launch); the rank is "
                                   "read from the environment", type=int, aliases=("--local_rank",))
+    # fine-tuning (qgalore-finetune / launch/finetune.py only; the pre-training command has none of these flags)
+    format: str = _opt("auto", "fine-tuning data format: prompt_completion ({prompt, completion}), alpaca "
+                       "({instruction, input, output}), chat ({messages: [{role, content}]}), sharegpt "
+                       "({conversations: [{from, value}]}), or auto (detected from the first record)", type=str,
+                       choices=FORMATS, finetune=True)
+    val_data: str | None = _opt(None, "held-out fine-tuning data (same formats); default: a seeded --val-fraction "
+                                "of --data", type=str, metavar="PATH", finetune=True)
+    val_fraction: float = _opt(0.05, "fraction of --data held out for validation when --val-data is not given",
+                               type=float, finetune=True)
+    train_on_prompt: bool = _opt(False, "compute the loss on prompt / user / system tokens too (default: only on "
+                                 "completion / assistant tokens)", flag=True, finetune=True)
+    truncation: str = _opt("truncate", "examples longer than --seq-len tokens: truncate (keep the first --seq-len "
+                           "tokens; dropped if no completion token is left) or skip; both counted in the log",
+                           type=str, choices=TRUNCATION, finetune=True)
+    no_packing: bool = _opt(False, "one example per sequence, right-padded (default: pack several examples per "
+                            "sequence, each attending only to itself)", flag=True, finetune=True)
+    chat_template: str | None = _opt(None, "jinja chat template file for chat / sharegpt / alpaca data (default: "
+                                     "the tokenizer's own, else a shipped ChatML-style template)", type=str,
+                                     metavar="FILE", finetune=True)
+    epochs: float | None = _opt(None, "train for this many passes over --data (sets --max-steps from the packed "
+                                "size of the data; give one of the two)", type=float, finetune=True)
+    eval_generate: int = _opt(0, "at each evaluation, greedily generate answers for the first N held-out prompts "
+                              "and report exact match of the final answer (after '####', or the record's "
+                              "'answer' field)", type=int, metavar="N", finetune=True)
+    max_new_tokens: int = _opt(64, "--eval-generate: tokens generated per prompt at most", type=int,
+                               finetune=True)
+    method: str = _opt("full", "full (train the model with --optimizer) or lora (peft adapters on "
+                       "--target-modules, AdamW on the adapters, the base frozen in --dtype)", type=str,
+                       choices=METHODS, finetune=True)
+    lora_r: int = _opt(8, "--method lora: adapter rank", type=int, finetune=True)
+    lora_alpha: float | None = _opt(None, "--method lora: scaling alpha (default 2 × --lora-r)", type=float,
+                                    finetune=True)
+    lora_dropout: float = _opt(0.0, "--method lora: dropout on the adapter input", type=float, finetune=True)
+    # set by the entry point, not a flag: which command this run is (the fine-tuning flags apply to "finetune")
+    task: str = field(default="pretrain", metadata={"cli": False})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,6 +200,17 @@ class TrainArgs:
 
 
 _FIELDS = {f.name: f for f in fields(TrainArgs)}
+
+# the fine-tuning command's own defaults (a pretrained model adapts with a far smaller step than pre-training takes,
+# and instruction examples are longer than the pre-training demo's windows); --config and flags override them
+FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "warmup_steps": 10, "seq_len": 512, "eval_every": 50,
+                                     "update_proj_gap": 100, "grad_clip": 1.0}
+
+
+def cli_fields(task: str = "pretrain") -> list[dataclasses.Field]:
+    """The :class:`TrainArgs` fields that are flags of ``task``'s command (pre-training has no fine-tuning flags)."""
+    return [f for f in fields(TrainArgs) if f.metadata.get("cli", True)
+            and (task == "finetune" or not f.metadata.get("finetune"))]
 
 
 def flag_name(name: str) -> str:
@@ -192,8 +246,8 @@ def _coerce_file_value(name: str, value: Any, source: str) -> Any:
     return value
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """Read ``--config``: a JSON object whose keys are :class:`TrainArgs` fields."""
+def load_config_file(path: str, task: str = "pretrain") -> dict[str, Any]:
+    """Read ``--config``: a JSON object whose keys are :class:`TrainArgs` fields (flags of ``task``'s command)."""
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
@@ -206,9 +260,12 @@ def load_config_file(path: str) -> dict[str, Any]:
             from exc
     if not isinstance(data, dict):
         raise UsageError(f"config file {p}: expected a JSON object, got a {type(data).__name__}")
-    unknown = sorted(k for k in data if k not in _FIELDS)
+    known = {f.name for f in cli_fields(task)}
+    unknown = sorted(k for k in data if k not in known)
     if unknown:
         hint = " (use underscores, e.g. max_steps)" if any("-" in k for k in unknown) else ""
+        if task == "pretrain" and any(_FIELDS[k].metadata.get("finetune") for k in unknown if k in _FIELDS):
+            hint = " (fine-tuning settings: use qgalore-finetune / launch/finetune.py)"
         raise UsageError(f"config file {p}: unknown setting(s) {', '.join(unknown)}{hint}")
     return {k: _coerce_file_value(k, v, str(p)) for k, v in data.items()}
 
@@ -316,3 +373,36 @@ def validate(args: TrainArgs) -> None:
         raise UsageError(f"--metrics-jsonl {args.metrics_jsonl}: is a directory")
     if args.resume not in (None, "auto") and not Path(args.resume).expanduser().is_dir():
         raise UsageError(f"--resume {args.resume}: checkpoint directory does not exist")
+    if args.task == "finetune":
+        _validate_finetune(args)
+
+
+def _validate_finetune(args: TrainArgs) -> None:
+    """The fine-tuning flags' ranges and combinations (the data itself is validated when it is read)."""
+    if args.data is None or args.data in ("default", "shakespeare"):
+        raise UsageError("fine-tuning needs --data FILE|DIR: JSON / JSONL records in one of the --format layouts")
+    if args.val_data is not None and not Path(args.val_data).expanduser().exists():
+        raise UsageError(f"--val-data {args.val_data}: path does not exist")
+    if args.chat_template is not None and not Path(args.chat_template).expanduser().is_file():
+        raise UsageError(f"--chat-template {args.chat_template}: file does not exist")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must lie in (0, 1), got {args.val_fraction}")
+    if args.epochs is not None and not (args.epochs > 0 and args.epochs < 1e6):
+        raise UsageError(f"--epochs must be a positive number, got {args.epochs}")
+    for name in ("eval_generate",):
+        if getattr(args, name) < 0:
+            raise UsageError(f"{flag_name(name)} must be >= 0, got {getattr(args, name)}")
+    for name in ("max_new_tokens", "lora_r"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"{flag_name(name)} must be a positive integer, got {getattr(args, name)}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise UsageError(f"--lora-dropout must lie in [0, 1), got {args.lora_dropout}")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        raise UsageError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    if args.method == "lora":
+        if args.optimizer not in ("adamw", "adamw8bit"):
+            raise UsageError(f"--method lora trains small dense adapters with AdamW; --optimizer {args.optimizer} "
+                             "projects the model's own matrices (use --method full for it, or --optimizer adamw / "
+                             "adamw8bit with lora)")
+    elif (args.lora_r, args.lora_alpha, args.lora_dropout) != (8, None, 0.0):
+        raise UsageError("--lora-r / --lora-alpha / --lora-dropout apply to --method lora only")

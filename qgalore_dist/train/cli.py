@@ -1,4 +1,5 @@
-"""Command line of ``launch/pretrain.py``: flags, ``--config FILE`` merging, validation, one-line errors.
+"""Command lines of ``launch/pretrain.py`` and ``launch/finetune.py`` (one parser, built from :class:`TrainArgs`;
+the fine-tuning command adds its own flags and defaults): flags, ``--config FILE`` merging, validation, one-line errors.
 
 Precedence: built-in defaults < ``--config`` JSON file (keys are the flag names with underscores) < flags given
 on the command line. Every user mistake — unknown model, missing data, malformed config file, bad flag value,
@@ -10,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 from typing import Any, NoReturn, Sequence
 
-from ..errors import DistributedError, UserError
-from .args import OPTIMIZERS, TrainArgs, flag_name, load_config_file, validate
+from ..errors import DistributedError, UsageError, UserError
+from .args import FINETUNE_DEFAULTS, OPTIMIZERS, TrainArgs, cli_fields, flag_name, load_config_file, validate
 from .loop import train
 
-__all__ = ["OPTIMIZERS", "TrainArgs", "build_parser", "fail", "main", "parse_args"]
+__all__ = ["OPTIMIZERS", "TrainArgs", "build_parser", "console", "fail", "finetune_console", "main", "parse_args"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,17 +110,29 @@ def _wait_for_rank0(key: str, line: str) -> bool:
     return False
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser; every option defaults to *absent* so explicit flags can be told apart from defaults."""
-    p = _Parser(prog="launch/pretrain.py", argument_default=argparse.SUPPRESS,
-                description="Pre-train a causal LM with Q-GaLore (INT8 weights, INT4 projectors, 8-bit low-rank "
-                            "state) or a baseline optimizer.",
-                epilog="Defaults run a short demo: llama_20m on the embedded corpus, 200 steps.")
+_COMMANDS = {
+    "pretrain": ("launch/pretrain.py", "Pre-train a causal LM with Q-GaLore (INT8 weights, INT4 projectors, 8-bit "
+                 "low-rank state) or a baseline optimizer.",
+                 "Defaults run a short demo: llama_20m on the embedded corpus, 200 steps."),
+    "finetune": ("launch/finetune.py", "Fine-tune a pretrained causal LM (--model DIR) on prompt/completion, Alpaca, "
+                 "chat or ShareGPT records with Q-GaLore, ProjFactor, GaLore, AdamW, 8-bit AdamW or LoRA (--method "
+                 "lora); the loss covers completion / assistant tokens.",
+                 "Example: qgalore-finetune --model ./my-llama --data train.jsonl --max-steps 500 --save-dir runs/ft"),
+}
+
+
+def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
+    """The parser of ``task``'s command; every option defaults to *absent* so explicit flags can be told apart
+    from defaults."""
+    prog, description, epilog = _COMMANDS[task]
+    p = _Parser(prog=prog, argument_default=argparse.SUPPRESS, description=description, epilog=epilog)
     p.add_argument("--config", metavar="FILE", help="JSON object of settings (flag names with underscores); "
                    "flags given on the command line override it")
-    for f in fields(TrainArgs):
+    defaults = FINETUNE_DEFAULTS if task == "finetune" else {}
+    for f in cli_fields(task):
         md = f.metadata
-        help_text = md["help"] if md["flag"] or f.default is None else f"{md['help']} (default: {f.default})"
+        default = defaults.get(f.name, f.default)
+        help_text = md["help"] if md["flag"] or default is None else f"{md['help']} (default: {default})"
         names = (flag_name(f.name), *md["aliases"])
         if md["flag"]:
             p.add_argument(*names, dest=f.name, action="store_true", help=help_text)
@@ -130,27 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
-    """Defaults < ``--config`` file < command line; validated. Raises :class:`~qgalore_dist.errors.UsageError`
-    (or exits 2 for a syntax error such as an unknown flag or a non-number where a number is expected)."""
-    ns = vars(build_parser().parse_args(argv))
-    merged: dict[str, Any] = {}
+def parse_args(argv: Sequence[str] | None = None, task: str = "pretrain") -> TrainArgs:
+    """Defaults (the command's) < ``--config`` file < command line; validated. Raises
+    :class:`~qgalore_dist.errors.UsageError` (or exits 2 for a syntax error such as an unknown flag or a non-number
+    where a number is expected)."""
+    ns = vars(build_parser(task).parse_args(argv))
+    merged: dict[str, Any] = dict(FINETUNE_DEFAULTS) if task == "finetune" else {}
     config_path = ns.pop("config", None)
     if config_path is not None:
-        merged.update(load_config_file(config_path))
+        merged.update(load_config_file(config_path, task))
     merged.update(ns)
-    args = TrainArgs(**merged)
+    if merged.get("method") == "lora" and "optimizer" not in merged:
+        merged["optimizer"] = "adamw"  # LoRA's adapters train with AdamW unless adamw8bit is asked for
+    if task == "finetune" and "epochs" in merged and merged["epochs"] is not None and "max_steps" in merged:
+        raise UsageError("give --epochs or --max-steps, not both")
+    args = TrainArgs(**merged, task=task)
     validate(args)
     return args
 
 
-def main(argv: Sequence[str] | None = None):
-    """Entry point of ``launch/pretrain.py``: parse, train; returns the :class:`~.loop.TrainResult`.
+def main(argv: Sequence[str] | None = None, task: str = "pretrain"):
+    """Entry point of ``launch/pretrain.py`` (``task="finetune"``: ``launch/finetune.py``): parse, train; returns
+    the :class:`~.loop.TrainResult`.
 
     User errors exit with status 2 after one ``error:`` line; genuine bugs keep their traceback.
     """
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, task)
         return train(args)
     except UserError as exc:
         fail(str(exc))
@@ -162,6 +180,12 @@ def console(argv: Sequence[str] | None = None) -> int:
     """The ``qgalore-pretrain`` console script: :func:`main`, exit status 0 after a run (a console-script wrapper
     passes the return value to ``sys.exit``, which would print the :class:`~.loop.TrainResult` and exit 1)."""
     main(argv)
+    return 0
+
+
+def finetune_console(argv: Sequence[str] | None = None) -> int:
+    """The ``qgalore-finetune`` console script (see :func:`console`)."""
+    main(argv, task="finetune")
     return 0
 
 

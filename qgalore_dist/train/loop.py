@@ -51,6 +51,8 @@ from ..nn.dense_storage import store_dense_params
 from ..nn.materialize import KeyedRandomInit, PendingModel, cast_dense, int8_skeleton
 from .args import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs
 from .engines import Engine, make_engine
+from .generate import exact_match
+from .lora import LoraSource, add_lora
 from .metrics import MetricsWriter, Progress, peak_memory_bytes, perplexity
 from .optimizers import WEIGHT_GROUP_SIZE, make_optimizer, qgalore_config
 from .schedule import build_scheduler
@@ -61,13 +63,26 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torc
 
 
 # ============================================================================================ loss, eval
-def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Token-level cross-entropy of the model's logits against already-shifted labels: in fp32, or fp64 for a
-    ``--dtype float64`` model (an fp32 loss would round the gradients of N ranks' partial batches differently from
-    the single-device batch's, and flip stochastic-rounding decisions in exact-parity runs)."""
-    logits = model(input_ids=input_ids, use_cache=False).logits.flatten(0, 1)
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+            reduction: str = "mean") -> torch.Tensor:
+    """Token-level cross-entropy of the model's logits against already-shifted labels (``-100``: no loss there),
+    all ``[batch, seq]``: in fp32, or fp64 for a ``--dtype float64`` model (an fp32 loss would round the gradients
+    of N ranks' partial batches differently from the single-device batch's, and flip stochastic-rounding decisions
+    in exact-parity runs).
+
+    ``position_ids`` (packed fine-tuning rows): restart at 0 for every example; with no attention mask,
+    transformers' sdpa / eager attention then keeps each example to itself. The KV cache stays off: with it on,
+    packed examples would attend to each other."""
+    kwargs = {} if position_ids is None else {"position_ids": position_ids}
+    logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits.flatten(0, 1)
     logits = logits if logits.dtype == torch.float64 else logits.float()
-    return F.cross_entropy(logits, labels.flatten(), reduction=reduction)
+    return F.cross_entropy(logits, labels.flatten(), reduction=reduction, ignore_index=-100)
+
+
+def _on(device: torch.device, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A batcher's micro-batch — ``(input_ids, labels)`` or ``(input_ids, labels, position_ids)`` — on ``device``."""
+    x, y, *pos = batch
+    return x.to(device), y.to(device), (pos[0].to(device) if pos else None)
 
 
 @torch.no_grad()
@@ -83,11 +98,12 @@ def evaluate_sums(model: nn.Module, batcher: TokenBatcher, batches: int, batch_s
     model.eval()
     total, count, done = 0.0, 0, 0
     try:
-        for i, (x, y) in enumerate(batcher.val_batches(batch_size, shard=shard)):
+        for i, batch in enumerate(batcher.val_batches(batch_size, shard=shard)):
             if i >= batches:
                 break
-            total += float(lm_loss(model, x.to(device), y.to(device), reduction="sum"))
-            count += y.numel()
+            x, y, pos = _on(device, batch)
+            total += float(lm_loss(model, x, y, pos, reduction="sum"))
+            count += int((y != -100).sum())
             done += 1
     finally:
         model.train(was_training)
@@ -231,6 +247,37 @@ def lock_save_root(args: TrainArgs, engine: Engine) -> SaveRootLock | None:
     return lock
 
 
+def make_batcher(args: TrainArgs, tokenizer, engine: Engine):
+    """The run's batcher and notes for the log: windows of a token stream (pre-training), or tokenized, masked and
+    packed examples (``task == "finetune"``; the data are read and validated whole here, before any write).
+    ``--epochs`` becomes ``--max-steps`` from the packed size of the first epoch."""
+    if args.task != "finetune":
+        return TokenBatcher.from_source(args.data, tokenizer, args.seq_len, args.batch_size, seed=args.seed,
+                                        world_size=engine.world_size, rank=engine.rank), []
+    from ..data.sft import SFTBatcher, SFTDataset, SFTOptions
+
+    try:
+        options = SFTOptions(format=args.format, train_on_prompt=args.train_on_prompt, truncation=args.truncation,
+                             packing=not args.no_packing, chat_template=args.chat_template,
+                             val_fraction=args.val_fraction)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    data = SFTDataset.build(args.data, tokenizer, args.seq_len, options, val_path=args.val_data, seed=args.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    batcher = SFTBatcher(data, args.seq_len, args.batch_size, world_size=engine.world_size, rank=engine.rank,
+                         seed=args.seed, packing=not args.no_packing, pad_id=pad)
+    notes = list(data.log_lines())
+    if args.epochs is not None:
+        per_step = batcher.global_batch * args.grad_accum
+        args.max_steps = max(1, math.ceil(args.epochs * batcher.n_windows / per_step))
+        notes.append(f"--epochs {args.epochs:g}: {batcher.n_windows} sequences per epoch, {per_step} per step -> "
+                     f"{args.max_steps} steps")
+    if args.eval_generate and len(batcher.val_prompts(args.eval_generate)) == 0:
+        raise UsageError(f"--eval-generate {args.eval_generate}: no held-out example has a final answer (text after "
+                         "'####' in the completion, or an 'answer' field)")
+    return batcher, notes
+
+
 def pending_training_model(args: TrainArgs, config, dtype: torch.dtype,
                            checkpoint_record: dict[str, Any] | None = None) -> PendingModel:
     """The model to train on the meta device, with where its values come from: fresh from ``config`` (keyed
@@ -255,6 +302,8 @@ def pending_training_model(args: TrainArgs, config, dtype: torch.dtype,
         except ValueError as exc:  # no targeted linear matched
             raise UsageError(f"--target-modules: {exc}") from exc
     cast_dense(model, dense)
+    if args.method == "lora":  # adapters on the meta model too: every engine materialises them like the base
+        model, source = add_lora(model, args), LoraSource(source, args.seed)
     model.config.use_cache = False
     if args.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -293,6 +342,7 @@ class TrainResult:
     export_dir: str | None = None
     wall_s: float = 0.0
     original_val_loss: float | None = None  # the unquantised pretrained model's, when one was loaded into INT8
+    exact_matches: list[tuple[int, float]] = field(default_factory=list)  # (step, fraction) under --eval-generate
 
     @property
     def final_val_loss(self) -> float | None:
@@ -334,6 +384,7 @@ class _Run:
     vocab_note: str = ""
     counts_note: str = ""
     original: Path | None = None  # a pretrained directory quantised on load: its float model is evaluated too
+    data_notes: list[str] = field(default_factory=list)  # what reading the data did (truncated / skipped examples)
 
 
 def _prepare(args: TrainArgs, engine: Engine) -> _Run:
@@ -341,6 +392,10 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
 
     Cheap checks come first (flags, model spec, checkpoint hashes), then the tokenizer and data, then the model.
     """
+    if args.method == "lora" and args.export and engine.sharded_start:
+        raise UsageError(f"--export with --method lora under --engine {engine.name} (sharded weights) is not "
+                         "supported yet: the adapters must be merged into weights no rank holds whole; save "
+                         "checkpoints (--save-dir) or export from --engine ddp / local / ZeRO-1/2")
     dtype = resolve_dtype(args.dtype, engine.device)
     if torch.finfo(dense_storage_dtype(args.dense_dtype, dtype)).bits > torch.finfo(dtype).bits:
         raise UsageError(f"--dense-dtype {args.dense_dtype} is wider than the compute dtype {dtype}: it must be "
@@ -375,8 +430,7 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
     config_vocab = config.vocab_size
     if not model_dir.is_dir():  # a config spec: the model is sized to the tokenizer (a directory keeps its own)
         config = resolve_model_config(args.model, vocab_size=len(tokenizer))
-    batcher = TokenBatcher.from_source(args.data, tokenizer, args.seq_len, args.batch_size, seed=args.seed,
-                                       world_size=engine.world_size, rank=engine.rank)
+    batcher, data_notes = make_batcher(args, tokenizer, engine)
 
     pending = pending_training_model(args, config, dtype, model_record)
     # a sharding engine lays the meta model out first and materialises only its own rows
@@ -389,7 +443,7 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
                          f"{model.config.vocab_size}")
     scheduler = build_scheduler(optimizer, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                                 schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio)
-    run = _Run(tokenizer, tok_fp, batcher, model, optimizer, scheduler, resume_dir)
+    run = _Run(tokenizer, tok_fp, batcher, model, optimizer, scheduler, resume_dir, data_notes=data_notes)
     tok_name = Path(str(getattr(tokenizer, "name_or_path", "") or "default BPE")).name or "default BPE"
     run.vocab_note = (f"vocab {model.config.vocab_size}" + (
         f" (the config's {config_vocab} sized to the tokenizer's)" if config.vocab_size != config_vocab else "")
@@ -452,6 +506,8 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
         f"data {batcher.stream.source}: {batcher.n_windows} train / {batcher.n_val_windows()} val windows"
         + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir is not None else "")
         + (" | no checkpoint to resume, starting fresh" if args.resume == "auto" and resume_dir is None else ""))
+    for line in run.data_notes:
+        progress.note(f"data: {line}")
     mem = engine.memory_bytes()
     if mem:
         progress.note("weights + optimizer state: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in mem.items()))
@@ -481,6 +537,13 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
                 original, _ = held_out_loss(streamed_float_model(run.original, dtype=dtype, device=device))
                 record["original_val_loss"] = result.original_val_loss = original
                 note += f" (INT8-loaded; the original model {original:.4f})"
+            if args.eval_generate:
+                score = exact_match(model, batcher.val_prompts(args.eval_generate), tokenizer, engine, device,
+                                    max_new_tokens=args.max_new_tokens, stop_texts=batcher.stop_texts)
+                record.update(exact_match=score.exact_match, exact_match_correct=score.correct,
+                              exact_match_total=score.total, generation_samples=score.samples)
+                result.exact_matches.append((step, score.exact_match))
+                note += f" exact_match {score.correct}/{score.total} ({score.exact_match:.1%})"
             metrics.write(record)
             progress.note(note)
 
@@ -524,19 +587,22 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
                 t0 = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]
                 engine.zero_grad()
+                micro_batches, step_loss_tokens = batcher.step_batches(args.grad_accum)
+                # the mean over the step's loss tokens of every micro-batch and rank: each rank's summed loss over
+                # that global count, times the world size the engines' gradient averaging divides by again — so
+                # packing, padding, accumulation and the number of ranks leave the gradient unchanged
+                scale = engine.world_size / max(step_loss_tokens, 1)
                 loss_sum = 0.0
-                for _ in range(args.grad_accum):
-                    x, y = batcher.next_batch()
-                    loss = lm_loss(model, x.to(device), y.to(device))
-                    # scaled so accumulated gradients average over micro-batches
-                    engine.backward(loss / args.grad_accum)
+                for batch in micro_batches:
+                    loss = lm_loss(model, *_on(device, batch), reduction="sum")
+                    engine.backward(loss * scale)
                     loss_sum += float(loss.detach())
                 grad_norm = engine.step()
                 scheduler.step()
                 step += 1
                 tokens += tokens_per_step
                 dt = time.perf_counter() - t0
-                loss_val = engine.mean_over_ranks(loss_sum / args.grad_accum)
+                loss_val = engine.sum_over_ranks([loss_sum])[0] / max(step_loss_tokens, 1)
                 result.losses.append(loss_val)
                 result.steps, result.tokens = step, tokens
                 record = {"event": "train", "step": step, "loss": loss_val, "lr": lr, "tokens": tokens,

@@ -147,7 +147,9 @@ def make_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
         except ValueError as exc:
             raise UsageError(f"cannot build the {args.optimizer} optimizer: {exc}") from exc
     if args.optimizer == "adamw":
-        return TorchAdamW(model.parameters(), lr=args.lr, betas=betas, eps=ADAM_EPS, weight_decay=args.weight_decay,
+        # trainable parameters only: --method lora freezes the base
+        return TorchAdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=betas, eps=ADAM_EPS,
+                          weight_decay=args.weight_decay,
                           grad_clip=args.grad_clip)
     if args.optimizer == "adamw8bit":
         return DenseAdamW8bit(model.named_parameters(), lr=args.lr, betas=betas, eps=ADAM_EPS,
