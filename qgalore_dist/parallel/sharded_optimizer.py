@@ -168,6 +168,10 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         full_reduce: full mode — ``"boundary"`` (default: keep the full local gradient, reduce once per step) or
             ``"micro_batch"`` (reduce every micro-batch's gradient to its owner in backward: ``grad_accum`` times
             the gradient bytes, ≈1/N of the gradient memory); see the module docstring.
+        reduce_dense: average the dense gradients over the ranks at ``step()`` (default). ``False``: they arrive
+            averaged already — a ``DistributedDataParallel`` wrapper that leaves the INT8 buffers alone reduces them
+            (``transformers.Trainer`` under torchrun, :func:`~qgalore_dist.train.hf_trainer.optimizer_for_trainer`);
+            the projected matrices' traffic stays this optimizer's.
         dense_state_bits, target_modules, stagger_refresh, dense_lr, dense_weight_decay, grad_clip: as for
             :class:`QGaLoreOptimizer` (``grad_accum`` needs no declaration here: the step always runs in ``step()``).
 
@@ -181,7 +185,8 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
                  strict_replicas: bool = False, refresh_bucket_bytes: int = 1 << 30,
                  full_reduce: str = "boundary", dense_state_bits: int = 32,
                  target_modules=DEFAULT_TARGET_MODULES, stagger_refresh: bool = False,
-                 dense_lr: float | None = None, dense_weight_decay: float | None = None, grad_clip: float = 0.0):
+                 dense_lr: float | None = None, dense_weight_decay: float | None = None, grad_clip: float = 0.0,
+                 reduce_dense: bool = True):
         if comm_mode not in COMM_MODES:
             raise ValueError(f"comm_mode={comm_mode!r} is invalid: allowed: {', '.join(COMM_MODES)}")
         if update_dtype is not None and (comm_mode != "lowrank" or update_dtype not in _WIRE_DTYPES):
@@ -216,6 +221,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         self.strict_replicas = strict_replicas
         self.refresh_bucket_bytes = int(refresh_bucket_bytes)
         self.full_reduce = full_reduce
+        self.reduce_dense = bool(reduce_dense)
         # gradients consumed inside backward: lowrank (projected locally) and full/micro_batch (reduced at once)
         self.layerwise = comm_mode == "lowrank" or full_reduce == "micro_batch"
         self._owner_grad: dict[str, torch.Tensor] = {}  # full/micro_batch: Σ over ranks and micro-batches, owners
@@ -240,7 +246,8 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
                                "refresh_bucket_bytes": self.refresh_bucket_bytes,
                                "dense_state_bits": dense_state_bits, "stagger_refresh": stagger_refresh,
                                "grad_clip": self.grad_clip, "dense_lr": dense_lr,
-                               "dense_weight_decay": dense_weight_decay, "world_size": self.world_size},
+                               "dense_weight_decay": dense_weight_decay, "world_size": self.world_size,
+                               "reduce_dense": self.reduce_dense},
             "ownership plan": sorted(plan.owner.items()),
             "parameters": [[pm.name, list(pm.shape), str(pm.tensor().dtype)] for pm in self.matrices]
                           + [[n, list(p.shape), str(p.dtype)] for n, p in self.dense_named],
@@ -477,7 +484,8 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
             self._flush_micro_batch()
         mats, dense = self._present()
         dense_grads = [p.grad for _, p in dense]
-        self.collectives.all_reduce(dense_grads, op="avg")
+        if self.reduce_dense:  # else averaged already, by a DDP wrapper (see reduce_dense)
+            self.collectives.all_reduce(dense_grads, op="avg")
         if self.comm_mode == "full":
             self._reduce_full(mats)
         else:
