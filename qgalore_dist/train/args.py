@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..data.sft import FORMATS, TRUNCATION
 from ..errors import UsageError
 from ..nn.convert import DEFAULT_TARGET_MODULES
 
@@ -29,9 +30,6 @@ LOWRANK_OPTIMIZERS = ("qgalore", "projfactor", "galore")
 DTYPES = ("float32", "bfloat16", "float64")
 TASKS = ("pretrain", "finetune")
 METHODS = ("full", "lora")
-# qgalore_dist.data.sft validates the same names (kept there: the data layer does not import train/)
-FORMATS = ("auto", "prompt_completion", "alpaca", "chat", "sharegpt")
-TRUNCATION = ("truncate", "skip")
 
 
 def _opt(default: Any, help: str, *, type: Callable[[str], Any] | None = None, aliases: tuple[str, ...] = (),

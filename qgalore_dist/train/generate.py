@@ -18,17 +18,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-__all__ = ["GenerationScore", "exact_match", "final_answer", "normalize_answer"]
+from ..data.sft import extract_answer
 
-_MARK = "####"
-
-
-def final_answer(text: str) -> str | None:
-    """The text after the last ``####`` (up to the end of that line), or None when there is none."""
-    if _MARK not in text:
-        return None
-    return text.rsplit(_MARK, 1)[1].split("\n", 1)[0].strip()
-
+__all__ = ["GenerationScore", "exact_match", "normalize_answer"]
 
 def normalize_answer(text: str) -> str:
     """Comparison form of an answer: outer whitespace and a trailing full stop removed, inner whitespace single,
@@ -50,25 +42,15 @@ class GenerationScore:
         return self.correct / self.total if self.total else float("nan")
 
 
-def _cut(text: str, stop_texts: Sequence[str]) -> str:
-    """``text`` up to the first of ``stop_texts`` (the template's end-of-answer marker)."""
-    cut = len(text)
-    for stop in stop_texts:
-        if stop:
-            i = text.find(stop)
-            if i >= 0:
-                cut = min(cut, i)
-    return text[:cut]
-
-
 @torch.no_grad()
 def exact_match(model: nn.Module, prompts: Sequence[Any], tokenizer, engine, device: torch.device, *,
-                max_new_tokens: int, stop_texts: Sequence[str] = (), n_samples: int = 3) -> GenerationScore:
+                max_new_tokens: int, n_samples: int = 3) -> GenerationScore:
     """Greedy generation for ``prompts`` (objects with ``ids`` [n] int, ``prompt_len`` and ``answer``: the tokens
     of the prompt are ``ids[:prompt_len]``), in lockstep over the engine's ranks (module docstring).
 
-    An answer ends at the tokenizer's EOS, at one of ``stop_texts`` or after ``max_new_tokens`` tokens; it is
-    correct when its :func:`final_answer` equals the reference after :func:`normalize_answer`."""
+    An answer ends at the tokenizer's EOS (the shipped chat template ends every assistant turn with it) or after
+    ``max_new_tokens`` tokens; it is correct when its final answer (:func:`~qgalore_dist.data.sft.extract_answer`,
+    the rule the references were read with) equals the reference after :func:`normalize_answer`."""
     rank, world = engine.rank, engine.world_size
     mine = list(prompts[rank::world])
     slots = -(-len(prompts) // world)
@@ -90,16 +72,15 @@ def exact_match(model: nn.Module, prompts: Sequence[Any], tokenizer, engine, dev
                     nxt = int(logits[0, -1].float().argmax())
                     new.append(nxt)
                     ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
-                    text = tokenizer.decode(new, skip_special_tokens=True)
-                    done = (eos is not None and nxt == eos) or _cut(text, stop_texts) != text
+                    done = eos is not None and nxt == eos
                 elif world > 1:
                     # keep the lockstep: a forward the others are in (sharded engines gather weights inside it)
                     model(input_ids=ids, use_cache=False)
                 if engine.sum_over_ranks([0.0 if done else 1.0])[0] == 0:
                     break
             if real:
-                text = _cut(tokenizer.decode(new, skip_special_tokens=True), stop_texts)
-                got = final_answer(text)
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                got = extract_answer(text)
                 ok = got is not None and ex.answer is not None and \
                     normalize_answer(got) == normalize_answer(ex.answer)
                 correct += int(ok)

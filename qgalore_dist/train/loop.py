@@ -507,7 +507,7 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
         + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir is not None else "")
         + (" | no checkpoint to resume, starting fresh" if args.resume == "auto" and resume_dir is None else ""))
     for line in run.data_notes:
-        progress.note(f"data: {line}")
+        progress.note(line)
     mem = engine.memory_bytes()
     if mem:
         progress.note("weights + optimizer state: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in mem.items()))
@@ -539,7 +539,7 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
                 note += f" (INT8-loaded; the original model {original:.4f})"
             if args.eval_generate:
                 score = exact_match(model, batcher.val_prompts(args.eval_generate), tokenizer, engine, device,
-                                    max_new_tokens=args.max_new_tokens, stop_texts=batcher.stop_texts)
+                                    max_new_tokens=args.max_new_tokens)
                 record.update(exact_match=score.exact_match, exact_match_correct=score.correct,
                               exact_match_total=score.total, generation_samples=score.samples)
                 result.exact_matches.append((step, score.exact_match))
