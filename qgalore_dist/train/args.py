@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -148,8 +149,9 @@ class TrainArgs:
                                     type=int)
     dist_timeout: float = _opt(300.0, "seconds a rank waits in a collective before giving up (a dead peer "
                                "ends the job with an error instead of a hang)", type=float)
-    ds_config: str | None = _opt(None, "DeepSpeed config JSON (with a \"qgalore\" block); selects --engine "
-                                 "deepspeed", type=str, metavar="FILE",
+    ds_config: str | None = _opt(None, "DeepSpeed config JSON (with a \"qgalore\" block), or the name of a shipped "
+                                 "one: qgalore (ZeRO-2), qgalore_zero1, qgalore_zero3; selects --engine deepspeed",
+                                 type=str, metavar="FILE",
                                  aliases=("--ds_config", "--deepspeed_config", "--deepspeed-config"))
     local_rank: int | None = _opt(None, "set by launchers (deepspeed, torch.distributed.launch); the rank is "
                                   "read from the environment", type=int, aliases=("--local_rank",))
@@ -296,6 +298,17 @@ def _refuse_unused_dist_flags(args: TrainArgs) -> None:
                              f"{why}; drop it")
 
 
+def shipped_ds_config(name: str) -> str | None:
+    """The ds_config shipped as package data in ``qgalore_dist/ds_configs/`` that a bare name such as ``qgalore``
+    or ``qgalore_zero3.json`` stands for (its path), else None; anything with a directory part is a path, never
+    reinterpreted."""
+    if not name or Path(name).name != name:
+        return None
+    path = resources.files("qgalore_dist").joinpath("ds_configs").joinpath(
+        name if name.endswith(".json") else f"{name}.json")
+    return str(path) if path.is_file() else None
+
+
 def validate(args: TrainArgs) -> None:
     """Range and combination checks that need no model or data (those fail later, still before any write)."""
     if args.engine not in ENGINES:
@@ -306,7 +319,10 @@ def validate(args: TrainArgs) -> None:
     if args.ds_config is not None:
         args.engine = "deepspeed"
         if not Path(args.ds_config).expanduser().is_file():
-            raise UsageError(f"--ds_config {args.ds_config}: file does not exist")
+            shipped = shipped_ds_config(args.ds_config)
+            if shipped is None:
+                raise UsageError(f"--ds_config {args.ds_config}: file does not exist")
+            args.ds_config = shipped
     if args.full_reduce != "boundary" and (args.engine != "ddp" or args.comm_mode != "full"):
         raise UsageError(f"--full-reduce {args.full_reduce} applies to --engine ddp --comm-mode full only")
     if args.update_dtype != "auto" and (args.engine != "ddp" or args.comm_mode != "lowrank"):

@@ -9,7 +9,10 @@ projected INT8 matrices (buffers ZeRO never sees) through :mod:`qgalore_dist.par
 replicated INT8, owner-only SVD and moments) or :mod:`qgalore_dist.parallel.deepspeed_zero3` (ZeRO-3: INT8 rows
 partitioned across ranks). See docs/design.md §3.
 
-**The ds_config.** A DeepSpeed JSON with a ``"qgalore"`` block (DeepSpeed ignores unknown top-level keys)::
+**The ds_config.** A DeepSpeed JSON with a ``"qgalore"`` block (DeepSpeed ignores unknown top-level keys). Three
+ship as package data in ``qgalore_dist/ds_configs/`` (``ds_configs/`` in a checkout links there): ``--ds_config
+qgalore`` (ZeRO-2), ``qgalore_zero1``, ``qgalore_zero3`` — a bare name that is not an existing file resolves to
+them (:func:`qgalore_dist.train.args.shipped_ds_config`)::
 
     "qgalore": {"optimizer": "qgalore", "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_bits": 4,
                 "gate": true, "comm_mode": "lowrank", "granularity": 1.0, "projection": "svd",
@@ -344,7 +347,8 @@ class DeepSpeedEngine(DistributedEngine):
 
         if args.ds_config is None:
             raise UsageError("--engine deepspeed needs --ds_config FILE (a DeepSpeed JSON with a \"qgalore\" block; "
-                             "see ds_configs/qgalore.json)")
+                             "see ds_configs/qgalore.json) or the name of a shipped one (--ds_config qgalore, "
+                             "qgalore_zero1, qgalore_zero3)")
         try:
             info = discover_launch()
         except ValueError as exc:
