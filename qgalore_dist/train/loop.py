@@ -49,7 +49,7 @@ from ..models.arch import parameter_counts
 from ..nn.convert import find_target_linears
 from ..nn.dense_storage import store_dense_params
 from ..nn.materialize import KeyedRandomInit, PendingModel, cast_dense, int8_skeleton
-from .args import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs
+from .args import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs, flag_name
 from .engines import Engine, make_engine
 from .generate import exact_match
 from .lora import LoraSource, add_lora
@@ -385,6 +385,7 @@ class _Run:
     counts_note: str = ""
     original: Path | None = None  # a pretrained directory quantised on load: its float model is evaluated too
     data_notes: list[str] = field(default_factory=list)  # what reading the data did (truncated / skipped examples)
+    schedule_note: str = ""  # a resumed run whose schedule settings changed
 
 
 def _prepare(args: TrainArgs, engine: Engine) -> _Run:
@@ -456,6 +457,7 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
         projected, dense = moved, dense - moved
     run.counts_note = f"{projected / 1e6:.2f}M projected, {dense / 1e6:.2f}M dense"
     if resume_dir is not None:
+        fresh_base = list(scheduler.base_lrs)  # this run's --lr, before the checkpoint's optimizer state lands
         ckpt = engine.load_checkpoint(resume_dir)
         try:
             scheduler.load_state_dict(ckpt.trainer["scheduler"])
@@ -464,7 +466,29 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
             run.start_step, run.tokens = ckpt.step, int(ckpt.trainer["tokens_seen"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {resume_dir}: trainer state does not fit this run ({exc})") from exc
+        run.schedule_note = _recompute_schedule(args, scheduler, fresh_base, ckpt.trainer.get("args", {}))
     return run
+
+
+_SCHEDULE_FLAGS = ("lr", "max_steps", "warmup_steps", "lr_schedule", "min_lr_ratio")
+
+
+def _recompute_schedule(args: TrainArgs, scheduler, base_lrs: list[float], saved: dict[str, Any]) -> str:
+    """The learning rate from the first resumed step on is this run's schedule (the checkpoint restored the
+    step count and the optimizer's last lr, which belong to the old one): each group's lr is set to its base lr
+    × the multiplier at the resumed step. Returns a note naming the schedule settings that changed ('' if none)."""
+    scheduler.base_lrs = list(base_lrs)
+    step = scheduler.last_epoch
+    lrs = [base * fn(step) for base, fn in zip(base_lrs, scheduler.lr_lambdas)]
+    for group, base, lr in zip(scheduler.optimizer.param_groups, base_lrs, lrs):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = lrs
+    changed = [f"{flag_name(k)} {getattr(args, k)} (was {saved[k]})" for k in _SCHEDULE_FLAGS
+               if k in saved and saved[k] != getattr(args, k)]
+    if not changed:
+        return ""
+    return (f"resumed with {', '.join(changed)}: the learning-rate schedule is recomputed from these settings "
+            f"from step {step + 1} on (lr {lrs[0]:.3e})")
 
 
 def train(args: TrainArgs, engine: Engine | None = None) -> TrainResult:
@@ -506,13 +530,18 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
         f"data {batcher.stream.source}: {batcher.n_windows} train / {batcher.n_val_windows()} val windows"
         + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir is not None else "")
         + (" | no checkpoint to resume, starting fresh" if args.resume == "auto" and resume_dir is None else ""))
-    for line in run.data_notes:
+    for line in run.data_notes + ([run.schedule_note] if run.schedule_note else []):
         progress.note(line)
     mem = engine.memory_bytes()
     if mem:
         progress.note("weights + optimizer state: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in mem.items()))
 
-    with MetricsWriter(args.metrics_jsonl if engine.is_main else None, append=resume_dir is not None) as metrics:
+    resume_step = start_step if (resume_dir is not None or args.resume is not None) else None
+    with MetricsWriter(args.metrics_jsonl if engine.is_main else None, resume_step=resume_step) as metrics:
+        if metrics.dropped:
+            progress.note(f"--metrics-jsonl {args.metrics_jsonl}: {metrics.dropped} record(s) after step "
+                          f"{start_step} dropped (the interrupted run wrote them after its last checkpoint; they "
+                          "are trained again now)")
 
         def held_out_loss(m: nn.Module) -> tuple[float, int]:
             # each rank evaluates its slice of every global batch; a held-out split smaller than one global batch
@@ -602,19 +631,28 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
                 step += 1
                 tokens += tokens_per_step
                 dt = time.perf_counter() - t0
-                loss_val = engine.sum_over_ranks([loss_sum])[0] / max(step_loss_tokens, 1)
+                # with the loss, every rank's step time (its own slot, zeros elsewhere): the slowest rank's shows
+                # a straggler that rank 0's own time would hide
+                times = [0.0] * engine.world_size
+                times[engine.rank] = dt
+                sums = engine.sum_over_ranks([loss_sum, *times])
+                loss_val, slowest = sums[0] / max(step_loss_tokens, 1), max(sums[1:])
                 result.losses.append(loss_val)
                 result.steps, result.tokens = step, tokens
                 record = {"event": "train", "step": step, "loss": loss_val, "lr": lr, "tokens": tokens,
                           "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
                           "peak_mem_bytes": peak_memory_bytes(device),
-                          "svd_count": int(getattr(optimizer, "svd_count", 0)), "grad_norm": grad_norm}
+                          "svd_count": int(getattr(optimizer, "svd_count", 0)), "grad_norm": grad_norm,
+                          "loss_tokens": step_loss_tokens}
+                if engine.world_size > 1:
+                    record["slowest_rank_step_time_s"] = slowest
                 phases = getattr(optimizer, "phase_times", None)
                 if phases:
                     record["phase_times_s"] = {k: float(v) for k, v in phases.items()}
                 record.update(engine.step_metrics())
                 metrics.write(record)
-                progress.update(step, loss_val, lr, tokens_per_step / dt, grad_norm)
+                progress.update(step, loss_val, lr, tokens_per_step / dt, grad_norm,
+                                slowest if engine.world_size > 1 else None)
                 if step == args.max_steps or (args.eval_every and step % args.eval_every == 0):
                     run_eval(step)
                 if args.save_dir and (step == args.max_steps or (args.save_every and step % args.save_every == 0)):

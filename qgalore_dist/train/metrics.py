@@ -57,15 +57,42 @@ class MetricsWriter:
     """Appends one JSON object per line to ``path`` (or does nothing when ``path`` is None).
 
     Each line is flushed at once, so a crashed or preempted run keeps every record written before the crash.
-    ``append=True`` (resumed runs) continues an existing file instead of truncating it.
+    ``resume_step`` (a resumed run, or ``--resume auto`` starting at step 0): the existing file is continued; its
+    records of steps after ``resume_step`` — written by the interrupted run after its last checkpoint, and about
+    to be trained again — are dropped first (the file is rewritten whole and replaced atomically, so a crash
+    cannot lose the records kept). ``resume_step=None``: a new file (the caller refused an existing one unless
+    the user asked to overwrite it). ``dropped`` counts the records removed.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None, append: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None, resume_step: int | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self._fh: IO[str] | None = None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = self.path.open("a" if append else "w", encoding="utf-8")
+        self.dropped = 0
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            self._drop_after(resume_step)
+        self._fh = self.path.open("a" if resume_step is not None else "w", encoding="utf-8")
+
+    def _drop_after(self, step: int) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                rec_step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                rec_step = None  # a torn last line of a killed run: dropped with the superseded records
+                self.dropped += 1
+                continue
+            if isinstance(rec_step, int) and rec_step > step:
+                self.dropped += 1
+            else:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if self.dropped:
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(keep), encoding="utf-8")
+            os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is None:
@@ -89,20 +116,25 @@ class MetricsWriter:
 class Progress:
     """Progress over optimizer steps ``start+1 .. total``.
 
-    On a TTY: a tqdm bar on stderr with loss / lr / throughput in the postfix. Otherwise: one plain line on stdout
-    every ``log_every`` steps (and at the last step) — progress bars written to a log file are unreadable.
-    Evaluations and notes are always printed as plain lines (through tqdm.write on a TTY so the bar survives).
-    ``enabled=False`` (ranks other than the main one) prints nothing.
+    On a terminal at least :data:`MIN_BAR_COLUMNS` wide: a tqdm bar on stderr with loss / lr / throughput in the
+    postfix. Otherwise (a pipe, a log file, a terminal too narrow for a bar — a zero-width one would show nothing):
+    one plain line on stdout every ``log_every`` steps (and at the last step) with step, loss, lr, tokens/s,
+    elapsed time and ETA, and in distributed runs the slowest rank's step time. Evaluations and notes are always
+    printed as plain lines (through tqdm.write on a terminal so the bar survives). ``enabled=False`` (ranks other
+    than the main one) prints nothing.
     """
+
+    MIN_BAR_COLUMNS = 40
 
     def __init__(self, total: int, start: int = 0, log_every: int = 10, stream: IO[str] | None = None,
                  enabled: bool = True) -> None:
         self.total = total
+        self.start = start
         self.log_every = max(1, log_every)
         self.enabled = enabled
         self._bar = None
         tty_stream = sys.stderr
-        if enabled and stream is None and tty_stream.isatty():
+        if enabled and stream is None and tty_stream.isatty() and _columns(tty_stream) >= self.MIN_BAR_COLUMNS:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=tty_stream)
@@ -117,21 +149,46 @@ class Progress:
         else:
             print(text, file=self._out, flush=True)
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, grad_norm: float | None) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, grad_norm: float | None,
+               slowest_step_s: float | None = None) -> None:
         if self._bar is not None:
             post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:.0f}"}
             if grad_norm is not None:
                 post["gnorm"] = f"{grad_norm:.3f}"
+            if slowest_step_s is not None:
+                post["slowest"] = f"{slowest_step_s:.2f}s"
             self._bar.set_postfix(post, refresh=False)
             self._bar.update(1)
             return
         if step % self.log_every == 0 or step == self.total:
             gn = "" if grad_norm is None else f" grad_norm {grad_norm:.4f}"
+            slow = "" if slowest_step_s is None else f" slowest rank {slowest_step_s:.2f}s/step"
             elapsed = time.perf_counter() - self._t0
-            self.note(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.3e} tok/s {tokens_per_s:.0f}{gn} "
-                      f"elapsed {elapsed:.1f}s")
+            done = step - self.start
+            eta = elapsed / done * (self.total - step) if done > 0 else math.nan
+            self.note(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.3e} tok/s {tokens_per_s:.0f}{gn}{slow} "
+                      f"elapsed {_clock(elapsed)} eta {_clock(eta)}")
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _columns(stream: IO[str]) -> int:
+    """The terminal's width (0 when it reports none)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _clock(seconds: float) -> str:
+    """``1h02m03s`` / ``2m03s`` / ``4.1s`` ('?' before the first step's time is known)."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
