@@ -8,7 +8,7 @@ code that caught those before still does.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DataError", "DistributedError", "ModelSpecError", "ReplicaMismatch",
+__all__ = ["CheckpointError", "DataError", "DistributedError", "DivergenceError", "ModelSpecError", "ReplicaMismatch",
            "UsageError", "UserError"]
 
 
@@ -30,6 +30,11 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, corrupted, of another format, or does not fit the current run."""
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped on non-finite losses / gradients (``--max-skipped-steps`` in a row): one ``error:`` line,
+    exit status 3; the last checkpoint written (never a non-finite one) is kept."""
 
 
 class DistributedError(RuntimeError):

@@ -108,7 +108,16 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     with handle:
-        for lineno, line in enumerate(handle, 1):
+        lineno = 0
+        lines = iter(handle)
+        while True:
+            try:  # decoding happens while reading: binary garbage is a data error naming the line
+                line = next(lines)
+            except StopIteration:
+                break
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({exc.reason})") from exc
+            lineno += 1
             if not line.strip():
                 continue
             try:

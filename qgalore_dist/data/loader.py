@@ -199,8 +199,53 @@ def _read_bin(path: Path) -> TokenStream:
     if count == 0:
         raise DataError(f"{path}: shard is empty")
     arr = np.memmap(path, dtype=_ALLOWED_DTYPES[dtype], mode="r", shape=(count,))
-    vocab = meta.get("vocab_size")
-    return TokenStream([arr], vocab_size=int(vocab) if vocab is not None else None, source=str(path))
+    return _shard_stream(path, arr, meta.get("vocab_size"))
+
+
+def _declares_vocab(path: Path) -> bool:
+    """Whether a shard states its vocab_size (sidecar / safetensors metadata) rather than it being counted."""
+    if path.suffix == ".bin":
+        side = next((p for p in _sidecar_candidates(path) if p.is_file()), None)
+        try:
+            return side is not None and "vocab_size" in json.loads(side.read_text())
+        except (OSError, ValueError):
+            return False
+    try:
+        with path.open("rb") as handle:
+            n = int.from_bytes(handle.read(8), "little")
+            return "vocab_size" in (json.loads(handle.read(n)).get("__metadata__") or {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _shard_stream(path: Path, arr: np.ndarray, vocab: Any) -> TokenStream:
+    """A shard's stream whose ``vocab_size`` covers every id it holds: the sidecar's / metadata's value, checked
+    against the shard's largest id (an id past the model's vocabulary would otherwise fail mid-forward)."""
+    top = _shard_max_id(path, arr)
+    if vocab is not None and top >= int(vocab):
+        raise DataError(f"{path}: holds token id {top} but its vocab_size is {int(vocab)}")
+    return TokenStream([arr], vocab_size=int(vocab) if vocab is not None else top + 1, source=str(path))
+
+
+def _shard_max_id(path: Path, arr: np.ndarray) -> int:
+    """The largest token id of a shard: one vectorised pass over the memory map (GB/s), cached under
+    ``<cache>/shard_stats/`` by the shard's path, size and modification time."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    cache = cache_root() / "shard_stats" / f"{key}.json"
+    try:
+        return int(json.loads(cache.read_text())["max_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    top = max(int(arr[i:i + (1 << 26)].max()) for i in range(0, len(arr), 1 << 26))  # bounded chunks of the map
+    if top < 0:
+        raise DataError(f"{path}: holds negative token ids")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(cache, json.dumps({"path": str(path), "max_id": top}).encode())
+    except OSError:
+        pass  # a read-only cache costs a recount next time, nothing else
+    return top
 
 
 # safetensors dtype codes of the integer types a token tensor may use.
@@ -235,8 +280,7 @@ def _read_safetensors(path: Path) -> TokenStream:
     if count == 0:
         raise DataError(f"{path}: shard is empty")
     arr = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=(count,))
-    vocab = (header.get("__metadata__") or {}).get("vocab_size")
-    return TokenStream([arr], vocab_size=int(vocab) if vocab is not None else None, source=str(path))
+    return _shard_stream(path, arr, (header.get("__metadata__") or {}).get("vocab_size"))
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -344,12 +388,14 @@ def load_tokens(
 
     if shards:
         streams = [read_token_shard(p) for p in shards]
-        vocabs = {s.vocab_size for s in streams if s.vocab_size is not None}
-        if len(vocabs) > 1:
-            raise DataError(f"{label}: shards disagree on vocab_size ({sorted(vocabs)})")
-        vocab = vocabs.pop() if vocabs else None
+        declared = {s.vocab_size for s, p in zip(streams, shards) if _declares_vocab(p)}
+        if len(declared) > 1:
+            raise DataError(f"{label}: shards disagree on vocab_size ({sorted(declared)})")
+        # the declared vocabulary, else the largest id any shard holds + 1
+        vocab = declared.pop() if declared else max(s.vocab_size for s in streams)
         if tokenizer is not None and vocab is not None and vocab > len(tokenizer):
-            raise DataError(f"{label}: shards use vocab_size {vocab} > tokenizer's {len(tokenizer)}")
+            raise DataError(f"{label}: shards need a vocabulary of {vocab} tokens (declared, or largest id + 1) > "
+                            f"the tokenizer's {len(tokenizer)}")
         pieces = [piece for s in streams for piece in s.pieces]
         return TokenStream(pieces, vocab_size=vocab, source=label)
 

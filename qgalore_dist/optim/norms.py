@@ -32,6 +32,10 @@ class StepResult:
 
     grad_norm: float | None = None
     clip_coef: float = 1.0
+    # a non-finite global norm: nothing was applied (every rank sees the same norm, so every rank skips);
+    # skipped_matrices: updates inside backward (grad_accum=1) left out because that matrix's gradient was not finite
+    skipped: bool = False
+    skipped_matrices: int = 0
 
 
 def closure_loss(closure) -> object:

@@ -10,6 +10,7 @@ partial norm — :func:`qgalore_dist.train.hf_trainer.optimizer_for_trainer` set
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -209,6 +210,7 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         # the whole step runs inside backward: nothing has to wait for the accumulation boundary or a global norm
         self.in_backward = layerwise and grad_accum == 1 and self.grad_clip == 0
         self._consumed_sq = 0.0  # Σ‖consumed gradient‖² of in-backward steps, reported by the next step()
+        self._skipped_in_backward = 0  # in-backward updates left out since step(): non-finite gradient
         self.last_step = StepResult()
         self._stepped_in_backward: set[str] = set()  # matrices already stepped inside backward since step()
         if layerwise:
@@ -297,7 +299,11 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
             self._stepped_in_backward.add(pm.name)
         r = self._project_into_window(pm, grad)
         if self.in_backward:
-            self._consumed_sq += squared_norm(r)
+            sq = squared_norm(r)
+            self._consumed_sq += sq
+            if not math.isfinite(sq):  # this matrix's update alone is left out (the others may already be applied)
+                self._skipped_in_backward += 1
+                return
             rule, lr = self._rule()
             self._apply(pm, r, rule, lr)  # the whole step inside backward: no accumulator
             return
@@ -325,6 +331,11 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         sq += sum(squared_norm(p.grad) for _, p in dense)
         self._consumed_sq = 0.0
         norm = sq ** 0.5
+        skipped_in_backward, self._skipped_in_backward = self._skipped_in_backward, 0
+        if not math.isfinite(norm):  # a non-finite gradient: apply nothing of this step (what backward did not)
+            self.zero_grad()
+            self.last_step = StepResult(norm, 1.0, skipped=True, skipped_matrices=skipped_in_backward)
+            return loss
         coef = clip_coef(norm, self.grad_clip)
         for pm in self.matrices:
             r = self.accum.pop(pm.name, None)
@@ -337,6 +348,7 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.accum.clear()
+        self._consumed_sq = 0.0
         for pm in self.matrices:
             pm.clear_grad()
         for _, p in self.dense_named:

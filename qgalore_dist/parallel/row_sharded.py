@@ -442,6 +442,10 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
             raise RuntimeError("finish_step() without begin_step()")
         right, left, lowrank, dense, dense_grads, rule, lr = self._open
         self._open = None
+        if norm is not None and not math.isfinite(norm):  # equal on every rank: every rank applies nothing
+            self.last_comm = self.collectives.reset_step()
+            self.last_step = StepResult(norm, 1.0, skipped=True)
+            return
         if coef < 1.0:
             for n in right + [n for n in left if n in self.owned]:
                 lowrank[n].mul_(coef)

@@ -88,6 +88,7 @@ point (``step`` and ``load_state_dict`` are collective; ``state_dict`` is local)
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -492,6 +493,11 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
             self._reduce_lowrank(mats)
         # the norm is always measured (one all-reduce of two numbers): every engine reports the same step result
         norm = self._global_norm(mats, dense_grads)
+        if not math.isfinite(norm):  # the same norm on every rank: every rank applies nothing of this step
+            self.zero_grad()
+            self.last_comm = self.collectives.reset_step()
+            self.last_step = StepResult(norm, 1.0, skipped=True)
+            return loss
         coef = clip_coef(norm, self.grad_clip)
         if self.comm_mode == "full":
             self._apply_full(mats, rule, lr, coef)

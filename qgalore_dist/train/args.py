@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import tempfile
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -108,6 +111,13 @@ class TrainArgs:
                           "save (0: keep all)", type=int, metavar="K")
     metrics_jsonl: str | None = _opt(None, "write one JSON object per step / evaluation to this file", type=str,
                                      metavar="PATH")
+    max_skipped_steps: int = _opt(3, "stop the run (exit status 3) after this many steps in a row skipped for a "
+                                  "non-finite loss or gradient; the last checkpoint is kept", type=int, metavar="K")
+    overwrite: bool = _opt(False, "let a fresh run replace an existing --metrics-jsonl file (a resumed run appends "
+                           "to it instead)", flag=True)
+    dry_run: bool = _opt(False, "check every setting, file and path (data read and tokenized, model config "
+                         "resolved, checkpoint verified), print what would run, and exit without training",
+                         flag=True)
     log_every: int = _opt(10, "plain log line every N steps (when stderr is not a terminal)", type=int)
     export: str | None = _opt(None, "after training, write a plain dequantised transformers model + tokenizer "
                               "here (sharded safetensors, at most 2 GB each): a new or empty directory or an "
@@ -309,8 +319,47 @@ def shipped_ds_config(name: str) -> str | None:
     return str(path) if path.is_file() else None
 
 
+_SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; data order multiplies the seed in int64 arithmetic
+
+
+def _check_finite(args: TrainArgs) -> None:
+    """Every number of a float setting is finite (``--lr inf`` would train to NaN and exit 0)."""
+    for f in fields(TrainArgs):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag_name(f.name)} must be a finite number, got {value}")
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable(flag: str, value: str, *, file: bool) -> None:
+    """``value`` can be created or written: the path (or, for one not there yet, its nearest existing ancestor)
+    is a directory we may write into; a file target must not be a directory."""
+    path = Path(value).expanduser()
+    if file and path.is_dir():
+        raise UsageError(f"{flag} {value}: is a directory")
+    if file and path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {value}: file is not writable")
+    parent = _nearest_existing(path if not file else path.parent)
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {value}: {parent} is not a directory")
+    # a real probe, not os.access: root passes every access check, and some file systems (/proc, read-only
+    # mounts) refuse files whatever the mode bits say; the probe file is removed at once
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".qgalore-write-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{flag} {value}: cannot write into {parent} ({exc.strerror or exc})") from exc
+
+
 def validate(args: TrainArgs) -> None:
     """Range and combination checks that need no model or data (those fail later, still before any write)."""
+    _check_finite(args)
     if args.engine not in ENGINES:
         raise UsageError(f"--engine {args.engine!r} is unknown; allowed: {', '.join(ENGINES)}")
     if args.ds_config is not None and args.engine not in ("local", "deepspeed"):
@@ -344,8 +393,10 @@ def validate(args: TrainArgs) -> None:
     for name in ("warmup_steps", "eval_every", "save_every", "keep_last"):
         if getattr(args, name) < 0:
             raise UsageError(f"{flag_name(name)} must be >= 0, got {getattr(args, name)}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed <= _SEED_MAX:
+        raise UsageError(f"--seed must lie in [0, 2**63 - 1], got {args.seed}")
+    if args.max_skipped_steps < 1:
+        raise UsageError(f"--max-skipped-steps must be a positive integer, got {args.max_skipped_steps}")
     if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     for name in ("beta1", "beta2"):
@@ -383,8 +434,15 @@ def validate(args: TrainArgs) -> None:
         from ..checkpoint.export import check_export_target
 
         check_export_target(args.export, save_dir=args.save_dir)
-    if args.metrics_jsonl is not None and Path(args.metrics_jsonl).expanduser().is_dir():
-        raise UsageError(f"--metrics-jsonl {args.metrics_jsonl}: is a directory")
+    if args.metrics_jsonl is not None:
+        _check_writable("--metrics-jsonl", args.metrics_jsonl, file=True)
+        existing = Path(args.metrics_jsonl).expanduser()
+        if existing.is_file() and existing.stat().st_size > 0 and args.resume is None and not args.overwrite:
+            raise UsageError(f"--metrics-jsonl {args.metrics_jsonl} already exists: a fresh run would replace it; "
+                             "pass --overwrite, --resume to continue that run, or another path")
+    for name in ("save_dir", "export"):
+        if getattr(args, name) is not None:
+            _check_writable(flag_name(name), getattr(args, name), file=False)
     if args.resume not in (None, "auto") and not Path(args.resume).expanduser().is_dir():
         raise UsageError(f"--resume {args.resume}: checkpoint directory does not exist")
     if args.task == "finetune":

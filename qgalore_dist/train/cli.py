@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any, NoReturn, Sequence
 
-from ..errors import DistributedError, UsageError, UserError
+from ..errors import DistributedError, DivergenceError, UsageError, UserError
 from .args import FINETUNE_DEFAULTS, OPTIMIZERS, TrainArgs, cli_fields, flag_name, load_config_file, validate
 from .loop import train
 
@@ -174,6 +174,8 @@ def main(argv: Sequence[str] | None = None, task: str = "pretrain"):
         fail(str(exc))
     except DistributedError as exc:
         fail(str(exc), status=1)
+    except DivergenceError as exc:
+        fail(str(exc), status=3)
 
 
 def console(argv: Sequence[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from ..checkpoint.export import EXPORT_DTYPES, quantized_modules
 from ..checkpoint.save_load import TRAINER_FILE, CheckpointError, capture_rng_state, restore_rng_state
 from ..checkpoint.save_root import SaveRootLock, choose_resume, clean_leftovers, prune_checkpoints
 from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
-from ..errors import UsageError
+from ..errors import DivergenceError, UsageError
 from ..models import (
     build_model,
     enable_activation_checkpointing,
@@ -343,6 +343,7 @@ class TrainResult:
     wall_s: float = 0.0
     original_val_loss: float | None = None  # the unquantised pretrained model's, when one was loaded into INT8
     exact_matches: list[tuple[int, float]] = field(default_factory=list)  # (step, fraction) under --eval-generate
+    skipped_steps: list[int] = field(default_factory=list)  # steps skipped for a non-finite loss or gradient
 
     @property
     def final_val_loss(self) -> float | None:
@@ -388,7 +389,7 @@ class _Run:
     schedule_note: str = ""  # a resumed run whose schedule settings changed
 
 
-def _prepare(args: TrainArgs, engine: Engine) -> _Run:
+def _prepare(args: TrainArgs, engine: Engine) -> _Run | None:
     """Resolve, build and (when resuming) restore everything; raises user errors before anything is written.
 
     Cheap checks come first (flags, model spec, checkpoint hashes), then the tokenizer and data, then the model.
@@ -432,16 +433,27 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run:
     if not model_dir.is_dir():  # a config spec: the model is sized to the tokenizer (a directory keeps its own)
         config = resolve_model_config(args.model, vocab_size=len(tokenizer))
     batcher, data_notes = make_batcher(args, tokenizer, engine)
+    # before the model exists: an id past the embedding would otherwise fail mid-forward (IndexError)
+    if batcher.stream.vocab_size and batcher.stream.vocab_size > config.vocab_size:
+        raise UsageError(f"--data {args.data}: token ids reach {batcher.stream.vocab_size - 1} but the model's "
+                         f"vocabulary has {config.vocab_size} tokens")
+    if len(tokenizer) > config.vocab_size:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+                         f"{config.vocab_size}")
+    if args.dry_run:
+        for line in data_notes:
+            print(line, flush=True)
+        print(f"dry run: settings, model config ({param_count(config) / 1e6:.2f}M parameters), tokenizer "
+              f"({len(tokenizer)} tokens), data ({batcher.stream.source}: {batcher.n_windows} train / "
+              f"{batcher.n_val_windows()} val sequences)" + (f", checkpoint {resume_dir}" if resume_dir else "")
+              + " and output paths are valid; nothing was trained or written", flush=True)
+        return None
 
     pending = pending_training_model(args, config, dtype, model_record)
     # a sharding engine lays the meta model out first and materialises only its own rows
     model, optimizer = engine.prepare(
         pending if engine.sharded_start else finish_training_model(args, pending.materialize(engine.device), dtype),
         lambda m: make_optimizer(m, args))
-    used = max(len(tokenizer), batcher.stream.vocab_size or 0)
-    if used > model.config.vocab_size:
-        raise UsageError(f"tokenizer/data use {used} token ids but the model's vocabulary has "
-                         f"{model.config.vocab_size}")
     scheduler = build_scheduler(optimizer, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                                 schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio)
     run = _Run(tokenizer, tok_fp, batcher, model, optimizer, scheduler, resume_dir, data_notes=data_notes)
@@ -503,7 +515,7 @@ def train(args: TrainArgs, engine: Engine | None = None) -> TrainResult:
     engine = engine or make_engine(args)
     lock = None
     try:
-        lock = lock_save_root(args, engine)
+        lock = None if args.dry_run else lock_save_root(args, engine)  # a dry run writes nothing, cleans nothing
         return _train(args, engine, t_start)
     finally:
         try:
@@ -515,6 +527,8 @@ def train(args: TrainArgs, engine: Engine | None = None) -> TrainResult:
 
 def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
     run = _prepare(args, engine)
+    if run is None:  # --dry-run
+        return TrainResult(start_step=0, steps=0, tokens=0, wall_s=time.perf_counter() - t_start)
     model, optimizer, scheduler, batcher = run.model, run.optimizer, run.scheduler, run.batcher
     tokenizer, resume_dir, start_step, tokens = run.tokenizer, run.resume_dir, run.start_step, run.tokens
     device, dtype = engine.device, resolve_dtype(args.dtype, engine.device)
@@ -610,7 +624,7 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
         if start_step >= args.max_steps:
             progress.note(f"checkpoint is at step {start_step} >= --max-steps {args.max_steps}: nothing to train")
 
-        step = start_step
+        step, skips_in_a_row = start_step, 0
         try:
             while step < args.max_steps:
                 t0 = time.perf_counter()
@@ -621,12 +635,28 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
                 # that global count, times the world size the engines' gradient averaging divides by again — so
                 # packing, padding, accumulation and the number of ranks leave the gradient unchanged
                 scale = engine.world_size / max(step_loss_tokens, 1)
-                loss_sum = 0.0
+                loss_sum, bad_loss = 0.0, False
                 for batch in micro_batches:
                     loss = lm_loss(model, *_on(device, batch), reduction="sum")
-                    engine.backward(loss * scale)
                     loss_sum += float(loss.detach())
-                grad_norm = engine.step()
+                    # checked before backward, on every rank together: in the in-backward mode (grad_accum 1)
+                    # backward already updates the matrices, so a non-finite loss must never reach it
+                    if engine.sum_over_ranks([0.0 if math.isfinite(loss_sum) else 1.0])[0]:
+                        bad_loss = True
+                        break
+                    engine.backward(loss * scale)
+                if bad_loss:
+                    if not engine.can_skip_steps:
+                        raise DivergenceError(f"step {step + 1}: non-finite loss ({loss_sum}); --engine "
+                                              f"{engine.name} cannot skip a step, so the run stops here (the last "
+                                              "checkpoint is kept)")
+                    engine.skip_step()
+                    grad_norm = None
+                else:
+                    grad_norm = engine.step()
+                # a non-finite norm: the optimizer applied nothing (every optimizer here skips on it)
+                skipped = bad_loss or (grad_norm is not None and not math.isfinite(grad_norm))
+                skips_in_a_row = skips_in_a_row + 1 if skipped else 0
                 scheduler.step()
                 step += 1
                 tokens += tokens_per_step
@@ -646,6 +676,9 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
                           "loss_tokens": step_loss_tokens}
                 if engine.world_size > 1:
                     record["slowest_rank_step_time_s"] = slowest
+                if skipped:
+                    record["skipped"] = "non-finite loss" if bad_loss else "non-finite gradient"
+                    result.skipped_steps.append(step)
                 phases = getattr(optimizer, "phase_times", None)
                 if phases:
                     record["phase_times_s"] = {k: float(v) for k, v in phases.items()}
@@ -653,6 +686,14 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
                 metrics.write(record)
                 progress.update(step, loss_val, lr, tokens_per_step / dt, grad_norm,
                                 slowest if engine.world_size > 1 else None)
+                if skipped:
+                    progress.note(f"step {step}: skipped ({record['skipped']}; {skips_in_a_row} in a row, the run "
+                                  f"stops at {args.max_skipped_steps})")
+                    if skips_in_a_row >= args.max_skipped_steps:
+                        raise DivergenceError(
+                            f"training diverged: {skips_in_a_row} steps in a row (to step {step}) had a non-finite "
+                            "loss or gradient and were skipped; lower --lr or raise --grad-clip, and resume from "
+                            "the last checkpoint" + (f" ({result.checkpoints[-1]})" if result.checkpoints else ""))
                 if step == args.max_steps or (args.eval_every and step % args.eval_every == 0):
                     run_eval(step)
                 if args.save_dir and (step == args.max_steps or (args.save_every and step % args.save_every == 0)):

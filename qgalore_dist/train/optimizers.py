@@ -48,6 +48,10 @@ class TorchAdamW(torch.optim.AdamW):
                 total = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
             else:
                 total = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            if not math.isfinite(total):  # a non-finite gradient: skip the step (clip_grad_norm_ made them NaN)
+                self.zero_grad(set_to_none=True)
+                self.last_step = StepResult(total, 1.0, skipped=True)
+                return loss
             self.last_step = StepResult(total, clip_coef(total, self.grad_clip))
         else:
             self.last_step = StepResult()
@@ -83,6 +87,10 @@ class DenseAdamW8bit(torch.optim.Optimizer):
         if not live:
             return loss
         norm = _global_norm(p.grad for p in live)
+        if not math.isfinite(norm):  # a non-finite gradient: skip the step
+            self.zero_grad(set_to_none=True)
+            self.last_step = StepResult(norm, 1.0, skipped=True)
+            return loss
         coef = clip_coef(norm, self.grad_clip)
         for group in self.param_groups:
             for p in group["params"]:

@@ -61,6 +61,14 @@ class Engine:
     def zero_grad(self) -> None:
         raise NotImplementedError
 
+    #: whether :meth:`skip_step` can drop a step whose loss was not finite (the loop stops the run otherwise)
+    can_skip_steps = True
+
+    def skip_step(self) -> None:
+        """Drop the step in progress — its loss was not finite on some rank, so the remaining micro-batches were
+        not run backward — with no update applied: the gradients accumulated so far are discarded."""
+        self.zero_grad()
+
     def mean_over_ranks(self, value: float) -> float:
         """Average a scalar (loss, evaluation loss) over ranks; every rank gets the result."""
         return value
