@@ -12,6 +12,7 @@ Nothing here touches a model hub: this project runs on machines without one.
 from __future__ import annotations
 
 import json
+import weakref
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "shipped_config_names",
     "resolve_model_config",
     "build_model",
+    "filled_defaults",
     "load_pretrained",
     "param_count",
     "rebuild_rotary_buffers",
@@ -82,16 +84,148 @@ def _read_config_json(spec: str, path: Path) -> dict[str, Any]:
     return data
 
 
+# The size fields a config must give (real configs omit many others, which keep transformers' defaults), under
+# their canonical names; a file may spell them as its architecture does (GPT-2: n_embd, n_layer, n_head) through the
+# config class's attribute_map. The feed-forward width has per-architecture names of its own (OPT: ffn_dim); it is
+# required only where the architecture has such a field (GPT-2's n_inner is optional: 4 × n_embd).
+_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+_FFN_NAMES = ("intermediate_size", "ffn_dim", "d_ff")
+# Optional fields that change the model's shape or size: when the file omits them, the default (as resolved) is
+# reported (see `filled_defaults`). The many other omitted fields (dropouts, eps, rope, token ids) are not listed.
+_SHAPE_DEFAULTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
+                   "attention_bias", "mlp_bias", "qkv_bias", "n_inner", "num_local_experts", "num_experts",
+                   "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                   "word_embed_proj_dim", "sliding_window")
+
+try:  # transformers >= 5 validates configs with huggingface_hub's strict dataclasses (not ValueError subclasses)
+    from huggingface_hub.errors import StrictDataclassError as _StrictError
+except ImportError:  # pragma: no cover - older huggingface_hub
+    _StrictError = ValueError
+
+_FILLED: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}
+
+
+def filled_defaults(config: PretrainedConfig) -> tuple[str, ...]:
+    """``name=value`` for each shape field (kv heads, head dim, positions, tied embeddings, biases, experts ...)
+    that the config file behind ``config`` omitted, so transformers' default was used; () when none was, or for a
+    config not made by :func:`resolve_model_config`."""
+    entry = _FILLED.get(id(config))
+    return entry[1] if entry is not None and entry[0]() is config else ()
+
+
+def _remember_filled(config: PretrainedConfig, names: tuple[str, ...]) -> None:
+    key = id(config)
+    _FILLED[key] = (weakref.ref(config, lambda _ref: _FILLED.pop(key, None)), names)
+
+
+def _names_in_file(cls: type, canonical: str) -> tuple[str, ...]:
+    """The keys a config file of class ``cls`` may use for the attribute ``canonical``."""
+    amap = getattr(cls, "attribute_map", {}) or {}
+    names = [canonical, *([amap[canonical]] if canonical in amap else [])]
+    names += [k for k, v in amap.items() if v == canonical]
+    if canonical == "intermediate_size":
+        names += [n for n in _FFN_NAMES if n not in names]
+    return tuple(dict.fromkeys(names))
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# optional integer fields that, when a file gives them (not null), must be positive
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings", "n_positions", "n_inner",
+                   "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                   "shared_expert_intermediate_size")
+
+
+def _check_sizes(spec: str, path: Path, cls: type, data: dict[str, Any]) -> list[str]:
+    """Refuse a config without its size fields or with non-positive ones (before transformers sees it); returns the
+    shape fields the file omits (their defaults are reported)."""
+    try:
+        defaults = cls().to_dict()
+    except Exception:  # noqa: BLE001 - a class without usable defaults: nothing to compare against
+        defaults = {}
+    missing = []
+    for canonical in _SIZE_FIELDS:
+        names = _names_in_file(cls, canonical)
+        if not any(n in defaults for n in names):
+            continue  # this architecture has no such field (GPT-2's feed-forward width is the optional n_inner)
+        given = next((n for n in names if data.get(n) is not None), None)
+        if given is None:
+            missing.append(next(n for n in names if n in defaults))  # as this architecture spells it
+        elif not _positive_int(data[given]):
+            raise _fail(spec, f"{path}: {given} must be a positive integer, got {data[given]!r}")
+    if missing:
+        raise _fail(spec, f"{path} lacks the size field(s) {', '.join(missing)} (a model_type alone would build "
+                          "transformers' default size); give them in the config")
+    for name in _OPTIONAL_SIZES:
+        if data.get(name) is not None and not _positive_int(data[name]):
+            raise _fail(spec, f"{path}: {name} must be a positive integer or null, got {data[name]!r}")
+    _check_consistent(spec, path, cls, data, data)  # before transformers' own (less specific) validators
+    return [n for n in _SHAPE_DEFAULTS if n in defaults and n not in data
+            and not any(alias in data for alias in _names_in_file(cls, n))]
+
+
+def _check_consistent(spec: str, path: Path, cls: type, data: dict[str, Any],
+                      config: PretrainedConfig | dict[str, Any]) -> None:
+    """The sizes fit together: those the file gives (``config`` is ``data``), then the resolved ones (defaults
+    filled). The message uses the file's own names, '(default)' for a filled value."""
+    def shown(canonical: str) -> str:
+        given = next((n for n in _names_in_file(cls, canonical) if n in data), None)
+        return given or f"{canonical} (default)"
+
+    def value(canonical: str) -> Any:
+        if not isinstance(config, dict):
+            return getattr(config, canonical, None)
+        return next((config[n] for n in _names_in_file(cls, canonical) if config.get(n) is not None), None)
+
+    hidden, heads, kv = value("hidden_size"), value("num_attention_heads"), value("num_key_value_heads")
+    if not (_positive_int(hidden) and _positive_int(heads)):
+        return
+    if data.get("head_dim") is None and hidden % heads:
+        raise _fail(spec, f"{path}: {shown('hidden_size')} {hidden} is not divisible by "
+                          f"{shown('num_attention_heads')} {heads} (the hidden size must be heads × head_dim)")
+    if _positive_int(kv) and heads % kv:
+        raise _fail(spec, f"{path}: {shown('num_attention_heads')} {heads} is not divisible by "
+                          f"{shown('num_key_value_heads')} {kv}")
+
+
+def _probe_build(spec: str, path: Path, config: PretrainedConfig) -> None:
+    """Build a one-layer copy on the meta device (no storage, milliseconds): an activation, rope setting or model
+    type that transformers cannot build fails here with the file named, not later inside the run."""
+    import copy
+
+    probe = copy.deepcopy(config)
+    try:
+        if _positive_int(getattr(probe, "num_hidden_layers", None)):
+            probe.num_hidden_layers = 1
+        build_model(probe, meta=True)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises on a config it cannot build
+        detail = " ".join(str(exc).split()) or "no detail"
+        raise _fail(spec, f"{path}: transformers cannot build a causal LM from this config "
+                          f"({type(exc).__name__}: {detail})") from exc
+
+
 def _config_from_dict(spec: str, path: Path, data: dict[str, Any]) -> PretrainedConfig:
     model_type = data.get("model_type")
     if not model_type:
         raise _fail(spec, f"{path} has no 'model_type' field")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise _fail(spec, f"{path} has unknown model_type {model_type!r} for transformers {transformers.__version__}")
+    cls = CONFIG_MAPPING[model_type]
+    omitted = _check_sizes(spec, path, cls, data)
     try:
-        return CONFIG_MAPPING[model_type].from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise _fail(spec, f"invalid config in {path} ({exc})") from exc
+        config = cls.from_dict(data)
+    except (TypeError, ValueError, KeyError, ArithmeticError, _StrictError) as exc:
+        detail = " ".join(str(exc).split())
+        raise _fail(spec, f"invalid config in {path} ({detail})") from exc
+    _check_consistent(spec, path, cls, data, config)
+    _probe_build(spec, path, config)
+    derived_head_dim = getattr(config, "hidden_size", 0) // max(1, getattr(config, "num_attention_heads", 1) or 1)
+    _remember_filled(config, tuple(
+        f"{n}={getattr(config, n)!r}" for n in omitted if getattr(config, n, None) is not None
+        and not (n == "head_dim" and getattr(config, n) == derived_head_dim)))  # None: derived, as head_dim is
+    return config
 
 
 def resolve_model_config(spec: str | Path, vocab_size: int | None = None) -> PretrainedConfig:
