@@ -39,7 +39,7 @@ from .collectives import Collectives, CommCounters
 from .replicas import check_same_setup
 from .row_sharded import RowShard, RowShardedQGaLoreOptimizer, chunk_rows
 
-__all__ = ["Zero3Sidecar", "shard_model_rows"]
+__all__ = ["Zero3Sidecar", "export_gathered", "gathered_state", "shard_model_rows"]
 
 
 def shard_model_rows(model: nn.Module, rank: int, world_size: int,
@@ -216,27 +216,18 @@ class Zero3Sidecar:
             m.weight_scales.copy_(e["scales"])
 
     # --- export -------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def _gathered(self, module: nn.Module, is_main: bool,
                   dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor | None]]:
         """Collective generator — every rank must run it to the end: the model's float state one tensor at a time
         on the main rank (None elsewhere): each dense parameter gathered from its ZeRO-3 partitions, each INT8
         matrix gathered and dequantised (in ``dtype``), then the persistent buffers."""
-        import deepspeed
+        yield from gathered_state(module, is_main, self._int8_tensors(is_main, dtype))
 
-        for n, p in module.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                t = p.detach().cpu().clone() if is_main else None
-            yield n, t
+    def _int8_tensors(self, is_main: bool, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor | None]]:
         for mod in self.modules:
             codes, scales = self._gather(mod)
             yield mod.qname, (dequantize_rows(codes, scales, mod.group_size, dtype) if is_main else None)
         self.collectives.reset_step()
-        persistent = set(module.state_dict(keep_vars=True))  # names only (non-persistent buffers are not saved)
-        params = {n for n, _ in module.named_parameters()}
-        for n, b in module.named_buffers():
-            if n in persistent and n not in params:
-                yield n, (b.detach().cpu() if is_main else None)
 
     def full_state(self, module: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
         """Collective: the whole model's float state (dense parameters gathered from ZeRO-3, every INT8 matrix
@@ -246,18 +237,46 @@ class Zero3Sidecar:
 
     def export(self, module: nn.Module, out_dir, tokenizer, is_main: bool, dtype: torch.dtype = torch.bfloat16):
         """Streaming export: one tensor gathered to the main rank at a time, written shard by shard."""
-        from ..checkpoint.export import DequantizedTensors, export_tensors
+        return export_gathered(self._gathered(module, is_main, dtype), [m.qname.removesuffix(".weight")
+                                                                        for m in self.modules],
+                               module.config, out_dir, tokenizer, is_main, dtype)
 
-        if not is_main:
-            for _ in self._gathered(module, is_main, dtype):  # the same collectives as the main rank's, in order
-                pass
-            return None
-        gathered = self._gathered(module, True, dtype)
-        tensors = ((n, t.to(dtype) if t.is_floating_point() else t) for n, t in gathered)
-        int8 = [m.qname.removesuffix(".weight") for m in self.modules]
-        try:
-            return export_tensors(DequantizedTensors(tensors, int8), module.config, out_dir, tokenizer, dtype=dtype)
-        except BaseException:
-            for _ in gathered:  # the other ranks are in these gathers: finish them, then fail
-                pass
-            raise
+
+@torch.no_grad()
+def gathered_state(module: nn.Module, is_main: bool,
+                   int8: Iterator[tuple[str, torch.Tensor | None]] = iter(())
+                   ) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Collective generator — every rank must run it to the end: each parameter of a ZeRO-3 ``module`` gathered
+    from its partitions, one at a time, on the main rank (None elsewhere); then the pairs of ``int8`` (the INT8
+    matrices, gathered by their side-car); then the persistent buffers."""
+    import deepspeed
+
+    for n, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            t = p.detach().cpu().clone() if is_main else None
+        yield n, t
+    yield from int8
+    persistent = set(module.state_dict(keep_vars=True))  # names only (non-persistent buffers are not saved)
+    params = {n for n, _ in module.named_parameters()}
+    for n, b in module.named_buffers():
+        if n in persistent and n not in params:
+            yield n, (b.detach().cpu() if is_main else None)
+
+
+def export_gathered(gathered: Iterator[tuple[str, torch.Tensor | None]], int8: list[str], config, out_dir,
+                    tokenizer, is_main: bool, dtype: torch.dtype):
+    """Write what the collective generator ``gathered`` yields as a transformers model on the main rank, shard by
+    shard (``int8``: the modules whose weights were dequantised); the other ranks run the same collectives."""
+    from ..checkpoint.export import DequantizedTensors, export_tensors
+
+    if not is_main:
+        for _ in gathered:  # the same collectives as the main rank's, in order
+            pass
+        return None
+    tensors = ((n, t.to(dtype) if t.is_floating_point() else t) for n, t in gathered)
+    try:
+        return export_tensors(DequantizedTensors(tensors, int8), config, out_dir, tokenizer, dtype=dtype)
+    except BaseException:
+        for _ in gathered:  # the other ranks are in these gathers: finish them, then fail
+            pass
+        raise

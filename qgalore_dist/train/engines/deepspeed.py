@@ -9,6 +9,13 @@ projected INT8 matrices (buffers ZeRO never sees) through :mod:`qgalore_dist.par
 replicated INT8, owner-only SVD and moments) or :mod:`qgalore_dist.parallel.deepspeed_zero3` (ZeRO-3: INT8 rows
 partitioned across ranks). See docs/design.md §3.
 
+``--optimizer adamw|adamw8bit`` (the full-AdamW reference and ``--method lora``'s adapters) have no projected
+matrices: ZeRO holds and steps every trainable parameter — a LoRA model's frozen base stays out of the optimizer
+(ZeRO-3 partitions and gathers it like any parameter) — with :class:`FlatTorchAdamW` (``torch.optim.AdamW``, the
+rule of adamw on every engine) or :class:`~qgalore_dist.parallel.deepspeed_sidecar.FlatDenseAdamW` with 8-bit
+moments, and :class:`DenseOnlySidecar` joining the ranks' partition norms into the clipping norm. ``--optimizer
+galore`` (float projected matrices) has no DeepSpeed side-car and is refused.
+
 **The ds_config.** A DeepSpeed JSON with a ``"qgalore"`` block (DeepSpeed ignores unknown top-level keys). Three
 ship as package data in ``qgalore_dist/ds_configs/`` (``ds_configs/`` in a checkout links there): ``--ds_config
 qgalore`` (ZeRO-2), ``qgalore_zero1``, ``qgalore_zero3`` — a bare name that is not an existing file resolves to
@@ -18,11 +25,16 @@ them (:func:`qgalore_dist.train.args.shipped_ds_config`)::
                 "gate": true, "comm_mode": "lowrank", "granularity": 1.0, "projection": "svd",
                 "dense_state_bits": 8, "fused": true}
 
-``proj_bits``: INT4 or INT8 projectors; ``dense_state_bits``: the dense AdamW moments (8-bit blockwise or fp32);
+``proj_bits``: INT4 or INT8 projectors; ``dense_state_bits``: the dense AdamW moments of qgalore / projfactor
+(8-bit blockwise or fp32; adamw / adamw8bit: fp32 / 8-bit by their name, a contradicting key is an error);
 ``fused``: the torch.compile'd update + re-quantisation kernel (false: eager, no compile at start-up). Every key
 of the block is optional (absent: the command line's value / default), the block itself is required
 (it is what says the config was written for qgalore_dist). A key that is set wins over the flag's default; a flag
-set to another, non-default value is an error (``contradictory settings``, exit 2), never silently overridden.
+set to another, non-default value is an error (``contradictory settings``, exit 2), never silently overridden
+(the defaults are the command's: ``qgalore-finetune`` has its own). Under ``--method lora`` a block whose
+``optimizer`` is a projected one describes the ``--method full`` run of the same comparison: its ``optimizer`` and
+``dense_state_bits`` are not applied (the adapters train with ``--optimizer adamw``, or an ``adamw8bit`` the block
+names), and its projection keys go unused.
 Under ZeRO-3 (rows partitioned, no replicas) a non-default ``comm_mode`` / ``strict_replicas`` /
 ``replica_check_every`` — flag or key — is refused: the row-sharded side-car has no use for them.
 How the standard keys map onto the run:
@@ -94,16 +106,17 @@ from ...checkpoint.save_load import (
     unflatten_state,
     verify_files,
 )
+from ...config import QGaLoreConfig
 from ...errors import DistributedError, UsageError
 from ...nn.int8_linear import QGaLoreLinear
 from ...nn.materialize import PendingModel
 from ...optim.norms import closure_loss
-from ..args import INT8_OPTIMIZERS, TrainArgs
+from ..args import FINETUNE_DEFAULTS, INT8_OPTIMIZERS, TrainArgs
 from .base import ResumePoint
 from .distributed import DistributedEngine, joining
 
-__all__ = ["DeepSpeedEngine", "QGALORE_KEYS", "dense_comm_bytes", "export_deepspeed_checkpoint",
-           "resolve_ds_config"]
+__all__ = ["DENSE_OPTIMIZERS", "DeepSpeedEngine", "DenseOnlySidecar", "FlatTorchAdamW", "QGALORE_KEYS",
+           "dense_comm_bytes", "export_deepspeed_checkpoint", "resolve_ds_config"]
 
 FORMAT = "qgalore_dist.deepspeed_checkpoint"
 VERSION = 1
@@ -125,6 +138,8 @@ QGALORE_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
 }
 # keys of the block that are the engine's own (not TrainArgs fields)
 _ENGINE_KEYS = {"proj_bits": (int,), "dense_state_bits": (int,), "fused": (bool,)}
+# optimizers with no projected matrices: ZeRO holds and steps every trainable parameter (--method lora: the adapters)
+DENSE_OPTIMIZERS = ("adamw", "adamw8bit")
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainArgs)}
 _DEFAULTS = {name: f.default for name, f in _FIELDS.items()}
 
@@ -135,11 +150,18 @@ def _flag_text(fname: str, value: Any) -> str:
     return flag if _FIELDS[fname].metadata.get("flag") else f"{flag} {value}"
 
 
+def _default(args: TrainArgs, fname: str) -> Any:
+    """The command's own default of a setting (qgalore-finetune has defaults of its own: FINETUNE_DEFAULTS)."""
+    if getattr(args, "task", "pretrain") == "finetune" and fname in FINETUNE_DEFAULTS:
+        return FINETUNE_DEFAULTS[fname]
+    return _DEFAULTS[fname]
+
+
 def _no_conflict(args: TrainArgs, fname: str, value: Any, what: str) -> None:
     """The ds_config's ``value`` for ``fname`` wins over the default; a flag set to anything else is an error
     (defaults cannot be told apart from explicit values, so a flag equal to its default is not refused)."""
     flag = getattr(args, fname)
-    if flag != _DEFAULTS[fname] and flag != value:
+    if flag != _default(args, fname) and flag != value:
         raise UsageError(f"contradictory settings: {what}, the command line {_flag_text(fname, flag)} (set it in "
                          "one place only)")
 
@@ -202,6 +224,9 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             raise UsageError(f"{where}: \"qgalore\".{key} = {value!r} has the wrong type (expected "
                              f"{' or '.join(t.__name__ for t in types)})")
+    # --method lora trains its adapters with AdamW: a block written for --method full (a projected "optimizer")
+    # serves LoRA too — its optimizer and dense-moment keys are the full run's, the projection keys go unused
+    full_block = args.method == "lora" and q.get("optimizer", "adamw") not in DENSE_OPTIMIZERS
     for key, (fname, _) in QGALORE_KEYS.items():
         if key not in q:
             continue
@@ -213,17 +238,34 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
         choices = _FIELDS[fname].metadata["choices"]
         if choices and value not in choices:
             raise UsageError(f"{where}: \"qgalore\".{key} = {value!r} is invalid: allowed: {', '.join(choices)}")
+        if key == "optimizer" and args.method == "lora":
+            if full_block:
+                continue
+            if args.optimizer == "adamw":  # LoRA's default optimizer: the block's adamw8bit wins over it
+                args.optimizer = value
+                continue
         _no_conflict(args, fname, value, f"{where} sets \"qgalore\".{key} = {json.dumps(q[key])}")
         setattr(args, fname, value)
-    if args.optimizer not in INT8_OPTIMIZERS:
-        raise UsageError(f"the deepspeed engine trains {' / '.join(INT8_OPTIMIZERS)} (INT8 projected matrices); "
-                         f"got --optimizer {args.optimizer} (a dense baseline can use DeepSpeed directly)")
+    if args.optimizer not in (*INT8_OPTIMIZERS, *DENSE_OPTIMIZERS):
+        raise UsageError(f"the deepspeed engine trains {' / '.join(INT8_OPTIMIZERS)} (INT8 projected matrices "
+                         f"beside ZeRO) and {' / '.join(DENSE_OPTIMIZERS)} (every trainable parameter in ZeRO); "
+                         f"--optimizer {args.optimizer} (float projected matrices) has no DeepSpeed side-car yet: "
+                         "use --engine fsdp or ddp for it")
     proj_bits = q.get("proj_bits", 4)
     if proj_bits not in (4, 8):
         raise UsageError(f"{where}: \"qgalore\".proj_bits must be 4 or 8, got {proj_bits}")
-    dense_bits = q.get("dense_state_bits", 8)
-    if dense_bits not in (8, 32):
-        raise UsageError(f"{where}: \"qgalore\".dense_state_bits must be 8 or 32, got {dense_bits}")
+    given_bits = q.get("dense_state_bits")
+    if given_bits is not None and given_bits not in (8, 32):
+        raise UsageError(f"{where}: \"qgalore\".dense_state_bits must be 8 or 32, got {given_bits}")
+    if args.optimizer in DENSE_OPTIMIZERS:
+        # the moments are what the optimizer's name says: adamw fp32 (the reference rule), adamw8bit 8-bit blocks
+        dense_bits = 32 if args.optimizer == "adamw" else 8
+        if given_bits not in (None, dense_bits) and not full_block:
+            raise UsageError(f"contradictory settings: {where} sets \"qgalore\".dense_state_bits = {given_bits}, "
+                             f"--optimizer {args.optimizer} keeps {dense_bits}-bit moments (use "
+                             f"{'adamw8bit' if given_bits == 8 else 'adamw'} for {given_bits}-bit ones)")
+    else:
+        dense_bits = 8 if given_bits is None else given_bits
 
     for key in ("optimizer", "scheduler"):
         if key in cfg:
@@ -255,7 +297,7 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
         # (RowShardedQGaLoreOptimizer); a setting for the replicated side-car would silently do nothing
         unused = [(args.comm_mode != "lowrank", f"--comm-mode {args.comm_mode}", "comm_mode"),
                   (args.strict_replicas, "--strict-replicas", "strict_replicas"),
-                  (args.replica_check_every != _DEFAULTS["replica_check_every"],
+                  (args.replica_check_every != _default(args, "replica_check_every"),
                    f"--replica-check-every {args.replica_check_every}", "replica_check_every")]
         for bad, text, key in unused:
             if bad:
@@ -270,7 +312,7 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
         if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
             raise UsageError(f"{where}: {key} must be a positive integer, got {raw!r}")
         flag = getattr(args, field)
-        if flag != _DEFAULTS[field] and flag != raw:
+        if flag != _default(args, field) and flag != raw:
             raise UsageError(f"contradictory batch sizes: {where} sets {key} = {raw}, the command line "
                              f"--{field.replace('_', '-')} {flag}")
         setattr(args, field, raw)
@@ -384,18 +426,35 @@ class DeepSpeedEngine(DistributedEngine):
             model = self._materialize_rows(model)
         model = model.to(self.device)
         self.collectives = Collectives(timeout=datetime.timedelta(seconds=args.dist_timeout))
-        config = qgalore_config(args).replace(proj_bits=self.settings.proj_bits, fused=self.settings.fused)
-        common = dict(target_modules=tuple(args.target_module_list), stagger_refresh=True)
-        try:
-            with self._guard("start-up (the side-car's config agreement and replica check)"):
-                self._build_sidecar(model, config, common)
-        except ValueError as exc:
-            raise UsageError(f"cannot build the {args.optimizer} side-car: {exc}") from exc
+        if args.optimizer in DENSE_OPTIMIZERS:
+            # adamw / adamw8bit (--method lora: the adapters): nothing projected, ZeRO holds and steps every
+            # trainable parameter; the side-car only joins the ranks' partition norms into the clipping norm
+            if any(isinstance(m, QGaLoreLinear) for m in model.modules()):
+                raise UsageError(f"--optimizer {args.optimizer} trains a float model, but this one holds INT8 "
+                                 "weights")
+            config = QGaLoreConfig()  # the dense moments' 8-bit block layout only
+            with self._guard("start-up (the ranks' setting agreement)"):
+                try:
+                    self.sidecar = DenseOnlySidecar(model, self.collectives, args.grad_clip, args.optimizer)
+                except ValueError as exc:
+                    raise UsageError(f"--engine deepspeed: {exc}") from exc
+        else:
+            config = qgalore_config(args).replace(proj_bits=self.settings.proj_bits, fused=self.settings.fused)
+            common = dict(target_modules=tuple(args.target_module_list), stagger_refresh=True)
+            try:
+                with self._guard("start-up (the side-car's config agreement and replica check)"):
+                    self._build_sidecar(model, config, common)
+            except ValueError as exc:
+                raise UsageError(f"cannot build the {args.optimizer} side-car: {exc}") from exc
         dense = [p for p in model.parameters() if p.requires_grad]
-        self.client = FlatDenseAdamW(dense, lr=args.lr, betas=(args.beta1, args.beta2), eps=ADAM_EPS,
-                                     weight_decay=args.weight_decay, state_bits=self.settings.dense_state_bits,
-                                     block=config.state_block_size, min_numel=config.state_min_numel,
-                                     norm_fn=self._shared_norm)
+        if args.optimizer == "adamw":  # torch's rule, as --optimizer adamw (and LoRA's adapters) on every engine
+            self.client = FlatTorchAdamW(dense, lr=args.lr, betas=(args.beta1, args.beta2), eps=ADAM_EPS,
+                                         weight_decay=args.weight_decay, norm_fn=self._shared_norm)
+        else:
+            self.client = FlatDenseAdamW(dense, lr=args.lr, betas=(args.beta1, args.beta2), eps=ADAM_EPS,
+                                         weight_decay=args.weight_decay, state_bits=self.settings.dense_state_bits,
+                                         block=config.state_block_size, min_numel=config.state_min_numel,
+                                         norm_fn=self._shared_norm)
         with self._guard("deepspeed.initialize"):
             self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.client,
                                                     config=copy.deepcopy(self.settings.ds_config))
@@ -657,6 +716,111 @@ class DeepSpeedEngine(DistributedEngine):
             with self._guard("gathering the ZeRO-3 model for --export"):
                 return self.sidecar.export(self.module, out_dir, tokenizer, self.is_main, dtype)
         return export_model(self.module, out_dir, tokenizer, dtype) if self.is_main else None
+
+
+class FlatTorchAdamW(torch.optim.AdamW):
+    """DeepSpeed's client optimizer for ``--optimizer adamw`` (``--method lora``'s adapters included):
+    ``torch.optim.AdamW`` — the rule of the adamw baseline on every other engine — on ZeRO's flat fp32 slices
+    (element-wise, so any slice is fine), clipped by the global norm that ``norm_fn(Σ‖this rank's slice‖²) ->
+    (norm, coef)`` returns (collective). ``last_step`` / ``calls``: as :class:`FlatDenseAdamW`'s."""
+
+    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 norm_fn: Callable[[float], tuple[float, float]]) -> None:
+        from ...optim.norms import StepResult
+
+        super().__init__(list(params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.norm_fn = norm_fn
+        self.last_step = StepResult()
+        self.calls = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        from ...optim.norms import StepResult, squared_norm
+
+        loss = closure_loss(closure)
+        live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm, coef = self.norm_fn(sum(squared_norm(p.grad) for p in live))
+        self.last_step = StepResult(norm, coef)
+        self.calls += 1
+        if coef != 1.0:
+            for p in live:
+                p.grad.mul_(coef)
+        super().step()
+        return loss
+
+    def state_nbytes(self) -> int:
+        """Exact bytes of the moments held."""
+        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
+                   if torch.is_tensor(t) and t.dim() > 0)
+
+
+class DenseOnlySidecar:
+    """The side-car of ``--optimizer adamw|adamw8bit`` (and ``--method lora``'s adapters): no projected matrices —
+    ZeRO partitions, reduces and steps every trainable parameter through :class:`FlatDenseAdamW`, and this only
+    turns the ranks' partition norms² into the global clipping norm (ZeRO partitions are disjoint: their sum is the
+    whole gradient's norm²), with the interface of the INT8 side-cars."""
+
+    def __init__(self, model: nn.Module, collectives, grad_clip: float, optimizer: str) -> None:
+        from ...parallel.collectives import CommCounters
+        from ...parallel.replicas import check_same_setup
+
+        self.collectives, self.grad_clip = collectives, float(grad_clip)
+        self.param_groups: list[dict] = []
+        self.svd_count = 0
+        self.phase_times: dict[str, float] = {}
+        self.last_comm = CommCounters().as_dict()
+        # every rank must agree on what ZeRO will flatten and partition (shapes drive its collectives)
+        check_same_setup(collectives, {
+            "optimizer": [optimizer, self.grad_clip],
+            "trainable": [[n, list(p.shape), str(p.dtype)] for n, p in model.named_parameters() if p.requires_grad],
+            "frozen": [[n, list(p.shape), str(p.dtype)] for n, p in model.named_parameters()
+                       if not p.requires_grad],
+        })
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("the model has no trainable parameter")
+        collectives.reset_step()
+
+    def begin_step(self) -> float:
+        return 0.0
+
+    def shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
+        """Collective, inside DeepSpeed's step: Σ over ranks of their partitions' squared norms -> (norm, coef)."""
+        from ...optim.norms import clip_coef
+
+        v = torch.tensor([dense_local_sq], dtype=torch.float64, device=self.collectives.device)
+        self.collectives.all_reduce([v])
+        norm = float(v[0]) ** 0.5
+        return norm, clip_coef(norm, self.grad_clip)
+
+    def finish_step(self, coef: float = 1.0) -> None:
+        self.last_comm = self.collectives.reset_step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def memory_bytes(self) -> dict[str, int]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd:
+            raise ValueError("the checkpoint holds projected-matrix optimizer state; this run has none")
+
+    def weight_state(self) -> dict:
+        return {}
+
+    def load_weight_state(self, state: dict) -> None:
+        if state:
+            raise ValueError("the checkpoint holds INT8 matrices; this run trains a float model")
+
+    def export(self, module: nn.Module, out_dir, tokenizer, is_main: bool, dtype: torch.dtype = torch.bfloat16):
+        """ZeRO-3: one parameter gathered to the main rank at a time, written shard by shard."""
+        from ...parallel.deepspeed_zero3 import export_gathered, gathered_state
+
+        return export_gathered(gathered_state(module, is_main), [], module.config, out_dir, tokenizer, is_main,
+                               dtype)
 
 
 class _ThroughEngine(nn.Module):
