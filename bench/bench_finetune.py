@@ -185,7 +185,7 @@ def main(argv=None) -> None:
     common = ["--model", str(base), "--data", str(train), "--val-data", str(test), "--max-steps", str(a.steps),
               "--batch-size", str(a.batch_size), "--seq-len", "128", "--warmup-steps", "10",
               "--eval-every", "0", "--eval-batches", "64", "--eval-generate", str(a.n_test), "--max-new-tokens",
-              "16", "--log-every", "1000", "--update-proj-gap", "50", "--no-packing"]
+              "16", "--log-every", "1000", "--update-proj-gap", "50", "--no-packing", "--overwrite"]
     runs: dict[str, list[dict]] = {label: [] for label, _ in methods}
     chosen: dict[str, float] = {}
     for label, flags in methods:  # learning rate: the grid's best held-out loss at seed 0 (one value: no search)

@@ -365,6 +365,9 @@ class DeepSpeedEngine(DistributedEngine):
     """ZeRO 1/2/3 for the dense parameters, the qgalore side-car for the projected ones (module docstring)."""
 
     name = "deepspeed"
+    # DeepSpeed owns the dense gradients' buffers and its micro-step counters: a step abandoned half-way (a
+    # non-finite loss before some micro-batches' backward) would leave them out of step; the loop stops instead
+    can_skip_steps = False
 
     def __init__(self, args: TrainArgs, settings: DSSettings, denv, owns_group: bool) -> None:
         self.args = args
