@@ -124,11 +124,18 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
+            except RecursionError as exc:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply to read") from exc
             if not isinstance(record, dict) or field not in record:
                 raise DataError(f"{path}:{lineno}: JSON record has no {field!r} field")
             text = record[field]
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, expected a string")
+            try:  # a JSON escape such as "\ud800" decodes to an unpaired surrogate, which no tokenizer takes
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DataError(f"{path}:{lineno}: field {field!r} holds an unpaired surrogate ({text[exc.start]!r} "
+                                f"at character {exc.start}), which is not text; fix the \\u escape") from exc
             if text:
                 yield text
 

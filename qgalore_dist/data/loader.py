@@ -183,12 +183,16 @@ def _read_bin(path: Path) -> TokenStream:
     if sidecar is None:
         raise DataError(f"{path}: missing JSON sidecar ({path.name}.json) giving the token dtype")
     try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DataError(f"{sidecar}: unreadable shard sidecar ({exc})") from exc
     dtype = meta.get("dtype") if isinstance(meta, dict) else None
     if dtype not in _ALLOWED_DTYPES:
         raise DataError(f"{sidecar}: sidecar 'dtype' must be one of {sorted(_ALLOWED_DTYPES)}, got {dtype!r}")
+    for key in ("num_tokens", "vocab_size"):
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DataError(f"{sidecar}: sidecar {key!r} must be a positive integer, got {value!r}")
     itemsize = np.dtype(_ALLOWED_DTYPES[dtype]).itemsize
     size = path.stat().st_size
     if size % itemsize:
@@ -207,14 +211,15 @@ def _declares_vocab(path: Path) -> bool:
     if path.suffix == ".bin":
         side = next((p for p in _sidecar_candidates(path) if p.is_file()), None)
         try:
-            return side is not None and "vocab_size" in json.loads(side.read_text())
-        except (OSError, ValueError):
+            meta = json.loads(side.read_text(encoding="utf-8")) if side is not None else None
+        except (OSError, ValueError, RecursionError):
             return False
+        return isinstance(meta, dict) and meta.get("vocab_size") is not None
     try:
         with path.open("rb") as handle:
             n = int.from_bytes(handle.read(8), "little")
             return "vocab_size" in (json.loads(handle.read(n)).get("__metadata__") or {})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
         return False
 
 
@@ -229,20 +234,28 @@ def _shard_stream(path: Path, arr: np.ndarray, vocab: Any) -> TokenStream:
 
 def _shard_max_id(path: Path, arr: np.ndarray) -> int:
     """The largest token id of a shard: one vectorised pass over the memory map (GB/s), cached under
-    ``<cache>/shard_stats/`` by the shard's path, size and modification time."""
+    ``<cache>/shard_stats/`` by the shard's path, size and modification time. A signed shard's smallest id is
+    checked in the same pass (a negative id would index the embedding from its end)."""
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
     cache = cache_root() / "shard_stats" / f"{key}.json"
+    signed = np.issubdtype(arr.dtype, np.signedinteger)
     try:
-        return int(json.loads(cache.read_text())["max_id"])
+        stats = json.loads(cache.read_text())
+        if not signed or int(stats["min_id"]) >= 0:
+            return int(stats["max_id"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    top = max(int(arr[i:i + (1 << 26)].max()) for i in range(0, len(arr), 1 << 26))  # bounded chunks of the map
-    if top < 0:
-        raise DataError(f"{path}: holds negative token ids")
+    chunks = range(0, len(arr), 1 << 26)  # bounded chunks of the map
+    top = max(int(arr[i:i + (1 << 26)].max()) for i in chunks)
+    low = min(int(arr[i:i + (1 << 26)].min()) for i in chunks) if signed else 0
+    if low < 0:
+        first = next(i + int(np.argmax(arr[i:i + (1 << 26)] < 0)) for i in chunks if arr[i:i + (1 << 26)].min() < 0)
+        raise DataError(f"{path}: holds negative token id {int(arr[first])} (at position {first}); token ids must "
+                        "be >= 0")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(cache, json.dumps({"path": str(path), "max_id": top}).encode())
+        _atomic_write_bytes(cache, json.dumps({"path": str(path), "max_id": top, "min_id": low}).encode())
     except OSError:
         pass  # a read-only cache costs a recount next time, nothing else
     return top
@@ -263,24 +276,45 @@ def _read_safetensors(path: Path) -> TokenStream:
             if not 2 <= header_len <= min(size - 8, 100 * 2**20):
                 raise ValueError(f"header length {header_len} impossible for a {size}-byte file")
             header = json.loads(handle.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
         raise DataError(f"{path}: unreadable safetensors file ({exc})") from exc
     if not isinstance(header, dict) or "tokens" not in header:
         names = sorted(k for k in header if k != "__metadata__") if isinstance(header, dict) else []
         raise DataError(f"{path}: safetensors shard has no 'tokens' tensor (has {names})")
     info = header["tokens"]
-    dtype = _SAFETENSORS_INT.get(info.get("dtype"))
-    shape = info.get("shape", [])
-    if dtype is None or len(shape) != 1:
-        raise DataError(f"{path}: 'tokens' must be a 1-D integer tensor, got {info.get('dtype')} {shape}")
-    begin, end = info["data_offsets"]
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: malformed safetensors header: 'tokens' is not a tensor entry")
+    raw_dtype, shape = info.get("dtype"), info.get("shape", [])
+    dtype = _SAFETENSORS_INT.get(raw_dtype) if isinstance(raw_dtype, str) else None
+    if dtype is None or not isinstance(shape, list) or len(shape) != 1:
+        raise DataError(f"{path}: 'tokens' must be a 1-D integer tensor, got {raw_dtype} {shape}")
+    offsets = info.get("data_offsets")
     count = shape[0]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(v) for v in offsets)
+            and _is_count(count)):
+        raise DataError(f"{path}: malformed safetensors header: 'tokens' needs a shape [n] and data_offsets "
+                        f"[begin, end] of non-negative integers, got {shape} and {offsets}")
+    begin, end = offsets
     if end - begin != count * np.dtype(dtype).itemsize or 8 + header_len + end > size:
         raise DataError(f"{path}: 'tokens' offsets {begin}..{end} do not match its shape or the file size")
     if count == 0:
         raise DataError(f"{path}: shard is empty")
+    meta = header.get("__metadata__") or {}
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if vocab is not None:
+        try:
+            vocab = int(vocab)  # safetensors metadata values are strings
+        except (TypeError, ValueError):
+            vocab = -1
+        if vocab < 1:
+            raise DataError(f"{path}: metadata 'vocab_size' must be a positive integer, got "
+                            f"{meta.get('vocab_size')!r}")
     arr = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=(count,))
-    return _shard_stream(path, arr, (header.get("__metadata__") or {}).get("vocab_size"))
+    return _shard_stream(path, arr, vocab)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # ----------------------------------------------------------------------------------------------- text

@@ -183,6 +183,8 @@ def _iter_records(file: Path) -> Iterator[tuple[int, Any]]:
             hint = " (a .json file must hold a list of records, or one record per line)" if (
                 file.suffix.lower() == ".json") else ""
             raise DataError(f"{file}:{number}: invalid JSON ({exc.msg} at column {exc.colno}){hint}") from exc
+        except RecursionError as exc:
+            raise DataError(f"{file}:{number}: JSON nested too deeply to read") from exc
         yield number, value
 
 
@@ -196,7 +198,7 @@ def _is_json_list(text: str) -> bool:
     first = body.split("\n", 1)[0]
     try:
         json.loads(first)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return True  # a list spread over lines (or broken JSON, reported at its line by the list parser)
     return not body[len(first):].strip()
 
@@ -228,6 +230,8 @@ def _iter_json_list(file: Path, text: str) -> Iterator[tuple[int, Any]]:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise DataError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+        except RecursionError as exc:
+            raise DataError(f"{file}:{line_at(start)}: JSON nested too deeply to read") from exc
         yield line_at(start), value
         pos = skip_ws(pos)
         if pos < len(text) and text[pos] == ",":
@@ -368,6 +372,25 @@ def _example(record: Any, fmt: str, where: str) -> Example:
     raise ValueError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
 
 
+def _check_unicode(record: Any, where: str) -> None:
+    """Every string of a record is encodable text: a JSON escape such as "\\ud800" decodes to an unpaired surrogate,
+    which the tokenizer cannot take (a TypeError deep inside it otherwise). Iterative: records may nest deeply."""
+    stack = [record]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DataError(f"{where}: a string holds an unpaired surrogate ({value[exc.start]!r} at character "
+                                f"{exc.start}), which is not text; fix the \\u escape") from exc
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
 def read_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
     """Read and validate every record of a .jsonl / .json file or a folder of them (sorted, recursive).
 
@@ -381,6 +404,7 @@ def read_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
         count = 0
         for line, record in _iter_records(file):
             where = f"{file}:{line}"
+            _check_unicode(record, where)
             if fmt == "auto":
                 fmt = _detect(record, where)
             examples.append(_example(record, fmt, where))
