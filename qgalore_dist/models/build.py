@@ -73,12 +73,16 @@ def _fail(spec: str, problem: str) -> ModelSpecError:
 def _read_config_json(spec: str, path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fail(spec, f"{path} is not UTF-8 text (byte {exc.start})") from exc
     except OSError as exc:
         raise _fail(spec, f"cannot read {path} ({exc.strerror or exc})") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _fail(spec, f"malformed JSON in {path} (line {exc.lineno}: {exc.msg})") from exc
+    except RecursionError as exc:
+        raise _fail(spec, f"{path}: JSON nested too deeply to read") from exc
     if not isinstance(data, dict):
         raise _fail(spec, f"{path} holds a JSON {type(data).__name__}, expected an object")
     return data

@@ -256,18 +256,27 @@ def _coerce_file_value(name: str, value: Any, source: str) -> Any:
     return value
 
 
+def _read_json(p: Path, what: str) -> Any:
+    """The JSON value in file ``p`` (``what`` names it in the one-line error: unreadable, not UTF-8, malformed, or
+    nested too deeply for the parser)."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {p}: not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise UsageError(f"{what} {p}: cannot read it ({exc.strerror or exc})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} {p}: malformed JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from exc
+    except RecursionError as exc:
+        raise UsageError(f"{what} {p}: JSON nested too deeply to read") from exc
+
+
 def load_config_file(path: str, task: str = "pretrain") -> dict[str, Any]:
     """Read ``--config``: a JSON object whose keys are :class:`TrainArgs` fields (flags of ``task``'s command)."""
     p = Path(path).expanduser()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"config file {p}: cannot read it ({exc.strerror or exc})") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"config file {p}: malformed JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") \
-            from exc
+    data = _read_json(p, "config file")
     if not isinstance(data, dict):
         raise UsageError(f"config file {p}: expected a JSON object, got a {type(data).__name__}")
     known = {f.name for f in cli_fields(task)}
@@ -357,6 +366,19 @@ def _check_writable(flag: str, value: str, *, file: bool) -> None:
         raise UsageError(f"{flag} {value}: cannot write into {parent} ({exc.strerror or exc})") from exc
 
 
+# settings naming a file or folder: an empty string would silently mean the current directory
+_PATH_SETTINGS = ("model", "tokenizer", "data", "save_dir", "resume", "metrics_jsonl", "export", "ds_config",
+                  "val_data", "chat_template")
+
+
+def _check_nonempty_paths(args: TrainArgs) -> None:
+    for name in _PATH_SETTINGS:
+        value = getattr(args, name)
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"{flag_name(name)} is empty: give a path" + (
+                " or a shipped config name" if name == "model" else ""))
+
+
 def validate(args: TrainArgs) -> None:
     """Range and combination checks that need no model or data (those fail later, still before any write)."""
     _check_finite(args)
@@ -365,6 +387,7 @@ def validate(args: TrainArgs) -> None:
     if args.ds_config is not None and args.engine not in ("local", "deepspeed"):
         raise UsageError(f"--ds_config selects the deepspeed engine; it cannot be combined with --engine "
                          f"{args.engine}")
+    _check_nonempty_paths(args)
     if args.ds_config is not None:
         args.engine = "deepspeed"
         if not Path(args.ds_config).expanduser().is_file():
@@ -372,6 +395,7 @@ def validate(args: TrainArgs) -> None:
             if shipped is None:
                 raise UsageError(f"--ds_config {args.ds_config}: file does not exist")
             args.ds_config = shipped
+        _read_json(Path(args.ds_config).expanduser(), "--ds_config")  # readable JSON (the engine checks the rest)
     if args.full_reduce != "boundary" and (args.engine != "ddp" or args.comm_mode != "full"):
         raise UsageError(f"--full-reduce {args.full_reduce} applies to --engine ddp --comm-mode full only")
     if args.update_dtype != "auto" and (args.engine != "ddp" or args.comm_mode != "lowrank"):
