@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     methods = [METHODS[int(i)] for i in a.methods.split(",")]
     common = ["--model", str(base), "--data", str(train), "--val-data", str(test), "--max-steps", str(a.steps),
               "--batch-size", str(a.batch_size), "--seq-len", "128", "--warmup-steps", "10",
-              "--eval-every", "0", "--eval-batches", "64", "--eval-generate", str(a.n_test), "--max-new-tokens",
+              "--eval-every", "0", "--eval-batches", "16", "--eval-generate", str(a.n_test), "--max-new-tokens",
               "16", "--log-every", "1000", "--update-proj-gap", "50", "--no-packing", "--overwrite"]
     runs: dict[str, list[dict]] = {label: [] for label, _ in methods}
     chosen: dict[str, float] = {}

@@ -450,6 +450,12 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run | None:
         return None
 
     pending = pending_training_model(args, config, dtype, model_record)
+    # counted on the meta model, before an engine partitions it (ZeRO-3 would leave empty dense shards)
+    projected, dense = parameter_counts(pending.model)
+    if args.optimizer in LOWRANK_OPTIMIZERS and args.optimizer not in INT8_OPTIMIZERS:  # galore: float targets
+        moved = sum(m.weight.numel() for m in find_target_linears(pending.model, args.target_module_list).values())
+        projected, dense = moved, dense - moved
+    counts_note = f"{projected / 1e6:.2f}M projected, {dense / 1e6:.2f}M dense"
     # a sharding engine lays the meta model out first and materialises only its own rows
     model, optimizer = engine.prepare(
         pending if engine.sharded_start else finish_training_model(args, pending.materialize(engine.device), dtype),
@@ -463,11 +469,7 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run | None:
         + f", tokenizer {tok_name} ({len(tokenizer)} tokens)")
     if model_dir.is_dir() and not from_checkpoint and args.optimizer in INT8_OPTIMIZERS:
         run.original = model_dir
-    projected, dense = parameter_counts(pending.model)  # whole-model counts (a sharded model's global shapes)
-    if args.optimizer in LOWRANK_OPTIMIZERS and args.optimizer not in INT8_OPTIMIZERS:  # galore: float targets
-        moved = sum(m.weight.numel() for m in find_target_linears(pending.model, args.target_module_list).values())
-        projected, dense = moved, dense - moved
-    run.counts_note = f"{projected / 1e6:.2f}M projected, {dense / 1e6:.2f}M dense"
+    run.counts_note = counts_note
     if resume_dir is not None:
         fresh_base = list(scheduler.base_lrs)  # this run's --lr, before the checkpoint's optimizer state lands
         ckpt = engine.load_checkpoint(resume_dir)
