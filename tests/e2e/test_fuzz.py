@@ -599,3 +599,17 @@ def test_generated_command_lines(ws, tmp_path, capsys) -> None:
         assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
     check()
+
+
+def test_model_config_names_the_defaults_it_fills(tmp_path) -> None:
+    """A config that omits optional shape fields resolves, and says which transformers defaults it filled (for the
+    banner); the shipped configs give every shape field."""
+    from qgalore_dist.models import filled_defaults, resolve_model_config
+
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({k: v for k, v in TINY_MODEL.items()
+                                if k not in ("num_key_value_heads", "max_position_embeddings")}))
+    filled = filled_defaults(resolve_model_config(str(path), vocab_size=512))
+    assert "num_key_value_heads=4" in filled and "max_position_embeddings=2048" in filled
+    assert not any(f.startswith("head_dim=") for f in filled)  # derived from hidden / heads, not a default
+    assert filled_defaults(resolve_model_config("llama_tiny")) == ()
