@@ -40,6 +40,7 @@ from ..errors import DivergenceError, UsageError
 from ..models import (
     build_model,
     enable_activation_checkpointing,
+    filled_defaults,
     param_count,
     pretrained_source,
     resolve_model_config,
@@ -433,7 +434,15 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run | None:
     if not model_dir.is_dir():  # a config spec: the model is sized to the tokenizer (a directory keeps its own)
         config = resolve_model_config(args.model, vocab_size=len(tokenizer))
     batcher, data_notes = make_batcher(args, tokenizer, engine)
-    # before the model exists: an id past the embedding would otherwise fail mid-forward (IndexError)
+    filled = filled_defaults(config)
+    size_note = (f"model {args.model}: {param_count(config) / 1e6:.2f}M parameters"
+                 + (f" (transformers defaults for fields the config omits: {', '.join(filled)})" if filled else ""))
+    if engine.is_main:  # the size before anything is allocated: a 7B model by mistake is seen here, not in swap
+        print(size_note + ("" if args.dry_run else "; building"), flush=True)
+    # the model on the meta device with its value source: cheap, and it checks the model directory / checkpoint
+    # (readable safetensors, matching layers) before anything is allocated — a dry run stops after these checks
+    pending = pending_training_model(args, config, dtype, model_record)
+    # before the model is materialised: an id past the embedding would otherwise fail mid-forward (IndexError)
     if batcher.stream.vocab_size and batcher.stream.vocab_size > config.vocab_size:
         raise UsageError(f"--data {args.data}: token ids reach {batcher.stream.vocab_size - 1} but the model's "
                          f"vocabulary has {config.vocab_size} tokens")
@@ -443,13 +452,12 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run | None:
     if args.dry_run:
         for line in data_notes:
             print(line, flush=True)
-        print(f"dry run: settings, model config ({param_count(config) / 1e6:.2f}M parameters), tokenizer "
+        print(f"dry run: settings, model config, tokenizer "
               f"({len(tokenizer)} tokens), data ({batcher.stream.source}: {batcher.n_windows} train / "
               f"{batcher.n_val_windows()} val sequences)" + (f", checkpoint {resume_dir}" if resume_dir else "")
               + " and output paths are valid; nothing was trained or written", flush=True)
         return None
 
-    pending = pending_training_model(args, config, dtype, model_record)
     # counted on the meta model, before an engine partitions it (ZeRO-3 would leave empty dense shards)
     projected, dense = parameter_counts(pending.model)
     if args.optimizer in LOWRANK_OPTIMIZERS and args.optimizer not in INT8_OPTIMIZERS:  # galore: float targets

@@ -276,7 +276,9 @@ CASES = [
                    "n_positions": 128})], RUNS),
     C("model-minimal-llama-runs", lambda f: ["--model", f.model(drop=("num_key_value_heads",
                                                                      "max_position_embeddings"))], RUNS),
-    C("model-directory-runs", lambda f: ["--model", str(Path(f.model("cfgdir/config.json")).parent)], RUNS),
+    # a directory is a pretrained model: the dry run builds it on the meta device and finds no weights to read
+    C("model-directory-without-weights", lambda f: ["--model", str(Path(f.model("cfgdir/config.json")).parent)],
+      "has no weights"),
     # ---- ds_configs ----------------------------------------------------------------------------------------------
     C("ds-config-missing", lambda f: ["--ds_config", f.path("nope.json")], "file does not exist"),
     C("ds-config-with-fsdp", lambda f: ["--engine", "fsdp", "--ds_config", "qgalore"], "cannot be combined"),
