@@ -45,21 +45,35 @@ METHODS = [
 
 
 # ------------------------------------------------------------------------------------------------- data
-def make_task(out: Path, n_test: int, seed: int = 0) -> tuple[Path, Path]:
-    """All 2500 pairs (a, b < 50), shuffled once; the first ``n_test`` are the test split, the rest train."""
+def make_task(out: Path, n_test: int, kind: str = "add", seed: int = 0) -> tuple[Path, Path]:
+    """2500 examples, shuffled once; the first ``n_test`` are the test split, the rest train (disjoint by
+    construction). ``add``: "What is a plus b?" (a, b < 50) -> "a + b = c. #### c". ``copy``: "Repeat: w" for a
+    random 5-letter word w (2500 distinct words) -> "#### w" (a string transform a small model learns in a short
+    budget, where two-digit addition needs far more steps than a CPU run can give)."""
     import random
 
-    pairs = [(a, b) for a in range(50) for b in range(50)]
-    random.Random(seed).shuffle(pairs)
+    rng = random.Random(seed)
+    if kind == "add":
+        items = [(a, b) for a in range(50) for b in range(50)]
+    else:
+        words: set[str] = set()
+        while len(words) < 2500:
+            words.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5)))
+        items = sorted(words)
+    rng.shuffle(items)
 
-    def rec(a, b):
-        return {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                             {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}]}
+    def rec(item):
+        if kind == "add":
+            a, b = item
+            q, ans = f"What is {a} plus {b}?", f"{a} + {b} = {a + b}. #### {a + b}"
+        else:
+            q, ans = f"Repeat: {item}", f"#### {item}"
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]}
 
     out.mkdir(parents=True, exist_ok=True)
-    test, train = out / "test.jsonl", out / "train.jsonl"
-    test.write_text("".join(json.dumps(rec(a, b)) + "\n" for a, b in pairs[:n_test]))
-    train.write_text("".join(json.dumps(rec(a, b)) + "\n" for a, b in pairs[n_test:]))
+    test, train = out / f"{kind}_test.jsonl", out / f"{kind}_train.jsonl"
+    test.write_text("".join(json.dumps(rec(x)) + "\n" for x in items[:n_test]))
+    train.write_text("".join(json.dumps(rec(x)) + "\n" for x in items[n_test:]))
     return train, test
 
 
@@ -171,6 +185,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--task", choices=("add", "copy"), default="add")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--lrs", default="adamw=3e-4,lora=3e-3,qgalore=3e-3,projfactor=3e-3",
                     help="learning rate per method family (a grid: family=lr1/lr2, chosen on validation loss)")
     ap.add_argument("--methods", default=",".join(str(i) for i in range(len(METHODS))))
@@ -179,13 +195,13 @@ def main(argv=None) -> None:
         worker(json.loads(a.worker))
         return
     base = pretrained_base(a.model, a.base_steps)
-    train, test = make_task(OUT / "task", a.n_test)
+    train, test = make_task(OUT / "task", a.n_test, a.task)
     lrs = {k: [float(x) for x in v.split("/")] for k, v in (kv.split("=") for kv in a.lrs.split(","))}
     methods = [METHODS[int(i)] for i in a.methods.split(",")]
     common = ["--model", str(base), "--data", str(train), "--val-data", str(test), "--max-steps", str(a.steps),
               "--batch-size", str(a.batch_size), "--seq-len", "128", "--warmup-steps", "10",
               "--eval-every", "0", "--eval-batches", "16", "--eval-generate", str(a.n_test), "--max-new-tokens",
-              "16", "--log-every", "1000", "--update-proj-gap", "50", "--no-packing", "--overwrite"]
+              str(a.max_new_tokens), "--log-every", "1000", "--update-proj-gap", "50", "--no-packing", "--overwrite"]
     runs: dict[str, list[dict]] = {label: [] for label, _ in methods}
     chosen: dict[str, float] = {}
     for label, flags in methods:  # learning rate: the grid's best held-out loss at seed 0 (one value: no search)
@@ -243,8 +259,10 @@ def main(argv=None) -> None:
                        + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) * (1 + 4 / 256))
         seven.append([r, f"{sum(q.values()) / 2**30:.2f}", f"{sum(lo.values()) / 2**30:.2f}",
                       f"{sum(q.values()) / sum(lo.values()):.3f}", f"{sum(lo_int8.values()) / 2**30:.2f}"])
+    task = ("a + b with a, b < 50 (answer after the worked sum)" if a.task == "add" else
+            "copy a random 5-letter word (\"Repeat: w\" -> \"#### w\")")
     md = (f"Base: `{a.model}` pre-trained here for {a.base_steps} AdamW steps on the embedded corpus (cached). Task: "
-          f"a + b with a, b < 50 as chat records, {2500 - a.n_test} training / {a.n_test} test pairs (disjoint by "
+          f"{task} as chat records, {2500 - a.n_test} training / {a.n_test} test examples (disjoint by "
           f"construction). Every run: {a.steps} steps × {a.batch_size} examples (padding mode, seq 128), the same "
           f"order; greedy exact match on all {a.n_test} test prompts; {a.seeds} seed(s). Compute budget: "
           f"{a.steps * a.batch_size} examples per run. LR per method: {a.lrs} (a '/'-grid is chosen on held-out "
