@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..errors import ModelSpecError
+from ..models.build import config_from_dict
 from ..models.pretrained import SafetensorsCheckpoint, SafetensorsSource, _expected_tensors, _tied_aliases
 from ..nn.layout import prepare_int8_layout
 from ..nn.materialize import ParamSource
@@ -60,9 +60,10 @@ def checkpoint_model_config(root: str | Path, record: Mapping | None = None) -> 
     record = checkpoint_model_record(root) if record is None else record
     try:
         data = dict(record["model_config"])
-        return CONFIG_MAPPING[data["model_type"]].from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelSpecError(f"--model {root}: trainer.json lacks a usable model config ({exc})") from exc
+    # the checks a config file gets (transformers' strict validation errors become one line naming the file)
+    return config_from_dict(str(root), root / TRAINER_FILE, data)
 
 
 def checkpoint_tokenizer_dir(root: str | Path) -> Path | None:

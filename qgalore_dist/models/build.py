@@ -232,6 +232,12 @@ def _config_from_dict(spec: str, path: Path, data: dict[str, Any]) -> Pretrained
     return config
 
 
+def config_from_dict(spec: str, path: Path, data: dict[str, Any]) -> PretrainedConfig:
+    """A model config from a dict read from ``path`` (a config file, or a checkpoint's trainer.json), with the
+    same checks as a config file: size fields present, consistent, buildable; errors name ``spec`` and ``path``."""
+    return _config_from_dict(spec, path, data)
+
+
 def resolve_model_config(spec: str | Path, vocab_size: int | None = None) -> PretrainedConfig:
     """Turn a spec (shipped name, config JSON path or local model directory) into a `PretrainedConfig`.
 
