@@ -68,6 +68,17 @@ side-car exactly once, at the boundary — never per micro-batch (DeepSpeed's ow
 https://github.com/deepspeedai/DeepSpeed/issues/8443). The loop already divides each loss by the accumulation
 count, so DeepSpeed's own division is turned off (``scale_wrt_gas=False``).
 
+**DeepSpeed's traffic, measured.** Every metrics line carries ``dense_comm_bytes_est``: DeepSpeed's dense bytes per
+optimizer step through this rank's link from a formula (:func:`dense_comm_bytes`). A ds_config that enables
+DeepSpeed's own comms logger (``"comms_logger": {"enabled": true}``, ``prof_all`` left at its default ``true``)
+adds ``dense_comm_bytes`` / ``dense_comm_calls``: DeepSpeed's collectives as ``deepspeed.comm`` logged them, from
+this step's first training forward to the end of its optimizer step (start-up broadcasts, evaluation's ZeRO-3
+gathers and checkpoint traffic are left out), converted to link bytes on the convention of our ``Collectives``
+counters (:func:`logged_link_bytes`). The side-car's own traffic (``comm_bytes``) runs on a private torch group,
+never through ``deepspeed.comm``: the two never count the same bytes. The logger times and synchronises every
+DeepSpeed collective (its own cost, and it keeps the data it logs), so it stays off unless the ds_config asks;
+``prof_all: false`` (only some ``prof_ops`` logged) reports no measured figure, it would be partial.
+
 **Checkpoints** go to ``<save-dir>/global_step<N>/`` (DeepSpeed's layout): DeepSpeed's model / ZeRO files, one
 ``qgalore_rank<R>.safetensors`` + ``.json`` per rank (the side-car state — owned matrices' projectors, low-rank
 moments, gate state; the INT8 codes + scales this rank is the keeper of — keyed by parameter name, and this rank's
@@ -115,8 +126,9 @@ from ..args import FINETUNE_DEFAULTS, INT8_OPTIMIZERS, TrainArgs
 from .base import ResumePoint
 from .distributed import DistributedEngine, joining
 
-__all__ = ["DENSE_OPTIMIZERS", "DeepSpeedEngine", "DenseOnlySidecar", "FlatTorchAdamW", "QGALORE_KEYS",
-           "dense_comm_bytes", "export_deepspeed_checkpoint", "resolve_ds_config"]
+__all__ = ["DENSE_OPTIMIZERS", "DeepSpeedCommMeter", "DeepSpeedEngine", "DenseOnlySidecar", "FlatTorchAdamW",
+           "QGALORE_KEYS", "dense_comm_bytes", "export_deepspeed_checkpoint", "logged_link_bytes",
+           "resolve_ds_config"]
 
 FORMAT = "qgalore_dist.deepspeed_checkpoint"
 VERSION = 1
@@ -346,19 +358,135 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
     return DSSettings(ds, stage, proj_bits, dense_bits, src, fused=q.get("fused", True))
 
 
-def dense_comm_bytes(numel: int, elem_bytes: int, world_size: int, stage: int, grad_accum: int = 1) -> int:
-    """Ring-model bytes (sent + received, one rank) DeepSpeed moves for ``numel`` dense elements per optimizer step:
-    one reduce-scatter or all-gather moves ``2·(N−1)/N·numel·b``; ZeRO-1/2: gradients reduce-scattered (ZeRO-0/1:
-    all-reduced, two of them) + updated parameters all-gathered; ZeRO-3: per micro-batch, parameters all-gathered
-    for forward and again for backward, gradients reduce-scattered."""
+def dense_comm_bytes(numel: int, elem_bytes: int, world_size: int, stage: int, grad_accum: int = 1,
+                     bucket_allreduce: bool = True) -> int:
+    """Ring-model bytes (sent + received, one rank) DeepSpeed moves for ``numel`` dense elements per optimizer step.
+
+    One reduce-scatter or all-gather moves ``one = 2·(N−1)/N·numel·b``, an all-reduce two of them.
+
+    * ZeRO-1/2: the gradients are reduced once per optimizer step and the updated partitions all-gathered. DeepSpeed
+      0.19 reduces them as all-reduces of whole buckets, every rank keeping its partition's slices
+      (``zero_optimization.use_multi_rank_bucket_allreduce``, true by default, as measured by its comms logger):
+      ``3·one``; with that key false each bucket's slices are reduced to their owner: ``numel·b + one`` (``2·one``
+      at N = 2, the reduce-scatter lower bound).
+    * ZeRO-3: per micro-batch, the parameters all-gathered for forward and again for backward and the gradients
+      reduce-scattered: ``3·one·A``. (Parameters under ``stage3_param_persistence_threshold`` — norms — stay
+      gathered and are all-gathered once per step instead: the measurement is a few KiB lower.)
+    """
     if world_size == 1:
         return 0
     one = 2 * (world_size - 1) * numel * elem_bytes // world_size
     if stage == 3:
         return 3 * one * grad_accum
-    if stage == 2:
-        return 2 * one
-    return 3 * one if stage == 1 else 2 * one
+    if bucket_allreduce:
+        return 3 * one
+    return numel * elem_bytes + one
+
+
+# deepspeed.comm's logged op (the wrapped function's name) -> how its "msg size" becomes link bytes
+_ALL_REDUCE_OPS = ("all_reduce", "all_reduce_coalesced", "inference_all_reduce")
+_GATHER_OPS = ("all_gather", "all_gather_into_tensor")  # msg: this rank's input chunk
+_SCATTER_OPS = ("reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single")  # msg: the whole input
+_ONE_WAY_OPS = ("broadcast", "reduce", "send", "recv", "isend", "irecv", "batch_isend_irecv", "gather", "scatter")
+
+
+def logged_link_bytes(op: str, msg_size: int, world_size: int) -> int | None:
+    """Bytes through one rank's link (sent + received) of one collective that DeepSpeed's comms logger recorded as
+    ``op`` with ``msg_size`` — on the convention of :class:`~qgalore_dist.parallel.collectives.Collectives`' counters.
+
+    The logger's ``msg size`` is ``element_size · nelement`` of the op's *input* tensor (a list: their sum)
+    (``deepspeed.comm.utils.get_msg_size_from_args``), so, N ranks:
+
+    =====================================  =================  ====================================================
+    op                                     msg size           link bytes (sent + received)
+    =====================================  =================  ====================================================
+    all_reduce (and _coalesced,            the payload P      ``2·⌊2(N−1)·P/N⌋`` (ring: reduce-scatter + gather)
+    inference_all_reduce)
+    all_gather, all_gather_into_tensor     this rank's        ``2·(N−1)·P`` (forward every other chunk once)
+                                           chunk P
+    reduce_scatter(_tensor), all_to_all    the whole input S  ``2·⌊(N−1)·S/N⌋`` (send every chunk but one's own)
+    broadcast, reduce, send/recv, gather,  P                  ``P`` (sent by the source / non-root, received by
+    scatter                                                   the others / the root; gather's and scatter's root
+                                                              moves (N−1)·P: exact at N = 2, unused by ZeRO)
+    barrier, ``*_object`` ops              0                  0 (pickled objects are not measured; ZeRO's steps
+                                                              use none)
+    =====================================  =================  ====================================================
+
+    Returns ``None`` for an op this table does not know (counted as a call, not as bytes).
+    """
+    n = int(world_size)
+    if n <= 1:
+        return 0
+    p = int(msg_size)
+    if op in _ALL_REDUCE_OPS:
+        return 2 * (2 * (n - 1) * p // n)
+    if op in _GATHER_OPS:
+        return 2 * (n - 1) * p
+    if op in _SCATTER_OPS:
+        return 2 * ((n - 1) * p // n)
+    if op in _ONE_WAY_OPS:
+        return p
+    if op in ("barrier", "monitored_barrier", "all_gather_object", "broadcast_object_list"):
+        return 0
+    return None
+
+
+class DeepSpeedCommMeter:
+    """DeepSpeed's own collectives per optimizer step, as ``deepspeed.comm``'s comms logger records them.
+
+    Every ZeRO collective of DeepSpeed 0.19 goes through a ``@timed_op`` wrapper of ``deepspeed.comm`` (ZeRO-1/2's
+    bucket all-reduces and partition all-gathers, ZeRO-3's parameter all-gathers, gradient reduce-scatters and norm
+    all-reduce — checked against torch.distributed underneath, per process group, on CPU/gloo at N = 2), which hands
+    ``(op, log name, latency, msg size)`` to ``comms_logger.append`` when the logger is enabled. This wraps that
+    method on the logger instance (DeepSpeed's own record is kept: the user asked for it) and adds up
+    :func:`logged_link_bytes` per op until :meth:`take`. ``active`` is false — nothing measured, nothing wrapped —
+    unless the logger is enabled with ``prof_all`` (every op logged)."""
+
+    def __init__(self, world_size: int) -> None:
+        from deepspeed import comm as ds_comm
+
+        self.world_size = int(world_size)
+        self.logger = ds_comm.comms_logger
+        self.active = bool(self.logger.enabled and self.logger.prof_all)
+        self._reset()
+        if self.active:
+            original = self.logger.append
+
+            def append(raw_name, record_name, latency, msg_size):
+                self.add(raw_name, msg_size)
+                return original(raw_name, record_name, latency, msg_size)
+
+            self.logger.append = append  # an instance attribute: shadows CommsLogger.append for this logger only
+            self._wrapper = append
+
+    def _reset(self) -> None:
+        self.bytes, self.calls, self.by_op = 0, 0, {}
+
+    def add(self, op: str, msg_size: int) -> None:
+        b = logged_link_bytes(op, msg_size, self.world_size)
+        d = self.by_op.setdefault(op, {"bytes": 0, "calls": 0, "unconverted_calls": 0})
+        d["calls"] += 1
+        self.calls += 1
+        if b is None:
+            d["unconverted_calls"] += 1
+        else:
+            d["bytes"] += b
+            self.bytes += b
+
+    def restart(self) -> None:
+        """Forget what was counted (the start of a step's window)."""
+        self._reset()
+
+    def take(self) -> dict[str, Any]:
+        """What was counted since the last restart / take, then restart."""
+        out = {"bytes": self.bytes, "calls": self.calls, "by_op": {k: dict(v) for k, v in sorted(self.by_op.items())}}
+        self._reset()
+        return out
+
+    def close(self) -> None:
+        if self.active and vars(self.logger).get("append") is self._wrapper:
+            del self.logger.append
+        self.active = False
 
 
 class DeepSpeedEngine(DistributedEngine):
@@ -385,6 +513,8 @@ class DeepSpeedEngine(DistributedEngine):
         self._micro = 0
         self._coef = 1.0
         self._closed = False
+        self.ds_comm: DeepSpeedCommMeter | None = None  # DeepSpeed's logged traffic (ds_config "comms_logger")
+        self.last_ds_comm: dict[str, Any] | None = None
 
     @classmethod
     def from_args(cls, args: TrainArgs) -> "DeepSpeedEngine":
@@ -458,15 +588,30 @@ class DeepSpeedEngine(DistributedEngine):
                                          weight_decay=args.weight_decay, state_bits=self.settings.dense_state_bits,
                                          block=config.state_block_size, min_numel=config.state_min_numel,
                                          norm_fn=self._shared_norm)
+        from deepspeed import comm as ds_comm
+
+        logger = ds_comm.comms_logger
+        # DeepSpeed's logger is process-wide and initialize only ever switches it on: put it back as found on close
+        self._logger_state = (logger.enabled, logger.prof_all)
         with self._guard("deepspeed.initialize"):
             self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.client,
                                                     config=copy.deepcopy(self.settings.ds_config))
+        if _enabled(self.settings.ds_config.get("comms_logger")):
+            self.ds_comm = DeepSpeedCommMeter(self.world_size)
+            if not self.ds_comm.active:
+                self.ds_comm = None
         self.module = self.ds.module
         self.optimizer = _JointOptimizer(self)
         # the loop's forward must go through DeepSpeed's engine, not the bare module: ZeRO-3 counts micro-batches
         # in DeepSpeedEngine.forward (clear_backward_seen_flag), and without it the second micro-batch's dense
         # gradients would overwrite the first's instead of adding to them
-        return _ThroughEngine(self.ds, self._guard), self.optimizer
+        return _ThroughEngine(self.ds, self._guard, self._train_forward), self.optimizer
+
+    def _train_forward(self) -> None:
+        """A training forward: the first of an optimizer step opens the window of DeepSpeed's measured traffic
+        (what came before — start-up, evaluation, checkpoints — is not this step's)."""
+        if self.ds_comm is not None and self._micro == 0:
+            self.ds_comm.restart()
 
     @property
     def sharded_start(self) -> bool:  # type: ignore[override]
@@ -536,6 +681,8 @@ class DeepSpeedEngine(DistributedEngine):
                                    "step (expected once: fp16 overflow skips or ZeRO-3 sub-groups would break the "
                                    "shared clipping norm)")
             self.sidecar.finish_step(self._coef)
+        if self.ds_comm is not None:
+            self.last_ds_comm = self.ds_comm.take()
         self._micro = 0
         return self.client.last_step.grad_norm
 
@@ -553,22 +700,40 @@ class DeepSpeedEngine(DistributedEngine):
 
     def step_metrics(self) -> dict[str, Any]:
         c = self.sidecar.last_comm
-        return {"comm_bytes": int(c["comm_bytes"]), "comm_calls": int(c["comm_calls"]),
-                "dense_comm_bytes_est": self.dense_comm_bytes(), "zero_stage": self.stage,
-                "rank_svd_count": int(self.sidecar.svd_count)}
+        out = {"comm_bytes": int(c["comm_bytes"]), "comm_calls": int(c["comm_calls"]),
+               "dense_comm_bytes_est": self.dense_comm_bytes(), "zero_stage": self.stage,
+               "rank_svd_count": int(self.sidecar.svd_count)}
+        if self.last_ds_comm is not None:  # the ds_config enabled DeepSpeed's comms logger: measured
+            out["dense_comm_bytes"] = int(self.last_ds_comm["bytes"])
+            out["dense_comm_calls"] = int(self.last_ds_comm["calls"])
+        return out
 
     def dense_comm_bytes(self) -> int:
         """DeepSpeed's dense traffic per optimizer step through this rank's link (sent + received), from the ring
-        formulas (DeepSpeed's own bytes are not counted by our Collectives): ZeRO-1/2 reduce-scatter gradients
-        + all-gather updated parameters; ZeRO-3 additionally all-gathers parameters for forward and backward of
-        every micro-batch. ``D`` dense elements of ``b`` bytes, N ranks, A micro-batches."""
+        formulas of :func:`dense_comm_bytes` (``dense_comm_bytes_est``; the measured figure, when the ds_config
+        enables DeepSpeed's comms logger, is ``dense_comm_bytes`` in the step metrics). ``D`` dense elements of
+        ``b`` bytes, N ranks, A micro-batches."""
         n = self.world_size
         if n == 1:
             return 0
         dense = [p for p in self.module.parameters() if p.requires_grad]
         numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in dense)
         b = dense[0].element_size() if dense else 4
-        return dense_comm_bytes(numel, b, n, self.stage, self.args.grad_accum)
+        zero = self.settings.ds_config.get("zero_optimization") or {}
+        return dense_comm_bytes(numel, b, n, self.stage, self.args.grad_accum,
+                                bucket_allreduce=bool(zero.get("use_multi_rank_bucket_allreduce", True)))
+
+    def close(self) -> None:
+        if self.ds_comm is not None:
+            self.ds_comm.close()
+            self.ds_comm = None
+        state = getattr(self, "_logger_state", None)
+        if state is not None:
+            from deepspeed import comm as ds_comm
+
+            ds_comm.comms_logger.enabled, ds_comm.comms_logger.prof_all = state
+            self._logger_state = None
+        super().close()
 
     def memory_bytes(self) -> dict[str, int] | None:
         """This rank's resident weights + optimizer state, exact tensor accounting (gradients not included)."""
@@ -831,16 +996,19 @@ class _ThroughEngine(nn.Module):
     a ``config`` attribute of its own, the ds_config). Holds the engine outside ``_modules`` so module names stay
     those of the model."""
 
-    def __init__(self, ds_engine, guard) -> None:
+    def __init__(self, ds_engine, guard, on_train_forward: Callable[[], None] | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "_ds", ds_engine)
         object.__setattr__(self, "_guard", guard)
+        object.__setattr__(self, "_on_train_forward", on_train_forward)
 
     @property
     def config(self):
         return self._ds.module.config
 
     def forward(self, *args, **kwargs):
+        if self.training and self._on_train_forward is not None:
+            self._on_train_forward()
         with self._guard("forward"):  # ZeRO-3 gathers dense partitions and INT8 rows here
             return self._ds(*args, **kwargs)
 
