@@ -364,11 +364,12 @@ def dense_comm_bytes(numel: int, elem_bytes: int, world_size: int, stage: int, g
 
     One reduce-scatter or all-gather moves ``one = 2·(N−1)/N·numel·b``, an all-reduce two of them.
 
-    * ZeRO-1/2: the gradients are reduced once per optimizer step and the updated partitions all-gathered. DeepSpeed
-      0.19 reduces them as all-reduces of whole buckets, every rank keeping its partition's slices
-      (``zero_optimization.use_multi_rank_bucket_allreduce``, true by default, as measured by its comms logger):
-      ``3·one``; with that key false each bucket's slices are reduced to their owner: ``numel·b + one`` (``2·one``
-      at N = 2, the reduce-scatter lower bound).
+    * ZeRO-1/2: the gradients are reduced — ZeRO-1 once per optimizer step, ZeRO-2 after every micro-batch's
+      backward (A times) — and the updated partitions all-gathered once. DeepSpeed 0.19 reduces them as all-reduces
+      of whole buckets, every rank keeping its partition's slices (``zero_optimization.
+      use_multi_rank_bucket_allreduce``, true by default; as its comms logger measures): ZeRO-1 ``3·one``, ZeRO-2
+      ``(2A + 1)·one``; with that key false each bucket's slices are reduced to their owner instead, ``numel·b``
+      per reduction (``one`` at N = 2, the reduce-scatter lower bound; this variant is not measured here).
     * ZeRO-3: per micro-batch, the parameters all-gathered for forward and again for backward and the gradients
       reduce-scattered: ``3·one·A``. (Parameters under ``stage3_param_persistence_threshold`` — norms — stay
       gathered and are all-gathered once per step instead: the measurement is a few KiB lower.)
@@ -378,9 +379,9 @@ def dense_comm_bytes(numel: int, elem_bytes: int, world_size: int, stage: int, g
     one = 2 * (world_size - 1) * numel * elem_bytes // world_size
     if stage == 3:
         return 3 * one * grad_accum
-    if bucket_allreduce:
-        return 3 * one
-    return numel * elem_bytes + one
+    reductions = grad_accum if stage == 2 else 1
+    per_reduction = 2 * one if bucket_allreduce else numel * elem_bytes
+    return reductions * per_reduction + one
 
 
 # deepspeed.comm's logged op (the wrapped function's name) -> how its "msg size" becomes link bytes
