@@ -33,15 +33,17 @@ def fail(message: str, status: int = 2) -> NoReturn:
     In a launched job (torchrun, mpirun, deepspeed) every rank meets the same bad setting, but the job prints the
     line once: rank 0 prints it and leaves a note for the job; the other ranks wait for that note (up to
     :data:`PEER_WAIT_S`, so rank 0 has printed before any of them exits — a launcher stops the remaining workers
-    when the first one ends) and exit with the same status silently. A rank whose error rank 0 does not share
-    prints its own line, naming its rank.
+    when the first one ends) and exit with the same status silently. Errors met after the process group formed are
+    agreed first (:meth:`~qgalore_dist.train.engines.base.Engine._agree`): every rank raises the failing rank's
+    message, ``rank K: ...``, so rank 0 prints it. A rank whose error rank 0 did not print (an error before the
+    group formed, or no temp directory shared with rank 0) prints its own line, naming its rank.
     """
     line = " ".join(str(message).split())
     rank, key = _job_rank_and_key()
     if rank > 0 and key is not None and _wait_for_rank0(key, line):
         raise SystemExit(status)
-    print(f"error: {line}" if rank <= 0 or key is None else f"error: rank {rank}: {line}", file=sys.stderr,
-          flush=True)
+    named = rank <= 0 or key is None or line.startswith(f"rank {rank}: ")  # an agreed message names it already
+    print(f"error: {line}" if named else f"error: rank {rank}: {line}", file=sys.stderr, flush=True)
     if rank == 0 and key is not None:
         _leave_note(key, line)
     raise SystemExit(status)

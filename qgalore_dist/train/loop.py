@@ -36,7 +36,7 @@ from ..checkpoint.export import EXPORT_DTYPES, quantized_modules
 from ..checkpoint.save_load import TRAINER_FILE, CheckpointError, capture_rng_state, restore_rng_state
 from ..checkpoint.save_root import SaveRootLock, choose_resume, clean_leftovers, prune_checkpoints
 from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
-from ..errors import DivergenceError, UsageError
+from ..errors import DivergenceError, UsageError, UserError
 from ..models import (
     build_model,
     enable_activation_checkpointing,
@@ -390,10 +390,92 @@ class _Run:
     schedule_note: str = ""  # a resumed run whose schedule settings changed
 
 
+@dataclass
+class _Inputs:
+    """What :func:`_check_inputs` resolved: every input read and checked, nothing allocated."""
+
+    dtype: torch.dtype
+    config: Any
+    config_vocab: int
+    model_dir: Path
+    from_checkpoint: bool
+    model_record: dict[str, Any] | None
+    resume_dir: Path | None
+    tokenizer: Any
+    tok_fp: str
+    batcher: TokenBatcher
+    data_notes: list[str]
+    pending: PendingModel
+
+
+_CHECKING = "checking the run's settings, model, checkpoint and data"
+
+
 def _prepare(args: TrainArgs, engine: Engine) -> _Run | None:
     """Resolve, build and (when resuming) restore everything; raises user errors before anything is written.
 
-    Cheap checks come first (flags, model spec, checkpoint hashes), then the tokenizer and data, then the model.
+    Every rank checks what it reads itself (its own copy of the data, model directory, checkpoint), and the ranks
+    agree on the outcome before anything is built: one rank's bad input stops every rank with the same error
+    (rank 0 prints it, naming the rank), instead of rank 0 going on into collectives its peer never joins.
+    """
+    try:
+        inputs = _check_inputs(args, engine)
+    except UserError as exc:
+        if engine.world_size == 1 or getattr(exc, "agreed", False):
+            raise  # one process, or already agreed by a collective inside the checks (its peers have gone on)
+        engine._agree(str(exc), type(exc), _CHECKING)  # raises on every rank
+        raise
+    engine._agree(None, UsageError, _CHECKING)  # healthy: one int all-reduce
+    dtype, config, config_vocab, model_dir = inputs.dtype, inputs.config, inputs.config_vocab, inputs.model_dir
+    from_checkpoint, resume_dir, tokenizer, tok_fp = (inputs.from_checkpoint, inputs.resume_dir, inputs.tokenizer,
+                                                      inputs.tok_fp)
+    batcher, data_notes, pending = inputs.batcher, inputs.data_notes, inputs.pending
+    if args.dry_run:
+        for line in data_notes:
+            print(line, flush=True)
+        print(f"dry run: settings, model config, tokenizer "
+              f"({len(tokenizer)} tokens), data ({batcher.stream.source}: {batcher.n_windows} train / "
+              f"{batcher.n_val_windows()} val sequences)" + (f", checkpoint {resume_dir}" if resume_dir else "")
+              + " and output paths are valid; nothing was trained or written", flush=True)
+        return None
+
+    # counted on the meta model, before an engine partitions it (ZeRO-3 would leave empty dense shards)
+    projected, dense = parameter_counts(pending.model)
+    if args.optimizer in LOWRANK_OPTIMIZERS and args.optimizer not in INT8_OPTIMIZERS:  # galore: float targets
+        moved = sum(m.weight.numel() for m in find_target_linears(pending.model, args.target_module_list).values())
+        projected, dense = moved, dense - moved
+    counts_note = f"{projected / 1e6:.2f}M projected, {dense / 1e6:.2f}M dense"
+    # a sharding engine lays the meta model out first and materialises only its own rows
+    model, optimizer = engine.prepare(
+        pending if engine.sharded_start else finish_training_model(args, pending.materialize(engine.device), dtype),
+        lambda m: make_optimizer(m, args))
+    scheduler = build_scheduler(optimizer, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                                schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio)
+    run = _Run(tokenizer, tok_fp, batcher, model, optimizer, scheduler, resume_dir, data_notes=data_notes)
+    tok_name = Path(str(getattr(tokenizer, "name_or_path", "") or "default BPE")).name or "default BPE"
+    run.vocab_note = (f"vocab {model.config.vocab_size}" + (
+        f" (the config's {config_vocab} sized to the tokenizer's)" if config.vocab_size != config_vocab else "")
+        + f", tokenizer {tok_name} ({len(tokenizer)} tokens)")
+    if model_dir.is_dir() and not from_checkpoint and args.optimizer in INT8_OPTIMIZERS:
+        run.original = model_dir
+    run.counts_note = counts_note
+    if resume_dir is not None:
+        fresh_base = list(scheduler.base_lrs)  # this run's --lr, before the checkpoint's optimizer state lands
+        ckpt = engine.load_checkpoint(resume_dir)
+        try:
+            scheduler.load_state_dict(ckpt.trainer["scheduler"])
+            batcher.load_state_dict(ckpt.trainer["data"])
+            restore_rng_state(ckpt.trainer["rng"])
+            run.start_step, run.tokens = ckpt.step, int(ckpt.trainer["tokens_seen"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {resume_dir}: trainer state does not fit this run ({exc})") from exc
+        run.schedule_note = _recompute_schedule(args, scheduler, fresh_base, ckpt.trainer.get("args", {}))
+    return run
+
+
+def _check_inputs(args: TrainArgs, engine: Engine) -> _Inputs:
+    """Every check of the run's inputs on this rank, cheap ones first (flags, model spec, checkpoint hashes), then
+    the tokenizer and data, then the model on the meta device; raises user errors, allocates and writes nothing.
     """
     if args.method == "lora" and args.export and engine.sharded_start:
         raise UsageError(f"--export with --method lora under --engine {engine.name} (sharded weights) is not "
@@ -449,47 +531,8 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run | None:
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
                          f"{config.vocab_size}")
-    if args.dry_run:
-        for line in data_notes:
-            print(line, flush=True)
-        print(f"dry run: settings, model config, tokenizer "
-              f"({len(tokenizer)} tokens), data ({batcher.stream.source}: {batcher.n_windows} train / "
-              f"{batcher.n_val_windows()} val sequences)" + (f", checkpoint {resume_dir}" if resume_dir else "")
-              + " and output paths are valid; nothing was trained or written", flush=True)
-        return None
-
-    # counted on the meta model, before an engine partitions it (ZeRO-3 would leave empty dense shards)
-    projected, dense = parameter_counts(pending.model)
-    if args.optimizer in LOWRANK_OPTIMIZERS and args.optimizer not in INT8_OPTIMIZERS:  # galore: float targets
-        moved = sum(m.weight.numel() for m in find_target_linears(pending.model, args.target_module_list).values())
-        projected, dense = moved, dense - moved
-    counts_note = f"{projected / 1e6:.2f}M projected, {dense / 1e6:.2f}M dense"
-    # a sharding engine lays the meta model out first and materialises only its own rows
-    model, optimizer = engine.prepare(
-        pending if engine.sharded_start else finish_training_model(args, pending.materialize(engine.device), dtype),
-        lambda m: make_optimizer(m, args))
-    scheduler = build_scheduler(optimizer, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
-                                schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio)
-    run = _Run(tokenizer, tok_fp, batcher, model, optimizer, scheduler, resume_dir, data_notes=data_notes)
-    tok_name = Path(str(getattr(tokenizer, "name_or_path", "") or "default BPE")).name or "default BPE"
-    run.vocab_note = (f"vocab {model.config.vocab_size}" + (
-        f" (the config's {config_vocab} sized to the tokenizer's)" if config.vocab_size != config_vocab else "")
-        + f", tokenizer {tok_name} ({len(tokenizer)} tokens)")
-    if model_dir.is_dir() and not from_checkpoint and args.optimizer in INT8_OPTIMIZERS:
-        run.original = model_dir
-    run.counts_note = counts_note
-    if resume_dir is not None:
-        fresh_base = list(scheduler.base_lrs)  # this run's --lr, before the checkpoint's optimizer state lands
-        ckpt = engine.load_checkpoint(resume_dir)
-        try:
-            scheduler.load_state_dict(ckpt.trainer["scheduler"])
-            batcher.load_state_dict(ckpt.trainer["data"])
-            restore_rng_state(ckpt.trainer["rng"])
-            run.start_step, run.tokens = ckpt.step, int(ckpt.trainer["tokens_seen"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {resume_dir}: trainer state does not fit this run ({exc})") from exc
-        run.schedule_note = _recompute_schedule(args, scheduler, fresh_base, ckpt.trainer.get("args", {}))
-    return run
+    return _Inputs(dtype, config, config_vocab, model_dir, from_checkpoint, model_record, resume_dir, tokenizer,
+                   tok_fp, batcher, data_notes, pending)
 
 
 _SCHEDULE_FLAGS = ("lr", "max_steps", "warmup_steps", "lr_schedule", "min_lr_ratio")

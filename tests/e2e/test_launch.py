@@ -381,6 +381,69 @@ def test_torchrun_job_prints_one_error_line(ws: SimpleNamespace) -> None:
     assert proc.returncode != 0
 
 
+# each worker runs main() in its own "node" folder, so one relative --data names a different file on each rank (as on
+# two machines with their own copies); SIGTERM is ignored so that the status recorded is the one the worker chose,
+# not torchrun stopping the others once the first has exited
+_NODE_WORKER = """
+import os, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+here, rank = Path(sys.argv[1]), os.environ["RANK"]
+os.chdir(here / f"node{rank}")
+sys.path.insert(0, sys.argv[2])
+from qgalore_dist.train.cli import main
+code = 0
+try:
+    main(sys.argv[3:])
+except SystemExit as exc:
+    code = exc.code
+(here / f"exit.{rank}").write_text(str(code))
+sys.exit(code)
+"""
+
+
+def _torchrun_nodes(ws: SimpleNamespace, root: Path, *argv: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Two workers of ``_NODE_WORKER`` under torchrun: the process and each rank's exit status."""
+    import os
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    (root / "worker.py").write_text(_NODE_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           port, "--no-python", sys.executable, str(root / "worker.py"), str(root), str(ROOT), *argv],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "QGALORE_CACHE": str(ws.cache)})
+    return proc, [(root / f"exit.{r}").read_text() if (root / f"exit.{r}").is_file() else "none" for r in (0, 1)]
+
+
+def test_one_rank_with_bad_data_stops_every_rank_with_one_line(ws: SimpleNamespace, tmp_path: Path) -> None:
+    """Only rank 1's copy of the data is damaged: the ranks agree on the checks' outcome before anything is built,
+    rank 0 prints the one ``error:`` line naming rank 1 and FILE:LINE, and every worker exits 2 (before: rank 0
+    reported a valid dry run, then a second error line about a lost peer, exit 1). With both copies intact the same
+    job runs through the agreement (one all-reduce) and exits 0."""
+    records = [json.dumps({"text": p}) + "\n" for p in ws.corpus.read_text().split("\n\n") if p.strip()]
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+        (tmp_path / f"node{rank}" / "data.jsonl").write_text("".join(records))
+    argv = ("--engine", "ddp", "--device", "cpu", "--model", "llama_tiny", "--tokenizer", str(ws.tok), "--data",
+            "data.jsonl", "--seq-len", "32", "--batch-size", "4", "--dry-run")
+    proc, codes = _torchrun_nodes(ws, tmp_path, *argv)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and codes == ["0", "0"], out[-3000:]
+    assert not [line for line in out.splitlines() if line.startswith("error:")] and "dry run:" in out
+
+    records[2] = '{"text": "a record cut short\n'
+    (tmp_path / "node1" / "data.jsonl").write_text("".join(records))
+    proc, codes = _torchrun_nodes(ws, tmp_path, *argv)
+    out = proc.stdout + proc.stderr
+    ours = [line for line in out.splitlines() if line.startswith("error:")]
+    assert ours == ["error: rank 1: data.jsonl:3: malformed JSON line (Invalid control character at)"], out[-3000:]
+    assert codes == ["2", "2"], out[-3000:]
+    assert "dry run:" not in out
+
+
 def test_package_lists_its_commands_and_installs_console_scripts(capsys) -> None:
     """``python -m qgalore_dist`` prints the commands; the installed metadata declares the console scripts (the
     venv's ``bin/`` holds them once ``make setup`` installed the package)."""

@@ -119,7 +119,10 @@ class DistributedEngine(Engine):
 
     def _agree(self, error: str | None, exc_type: type[Exception], what: str) -> None:
         """Collective: raise ``exc_type`` on every rank when ``error`` is set on any (so no rank waits for one that
-        already gave up); a barrier otherwise."""
+        already gave up); a barrier otherwise. Every rank raises the same text — the lowest failing rank's message,
+        ``rank K: `` before it when K is not 0 — so rank 0 prints the one ``error:`` line that names the problem and
+        the others, seeing it printed, exit silently (:func:`~qgalore_dist.train.cli.fail`). The raised exception
+        has ``agreed = True``: a caller that agrees again on the way out must not (its peers have left)."""
         if self.world_size == 1 or not dist.is_initialized():
             if error is not None:
                 raise exc_type(error)
@@ -127,10 +130,15 @@ class DistributedEngine(Engine):
         flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
         with self._guard(what):
             dist.all_reduce(flag)
-        if error is not None:
-            raise exc_type(error)
-        if int(flag):
-            raise exc_type(f"{what} failed on another rank (its error message names the problem)")
+        if not int(flag):
+            return  # the healthy path stays one int all-reduce; messages travel only when a rank failed
+        every: list[str | None] = [None] * self.world_size
+        with self._guard(what):
+            dist.all_gather_object(every, error)
+        rank, message = next((r, m) for r, m in enumerate(every) if m is not None)
+        exc = exc_type(message if rank == 0 else f"rank {rank}: {message}")
+        exc.agreed = True
+        raise exc
 
     def sum_over_ranks(self, values: list[float]) -> list[float]:
         """Element-wise fp64 sum of a few scalars (losses, token counts) over ranks; every rank gets the result."""
