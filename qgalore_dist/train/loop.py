@@ -36,7 +36,7 @@ from ..checkpoint.export import EXPORT_DTYPES, quantized_modules
 from ..checkpoint.save_load import TRAINER_FILE, CheckpointError, capture_rng_state, restore_rng_state
 from ..checkpoint.save_root import SaveRootLock, choose_resume, clean_leftovers, prune_checkpoints
 from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
-from ..errors import DivergenceError, UsageError, UserError
+from ..errors import DataError, DivergenceError, UsageError, UserError
 from ..models import (
     build_model,
     enable_activation_checkpointing,
@@ -279,6 +279,28 @@ def make_batcher(args: TrainArgs, tokenizer, engine: Engine):
     return batcher, notes
 
 
+def check_one_step(args: TrainArgs, batcher, world_size: int) -> None:
+    """Refuse training data that cannot fill one optimizer step: the batchers would wrap around and feed the same
+    sequences several times within a step (or, with a huge --batch-size, allocate it and be OOM-killed).
+    Evaluation needs no such check: it runs whatever held-out sequences there are, the last batch short."""
+    per_step = args.batch_size * args.grad_accum * world_size
+    have = batcher.n_windows  # fine-tuning: the packed rows of the first epoch (the next ones differ by a row or so)
+    if have >= per_step:
+        return
+    data = args.data if args.data is not None else batcher.stream.source
+    if args.task == "finetune":
+        examples = len(batcher.data.train)
+        what = (f"{examples} training examples (one per row, --no-packing)" if args.no_packing else
+                f"{examples} training examples packed into {have} rows of --seq-len {args.seq_len}")
+        unit = "rows"
+    else:
+        what, unit = f"{have} training sequences of --seq-len {args.seq_len} + 1 tokens", "sequences"
+    ranks = f" × {world_size} ranks" if world_size > 1 else ""
+    raise DataError(f"--data {data}: {what}, but one step needs {per_step} {unit} (--batch-size {args.batch_size} × "
+                    f"--grad-accum {args.grad_accum}{ranks}); lower --batch-size or --grad-accum"
+                    + (", use fewer ranks" if world_size > 1 else "") + ", or give more data")
+
+
 def pending_training_model(args: TrainArgs, config, dtype: torch.dtype,
                            checkpoint_record: dict[str, Any] | None = None) -> PendingModel:
     """The model to train on the meta device, with where its values come from: fresh from ``config`` (keyed
@@ -516,6 +538,7 @@ def _check_inputs(args: TrainArgs, engine: Engine) -> _Inputs:
     if not model_dir.is_dir():  # a config spec: the model is sized to the tokenizer (a directory keeps its own)
         config = resolve_model_config(args.model, vocab_size=len(tokenizer))
     batcher, data_notes = make_batcher(args, tokenizer, engine)
+    check_one_step(args, batcher, engine.world_size)
     filled = filled_defaults(config)
     size_note = (f"model {args.model}: {param_count(config) / 1e6:.2f}M parameters"
                  + (f" (transformers defaults for fields the config omits: {', '.join(filled)})" if filled else ""))

@@ -318,6 +318,25 @@ CASES = [
     C("jsonl-with-blank-lines-runs", lambda f: ["--data", f.file(
         "ok.jsonl", "\n".join(json.dumps({"text": t}) for t in f.ws.corpus.read_text().split("\n\n")[:300]) + "\n\n")],
       RUNS),
+    # ---- data that cannot fill one step (was: OOM-killed, or the same few rows repeated within a step) ------------
+    C("batch-larger-than-data", lambda f: ["--batch-size", "100000"],
+      "one step needs 100000 sequences (--batch-size 100000 × --grad-accum 1); lower --batch-size or --grad-accum"),
+    C("grad-accum-larger-than-data", lambda f: ["--grad-accum", "100000"],
+      "one step needs 200000 sequences (--batch-size 2 × --grad-accum 100000)"),
+    # 4000 tokens, 129 held out (4 windows of 32 + 1), 3871 for training: 120 windows of 33 tokens at stride 32
+    C("shard-batch-one-more-than-windows", lambda f: ["--data", f.bin("t.bin", SHARD_OK), "--batch-size", "121"],
+      "t.bin: 120 training sequences of --seq-len 32 + 1 tokens, but one step needs 121 sequences"),
+    C("shard-batch-equal-to-windows", lambda f: ["--data", f.bin("t.bin", SHARD_OK), "--batch-size", "120"], RUNS,
+      output="120 train"),
+    C("batch-larger-than-data-real-run", lambda f: ["--batch-size", "100000", NO_DRY_RUN], "one step needs 100000"),
+    F("ft-batch-larger-than-examples", lambda f: ["--data", f.jsonl("d.jsonl", SFT_RECORDS), "--no-packing",
+                                                  "--batch-size", "1000"],
+      "23 training examples (one per row, --no-packing), but one step needs 1000 rows"),
+    F("ft-batch-larger-than-packed-rows", lambda f: ["--data", f.jsonl("d.jsonl", SFT_RECORDS), "--batch-size", "8"],
+      "23 training examples packed into 6 rows of --seq-len 64, but one step needs 8 rows"),
+    F("ft-epochs-batch-larger-than-examples", lambda f: ["--data", f.jsonl("d.jsonl", SFT_RECORDS), "--epochs", "1",
+                                                         "--batch-size", "4", "--grad-accum", "64"],
+      "but one step needs 256 rows (--batch-size 4 × --grad-accum 64)"),
     # ---- token shards ---------------------------------------------------------------------------------------------
     C("bin-without-sidecar", lambda f: ["--data", f.bin("t.bin", SHARD_OK, sidecar=None)], "missing JSON sidecar"),
     C("bin-sidecar-malformed", lambda f: ["--data", f.bin("t.bin", SHARD_OK, sidecar="{")], "unreadable shard sidecar"),
