@@ -86,14 +86,116 @@ def collect_projected(model: nn.Module, config: QGaLoreConfig, target_modules=DE
     return out
 
 
-class PhasedGroups:
-    """What every Q-GaLore optimizer (single-device, row-sharded) shares over its ``param_groups``: the groups by
-    ``kind`` ("projected" / "dense"), the per-matrix rule at the projected group's current lr / weight decay, and
-    wall time per phase (``phase_times``)."""
+class QGaLoreBase:
+    """What every placement of the Q-GaLore optimizer shares (local :class:`QGaLoreOptimizer`, replicated
+    :class:`~qgalore_dist.parallel.sharded_optimizer.ShardedQGaLoreOptimizer`, row-sharded
+    :class:`~qgalore_dist.parallel.row_sharded.RowShardedQGaLoreOptimizer`): the ``param_groups`` by ``kind``
+    ("projected" / "dense"), the per-matrix rule at the projected group's current lr / weight decay, wall time per
+    phase (``phase_times``) — and **the step's orchestration, written once** for every placement and engine:
+
+    ``step(closure)`` = closure → :meth:`begin_step` → :meth:`shared_norm` → :meth:`finish_step`, where
+
+    * ``begin_step`` closes the accumulation window (the placement's ``_begin``: refreshes, projection, the
+      reductions its layout needs) and keeps this rank's *shares* of the squared global norm;
+    * ``shared_norm`` sums the shares over ranks (one all-reduce; none on one process), adding any norm² stepped
+      elsewhere (DeepSpeed's dense partition: its client optimizer calls this from inside DeepSpeed's step), and
+      gives the global norm and the clipping factor — the same on every rank;
+    * ``finish_step`` skips the whole step on a non-finite norm (every rank alike: the placement's ``_skip``) or
+      applies it with the clipping factor (``_apply``); the :class:`StepResult` is the same on every engine.
+
+    A placement implements ``_begin`` / ``_apply`` / ``_skip`` / ``_after_step`` and holds no rule math.
+    """
 
     rule: LowRankAdamW
     phase_times: dict[str, float]
+    grad_clip: float = 0.0
+    collectives = None  # a placement across ranks sets its Collectives: the norm shares are summed over them
+    last_step: StepResult = StepResult()
+    _open: tuple | None = None  # (norm² shares, placement payload) between begin_step and finish_step
+    _norm: float | None = None  # set by shared_norm
+    _skipped_in_backward = 0  # local in-backward updates left out since the last step (non-finite gradient)
 
+    # --- the step: one orchestration for every placement --------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None, **window):
+        """One optimizer step (collective across ranks). ``window``: what the placement's ``_begin`` takes (the
+        row-sharded placement: ``grads``). Returns the closure's loss (None without one), like ``torch.optim``;
+        the global pre-clip norm and the clipping factor are in :attr:`last_step`."""
+        loss = closure_loss(closure)
+        self.begin_step(**window)
+        self.shared_norm()
+        self.finish_step()
+        return loss
+
+    @torch.no_grad()
+    def begin_step(self, **window) -> float:
+        """First half (collective): the placement closes the window. Returns this rank's share of the norm²."""
+        if self._open is not None:
+            raise RuntimeError("begin_step() called twice without finish_step()")
+        shares, payload = self._begin(**window)
+        self._open, self._norm = (list(shares), payload), None
+        return sum(shares)
+
+    def shared_norm(self, extra_sq: float = 0.0) -> tuple[float, float]:
+        """Collective, between the halves: Σ over ranks of this rank's shares (``extra_sq`` — norm² of parameters
+        stepped elsewhere — added to the last share). Returns (global norm, clipping factor at ``grad_clip``)."""
+        if self._open is None:
+            raise RuntimeError("shared_norm() without begin_step()")
+        shares = list(self._open[0])
+        shares[-1] += float(extra_sq)
+        if self.collectives is not None:
+            v = torch.tensor(shares, dtype=torch.float64, device=self.collectives.device)
+            self.collectives.all_reduce([v])
+            shares = [float(x) for x in v]
+        self._norm = sum(shares) ** 0.5
+        return self._norm, clip_coef(self._norm, self.grad_clip)
+
+    @torch.no_grad()
+    def finish_step(self, coef: float | None = None) -> StepResult:
+        """Second half (collective): nothing applied on a non-finite norm (equal on every rank, so every rank
+        skips), else the update with clipping factor ``coef`` (default: from ``grad_clip``)."""
+        if self._open is None or self._norm is None:
+            raise RuntimeError("finish_step() without begin_step() and shared_norm()")
+        (_, payload), norm = self._open, self._norm
+        self._open = self._norm = None
+        skipped_matrices, self._skipped_in_backward = self._skipped_in_backward, 0
+        if not math.isfinite(norm):
+            self._skip(payload)
+            self.last_step = StepResult(norm, 1.0, skipped=True, skipped_matrices=skipped_matrices)
+        else:
+            coef = clip_coef(norm, self.grad_clip) if coef is None else float(coef)
+            self._apply(payload, coef)
+            self.last_step = StepResult(norm, coef, skipped_matrices=skipped_matrices)
+        self._after_step()
+        return self.last_step
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._open = self._norm = None  # a step abandoned between its halves (an error) leaves nothing open
+        super().zero_grad(set_to_none)
+
+    def _begin(self, **window) -> tuple[list[float], object]:
+        raise NotImplementedError
+
+    def _apply(self, payload, coef: float) -> None:
+        raise NotImplementedError
+
+    def _skip(self, payload) -> None:
+        """A skipped step: drop the window (every placement that holds it clears it)."""
+        self.zero_grad()
+
+    def _after_step(self) -> None:
+        """Book-keeping after a step, applied or skipped (byte counters, replica checks)."""
+
+    def _step_dense(self, name: str, p: torch.Tensor, grad: torch.Tensor, index_offset: int = 0) -> None:
+        """One dense parameter's AdamW step — every placement's, with the same kernel choice and the bf16 rounding
+        stream keyed by global element index (``index_offset``: where a shard starts), so N ranks reproduce one."""
+        dg = self._group("dense")
+        st = self.dense_state[name]
+        self._timed("optimizer", dense_adamw_step, p, grad, st, dg["lr"], self.config.betas, self.config.eps,
+                    dg["weight_decay"], fused=self.config.fused, sr_key=dense_sr_key(self.config, st, name, p.dtype),
+                    index_offset=index_offset)
+
+    # --- groups -------------------------------------------------------------------------------------------
     @staticmethod
     def _param_groups(config: QGaLoreConfig, dense: list, projected: list, dense_lr: float | None,
                       dense_weight_decay: float | None) -> list[dict]:
@@ -140,7 +242,7 @@ class PhasedGroups:
 _APPLY_CHUNK = 1 << 22  # weight elements re-quantised per block in _apply (matrices above this are split by rows)
 
 
-class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
+class QGaLoreOptimizer(QGaLoreBase, torch.optim.Optimizer):
     """Q-GaLore AdamW for the targeted matrices, AdamW (fp32 or 8-bit state) for the rest.
 
     Args:
@@ -237,7 +339,8 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
             self._timed("svd", self.rule.refresh, st, grad)
         return self._timed("projection", self.rule.project, st, grad)
 
-    def _apply(self, pm: ProjectedMatrix, lowrank_grad: torch.Tensor, rule: LowRankAdamW, lr: float) -> None:
+    def _apply_matrix(self, pm: ProjectedMatrix, lowrank_grad: torch.Tensor, rule: LowRankAdamW, lr: float
+                      ) -> None:
         st = self.mstate[pm.name]
         n, step_size = self._timed("optimizer", rule.normalise, st, lowrank_grad, lr)
         self._apply_rows_blocked(pm, n, step_size, rule, lr)
@@ -278,14 +381,8 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
     @torch.no_grad()
     def _dense_in_backward(self, name: str, p: torch.Tensor) -> None:
         self._consumed_sq += squared_norm(p.grad)
-        self._dense_step(name, p, p.grad)
+        self._step_dense(name, p, p.grad)
         p.grad = None
-
-    def _dense_step(self, name: str, p: torch.Tensor, grad: torch.Tensor) -> None:
-        dg = self._group("dense")
-        st = self.dense_state[name]
-        dense_adamw_step(p, grad, st, dg["lr"], self.config.betas, self.config.eps, dg["weight_decay"],
-                         fused=self.config.fused, sr_key=dense_sr_key(self.config, st, name, p.dtype))
 
     @torch.no_grad()
     def _consume(self, pm: ProjectedMatrix, grad: torch.Tensor) -> None:
@@ -305,7 +402,7 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
                 self._skipped_in_backward += 1
                 return
             rule, lr = self._rule()
-            self._apply(pm, r, rule, lr)  # the whole step inside backward: no accumulator
+            self._apply_matrix(pm, r, rule, lr)  # the whole step inside backward: no accumulator
             return
         acc = self.accum.get(pm.name)
         if acc is None:
@@ -313,10 +410,10 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         else:
             acc.add_(r)
 
-    # --- the step -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure_loss(closure)
+    # --- the step (orchestrated by QGaLoreBase.step): the local placement's halves --------------------------
+    def _begin(self) -> tuple[list[float], object]:
+        """Project what backward accumulated (full gradients; layer-wise: already projected). The norm² share is
+        everything this step consumes — in-backward updates included (they are applied already)."""
         rule, lr = self._rule()
         self._stepped_in_backward.clear()
         if not self.layerwise:  # full gradients were accumulated by backward: project them now
@@ -326,27 +423,22 @@ class QGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
                     self.accum[pm.name] = self._project_into_window(pm, g)
                     pm.clear_grad()
         dense = [(n, p) for n, p in self.dense_named if p.grad is not None]
-        # the global norm is always measured (metrics want it); it drives clipping when grad_clip > 0
         sq = self._consumed_sq + sum(squared_norm(r) for r in self.accum.values())
         sq += sum(squared_norm(p.grad) for _, p in dense)
         self._consumed_sq = 0.0
-        norm = sq ** 0.5
-        skipped_in_backward, self._skipped_in_backward = self._skipped_in_backward, 0
-        if not math.isfinite(norm):  # a non-finite gradient: apply nothing of this step (what backward did not)
-            self.zero_grad()
-            self.last_step = StepResult(norm, 1.0, skipped=True, skipped_matrices=skipped_in_backward)
-            return loss
-        coef = clip_coef(norm, self.grad_clip)
+        return [sq], (dense, rule, lr)
+
+    def _apply(self, payload, coef: float) -> None:
+        dense, rule, lr = payload
         for pm in self.matrices:
             r = self.accum.pop(pm.name, None)
             if r is not None:
-                self._apply(pm, r.mul_(coef) if coef < 1.0 else r, rule, lr)
+                self._apply_matrix(pm, r.mul_(coef) if coef < 1.0 else r, rule, lr)
         for n, p in dense:
-            self._dense_step(n, p, p.grad if coef == 1.0 else p.grad * coef)
-        self.last_step = StepResult(norm, coef)
-        return loss
+            self._step_dense(n, p, p.grad if coef == 1.0 else p.grad * coef)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._open = self._norm = None
         self.accum.clear()
         self._consumed_sq = 0.0
         for pm in self.matrices:

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import QGaLoreConfig
 from ..optim.dense_adamw import DenseState, dense_adamw_step, init_dense_state
-from ..optim.norms import StepResult, clip_coef, closure_loss, squared_norm
+from ..optim.norms import StepResult, closure_loss, squared_norm
 from .collectives import Collectives
 from .sharded_optimizer import ShardedQGaLoreOptimizer
 
@@ -46,12 +46,13 @@ __all__ = ["FlatDenseAdamW", "SidecarQGaLoreOptimizer"]
 
 
 class SidecarQGaLoreOptimizer(ShardedQGaLoreOptimizer):
-    """:class:`ShardedQGaLoreOptimizer` over the projected matrices only (the dense parameters are DeepSpeed's),
-    with the step split into :meth:`begin_step` (reductions, local squared norm) and :meth:`finish_step` (apply).
+    """:class:`ShardedQGaLoreOptimizer` over the projected matrices only (the dense parameters are DeepSpeed's).
+    The engine drives the optimizer's own halves (:meth:`begin_step`, :meth:`shared_norm` with DeepSpeed's dense
+    norm², :meth:`finish_step`) around DeepSpeed's step.
 
     Constructed before ``deepspeed.initialize`` (the start-up agreement check hashes the dense parameters' names and
     shapes too, which ZeRO-3 would have partitioned by then); after construction it holds no dense state.
-    ``step()`` stays usable (begin + local norm all-reduce + finish) for a world without DeepSpeed.
+    ``step()`` stays usable (the same halves, no dense norm) for a world without DeepSpeed.
     """
 
     def __init__(self, model: nn.Module, config: QGaLoreConfig, collectives: Collectives, **kw):
@@ -60,64 +61,6 @@ class SidecarQGaLoreOptimizer(ShardedQGaLoreOptimizer):
         self.dense_named = []
         self.dense_state = {}
         self.param_groups[:] = [g for g in self.param_groups if g.get("kind") != "dense"]
-        self._open: tuple | None = None
-
-    @torch.no_grad()
-    def begin_step(self) -> float:
-        """Collective. Close the accumulation window: reduce the projected gradients to their owners (refreshes
-        that did not fire inside backward first). Returns Σ‖R‖² of this rank's owned matrices (the low-rank
-        gradients the owners will consume, averaged over ranks) — this rank's share of the global norm²."""
-        if self._open is not None:
-            raise RuntimeError("begin_step() called twice without finish_step()")
-        rule, lr = self._rule()
-        if self.comm_mode == "lowrank":
-            self._flush_refresh()
-        mats, _ = self._present()
-        if self.comm_mode == "full":
-            self._reduce_full(mats)
-        else:
-            self._reduce_lowrank(mats)
-        order = list(self._window) if self.comm_mode == "lowrank" else mats
-        live = set(mats)
-        sq = sum(squared_norm(self.accum[n]) for n in order if n in live and n in self.owned)
-        self._open = (mats, rule, lr, sq)
-        return sq
-
-    def shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
-        """Collective, between :meth:`begin_step` and :meth:`finish_step`: one all-reduce of [this rank's owned
-        Σ‖R‖², its dense norm²]. Returns (global norm, clipping factor at ``grad_clip``)."""
-        if self._open is None:
-            raise RuntimeError("shared_norm() without begin_step()")
-        v = torch.tensor([self._open[3], dense_local_sq], dtype=torch.float64, device=self.collectives.device)
-        self.collectives.all_reduce([v])
-        norm = (float(v[0]) + float(v[1])) ** 0.5
-        return norm, clip_coef(norm, self.grad_clip)
-
-    @torch.no_grad()
-    def finish_step(self, coef: float = 1.0) -> None:
-        """Collective. Apply the window's update with clipping factor ``coef`` (the same on every rank)."""
-        if self._open is None:
-            raise RuntimeError("finish_step() without begin_step()")
-        mats, rule, lr, _ = self._open
-        self._open = None
-        if self.comm_mode == "full":
-            self._apply_full(mats, rule, lr, coef)
-        else:
-            self._apply_lowrank(mats, rule, lr, coef)
-        self._end_window()
-        self.steps_taken += 1
-        if self.replica_check_every and self.steps_taken % self.replica_check_every == 0:
-            self.check_replicas()
-        self.last_comm = self.collectives.reset_step()
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure_loss(closure)
-        self.begin_step()
-        norm, coef = self.shared_norm(0.0)  # no dense side here
-        self.finish_step(coef)
-        self.last_step = StepResult(norm, coef)
-        return loss
 
     # --- weights in checkpoints (DeepSpeed's module file holds rank 0's copy too; these are keyed by name) ------
     def weight_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -137,10 +80,6 @@ class SidecarQGaLoreOptimizer(ShardedQGaLoreOptimizer):
                 if tuple(src.shape) != tuple(t.shape):
                     raise ValueError(f"{n}.{key} has shape {tuple(src.shape)}, the model {tuple(t.shape)}")
                 t.copy_(src)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._open = None
-        super().zero_grad(set_to_none)
 
 
 class FlatDenseAdamW(torch.optim.Optimizer):

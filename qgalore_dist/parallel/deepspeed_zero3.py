@@ -33,7 +33,6 @@ from torch import nn
 from ..config import QGaLoreConfig
 from ..nn.convert import DEFAULT_TARGET_MODULES, find_target_linears
 from ..nn.int8_linear import QGaLoreLinear
-from ..optim.norms import clip_coef
 from ..quant.int8 import dequantize_rows
 from .collectives import Collectives, CommCounters
 from .replicas import check_same_setup
@@ -89,7 +88,6 @@ class Zero3Sidecar:
         self.param_groups = self.opt.param_groups
         self.last_comm = CommCounters().as_dict()
         self.gather_calls = 0
-        self._sq, self._norm = 0.0, None
 
     # --- communication around the INT8 layer ------------------------------------------------------------------
     def _gather(self, mod: QGaLoreLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,29 +152,26 @@ class Zero3Sidecar:
             grads[mod.qname] = None if g is None else (g.div_(ws) if ws > 1 else g)
             if mod.qname in self.local_lowrank:
                 grads.pop(mod.qname)
-        self._sq = self.opt.begin_step(grads, local_lowrank=self.local_lowrank)
+        sq = self.opt.begin_step(grads=grads, local_lowrank=self.local_lowrank)
         self.local_lowrank = {}
-        return self._sq
+        return sq
 
     def shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
-        """Collective, called once per step from inside DeepSpeed's step (by the dense optimizer): one all-reduce
-        of this rank's projected and dense squared norms. Returns (global norm, clipping factor). No step runs
-        here: the projected step is :meth:`finish_step`, after DeepSpeed's."""
-        v = torch.tensor([self._sq + dense_local_sq], dtype=torch.float64, device=self.collectives.device)
-        self.collectives.all_reduce([v])
-        norm = float(v[0]) ** 0.5
-        self._norm = norm
-        return norm, clip_coef(norm, self.opt.grad_clip)
+        """Collective, called once per step from inside DeepSpeed's step (by the dense optimizer): the optimizer's
+        norm all-reduce with this rank's dense partition norm² added. Returns (global norm, clipping factor). No
+        step runs here: the projected step is :meth:`finish_step`, after DeepSpeed's."""
+        return self.opt.shared_norm(dense_local_sq)
 
-    def finish_step(self, coef: float = 1.0) -> None:
+    def finish_step(self, coef: float | None = None) -> None:
         """Collective, after DeepSpeed's step: the row-sharded second half with the shared clipping factor."""
-        self.opt.finish_step(self._norm, coef)
+        self.opt.finish_step(coef)
         self.last_comm = self.opt.last_comm
         self.grad_rows.clear()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.grad_rows.clear()
         self.local_lowrank = {}
+        self.opt.zero_grad(set_to_none)
 
     # --- accounting ---------------------------------------------------------------------------------------------
     @property

@@ -77,10 +77,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..config import QGaLoreConfig
-from ..optim.dense_adamw import DenseState, dense_adamw_step, dense_sr_key
+from ..optim.dense_adamw import DenseState
 from ..optim.lowrank_adamw import LowRankAdamW, MatrixState
-from ..optim.norms import StepResult, clip_coef, closure_loss, squared_norm
-from ..optim.optimizer import PhasedGroups
+from ..optim.norms import StepResult, squared_norm
+from ..optim.optimizer import QGaLoreBase
 from ..optim.projfactor import ProjFactorState
 from ..optim.rules import make_rule
 from ..projection.projector import lowrank_shape
@@ -200,7 +200,7 @@ def _numel(shape: Iterable[int]) -> int:
     return math.prod(int(s) for s in shape)
 
 
-class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
+class RowShardedQGaLoreOptimizer(QGaLoreBase, torch.optim.Optimizer):
     """The row-sharded placement of Q-GaLore / VLoRP (see the module docstring).
 
     Args:
@@ -292,7 +292,6 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         self.grad_clip = float(grad_clip)
         self.refresh_bucket_bytes = int(refresh_bucket_bytes)
         self.last_step = StepResult()
-        self._open: tuple | None = None
         self.steps_taken = 0
         self.phase_times = {"svd": 0.0, "projection": 0.0, "optimizer": 0.0, "requantize": 0.0}
         self.last_comm = CommCounters().as_dict()
@@ -371,28 +370,11 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
             labels, mine, "row-sharded step: these parameters got a gradient on some ranks only")
         return [s.name for s, c in zip(self.shards, present) if c]
 
-    @torch.no_grad()
-    def step(self, closure=None, *, grads: Mapping[str, torch.Tensor | None] | None = None,
-             extra_sq: float = 0.0):
-        """One optimizer step (collective). ``grads``: ``{name: this rank's averaged gradient rows [k, n]}``
-        (default: each shard's ``grad()``). ``extra_sq``: this rank's share of squared gradient norm stepped
-        elsewhere (added to the clipping norm). Returns the closure's loss (None without a closure), like
-        ``torch.optim``; the global pre-clip norm (equal on every rank) and the clipping factor are in
-        :attr:`last_step`. The same as :meth:`begin_step`, one all-reduce of the norm, :meth:`finish_step`."""
-        loss = closure_loss(closure)
-        sq = self.begin_step(grads) + float(extra_sq)
-        v = torch.tensor([sq], dtype=torch.float64, device=self.collectives.device)
-        self.collectives.all_reduce([v])
-        norm = float(v[0]) ** 0.5
-        self.finish_step(norm, clip_coef(norm, self.grad_clip))
-        return loss
-
-    @torch.no_grad()
-    def begin_step(self, grads: Mapping[str, torch.Tensor | None] | None = None,
-                   local_lowrank: Mapping[str, torch.Tensor] | None = None) -> float:
-        """Collective, first half of a step: refreshes, projection, the low-rank reductions. Returns this rank's
-        share of the squared global norm (its held rows of R, its owned left R, its dense gradients); an engine
-        that steps other parameters itself (DeepSpeed) adds theirs before the all-reduce that gives the norm.
+    def _begin(self, grads: Mapping[str, torch.Tensor | None] | None = None,
+               local_lowrank: Mapping[str, torch.Tensor] | None = None) -> tuple[list[float], object]:
+        """The first half (``begin_step(grads=..., local_lowrank=...)``; ``step(grads=...)``): refreshes,
+        projection, the low-rank reductions. The norm² share: this rank's held rows of R, its owned left R, its
+        dense gradients; an engine that steps other parameters itself (DeepSpeed) adds theirs in ``shared_norm``.
 
         ``grads``: averaged gradient rows of this rank's shard. ``local_lowrank`` (instead, for matrices not due
         for a refresh, see :meth:`needs_full_gradient`): :meth:`project_local` of this rank's own whole-matrix
@@ -431,38 +413,27 @@ class RowShardedQGaLoreOptimizer(PhasedGroups, torch.optim.Optimizer):
         dense = [(n, p) for n, p in self.dense_named if p.grad is not None]
         dense_grads = {n: _local(p.grad) for n, p in dense}
         sq += sum(squared_norm(g) for g in dense_grads.values())
-        self._open = (right, left, lowrank, dense, dense_grads, rule, lr)
-        return sq
+        return [sq], (right, left, lowrank, dense, dense_grads, rule, lr)
 
-    @torch.no_grad()
-    def finish_step(self, norm: float | None, coef: float) -> None:
-        """Collective, second half: clip by ``coef`` (the same on every rank), normalise, communicate updates,
-        apply them; dense parameters step. ``norm`` is recorded in :attr:`last_step`."""
-        if self._open is None:
-            raise RuntimeError("finish_step() without begin_step()")
-        right, left, lowrank, dense, dense_grads, rule, lr = self._open
-        self._open = None
-        if norm is not None and not math.isfinite(norm):  # equal on every rank: every rank applies nothing
-            self.last_comm = self.collectives.reset_step()
-            self.last_step = StepResult(norm, 1.0, skipped=True)
-            return
+    def _apply(self, payload, coef: float) -> None:
+        """The second half: clip by ``coef`` (the same on every rank), normalise, communicate updates, apply
+        them; dense parameters step."""
+        right, left, lowrank, dense, dense_grads, rule, lr = payload
         if coef < 1.0:
             for n in right + [n for n in left if n in self.owned]:
                 lowrank[n].mul_(coef)
         self._apply_right(right, lowrank, rule, lr)
         self._apply_left(left, lowrank, rule, lr)
-        if dense:
-            dg = self._group("dense")
-            for n, p in dense:
-                g = dense_grads[n] if coef == 1.0 else dense_grads[n] * coef
-                # same kernel choice and bf16 rounding stream as the single-device optimizer (by global index)
-                self._timed("optimizer", dense_adamw_step, _local(p), g, self.dense_state[n], dg["lr"],
-                            self.config.betas, self.config.eps, dg["weight_decay"], fused=self.config.fused,
-                            sr_key=dense_sr_key(self.config, self.dense_state[n], n, _local(p).dtype),
-                            index_offset=self.dense_offsets.get(n, 0))
+        for n, p in dense:
+            g = dense_grads[n] if coef == 1.0 else dense_grads[n] * coef
+            self._step_dense(n, _local(p), g, index_offset=self.dense_offsets.get(n, 0))
         self.steps_taken += 1
+
+    def _skip(self, payload) -> None:
+        """The gradients are the engine's (FSDP's DTensor grads, the ZeRO-3 side-car's rows): nothing to drop."""
+
+    def _after_step(self) -> None:
         self.last_comm = self.collectives.reset_step()
-        self.last_step = StepResult(norm, coef)
 
     def _reduce_scatter_local(self, right: Sequence[str], local_lowrank: Mapping[str, torch.Tensor],
                               lowrank: dict[str, torch.Tensor]) -> None:

@@ -88,7 +88,6 @@ point (``step`` and ``load_state_dict`` are collective; ``state_dict`` is local)
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -97,9 +96,8 @@ from torch import nn
 
 from ..config import QGaLoreConfig
 from ..nn.convert import DEFAULT_TARGET_MODULES
-from ..optim.dense_adamw import dense_adamw_step
 from ..optim.lowrank_adamw import MatrixState
-from ..optim.norms import StepResult, clip_coef, closure_loss, squared_norm
+from ..optim.norms import squared_norm
 from ..optim.optimizer import ProjectedMatrix, QGaLoreOptimizer
 from ..optim.projfactor import ProjFactorState
 from ..projection.projector import lowrank_shape
@@ -462,22 +460,11 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         dense = [(n, p) for (n, p), c in zip(self.dense_named, counts[k:]) if c]
         return mats, dense
 
-    def _global_norm(self, mats: Sequence[str], dense_grads: Sequence[torch.Tensor]) -> float:
-        """√(Σ_owned ‖R‖² over ranks + ‖dense‖²), bit-identical on every rank: owners add their matrices, rank 0
-        the (already averaged, replicated) dense gradients, one all-reduce of the two sums. Matrices are summed in
-        the single-device reference's order (model order; lowrank: first-delivery order), so one rank matches it
-        bit for bit."""
-        order = list(self._window) if self.comm_mode == "lowrank" else mats
-        live = set(mats)
-        sq = sum(squared_norm(self.accum[n]) for n in order if n in live and n in self.owned)
-        dsq = sum(squared_norm(g) for g in dense_grads) if self.rank == 0 else 0.0
-        v = torch.tensor([sq, dsq], dtype=torch.float64, device=self.collectives.device)
-        self.collectives.all_reduce([v])
-        return (float(v[0]) + float(v[1])) ** 0.5
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure_loss(closure)
+    def _begin(self) -> tuple[list[float], object]:
+        """Close the window: the refresh / micro-batch reductions still pending, dense gradients averaged, the
+        projected ones reduced to their owners. Shares of the norm²: [Σ‖R‖² of this rank's owned matrices, ‖dense‖²
+        on rank 0 (averaged, replicated)] — matrices summed in the single-device reference's order (model order;
+        lowrank: first-delivery order), so one rank matches it bit for bit."""
         rule, lr = self._rule()
         if self.comm_mode == "lowrank":
             self._flush_refresh()  # normally done at the end of backward already
@@ -485,38 +472,33 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
             self._flush_micro_batch()
         mats, dense = self._present()
         dense_grads = [p.grad for _, p in dense]
-        if self.reduce_dense:  # else averaged already, by a DDP wrapper (see reduce_dense)
+        if self.reduce_dense and dense_grads:  # else averaged already, by a DDP wrapper (see reduce_dense)
             self.collectives.all_reduce(dense_grads, op="avg")
         if self.comm_mode == "full":
             self._reduce_full(mats)
         else:
             self._reduce_lowrank(mats)
-        # the norm is always measured (one all-reduce of two numbers): every engine reports the same step result
-        norm = self._global_norm(mats, dense_grads)
-        if not math.isfinite(norm):  # the same norm on every rank: every rank applies nothing of this step
-            self.zero_grad()
-            self.last_comm = self.collectives.reset_step()
-            self.last_step = StepResult(norm, 1.0, skipped=True)
-            return loss
-        coef = clip_coef(norm, self.grad_clip)
+        order = list(self._window) if self.comm_mode == "lowrank" else mats
+        live = set(mats)
+        sq = sum(squared_norm(self.accum[n]) for n in order if n in live and n in self.owned)
+        dsq = sum(squared_norm(g) for g in dense_grads) if self.rank == 0 else 0.0
+        return [sq, dsq], (mats, dense, rule, lr)
+
+    def _apply(self, payload, coef: float) -> None:
+        mats, dense, rule, lr = payload
         if self.comm_mode == "full":
             self._apply_full(mats, rule, lr, coef)
         else:
             self._apply_lowrank(mats, rule, lr, coef)
-        if dense:
-            dg = self._group("dense")
-            for n, p in dense:
-                g = p.grad if coef == 1.0 else p.grad * coef
-                # same kernel choice as the single-device optimizer, so N ranks reproduce its dense steps
-                dense_adamw_step(p, g, self.dense_state[n], dg["lr"], self.config.betas, self.config.eps,
-                                 dg["weight_decay"], fused=self.config.fused)
+        for n, p in dense:
+            self._step_dense(n, p, p.grad if coef == 1.0 else p.grad * coef)
         self._end_window()
         self.steps_taken += 1
         if self.replica_check_every and self.steps_taken % self.replica_check_every == 0:
             self.check_replicas()
+
+    def _after_step(self) -> None:
         self.last_comm = self.collectives.reset_step()
-        self.last_step = StepResult(norm, coef)
-        return loss
 
     def _reduce_full(self, mats: Sequence[str]) -> None:
         """Full gradients summed at their owners (micro_batch: already, in backward); owners take the mean, refresh
@@ -538,7 +520,7 @@ class ShardedQGaLoreOptimizer(QGaLoreOptimizer):
         for n in mats:
             if n in self.owned:
                 r = self.accum[n]
-                self._apply(self._pm[n], r.mul_(coef) if coef < 1.0 else r, rule, lr)
+                self._apply_matrix(self._pm[n], r.mul_(coef) if coef < 1.0 else r, rule, lr)
         self.collectives.broadcast_from_owners(self._by_owner(mats, self._weight_tensors))
 
     def _reduce_lowrank(self, mats: Sequence[str]) -> None:

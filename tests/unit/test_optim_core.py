@@ -4,6 +4,7 @@ accumulation, clipping, moment rotation, config errors, state round trip."""
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -155,6 +156,39 @@ def test_clipping_uses_consumed_gradient_norm(layerwise):
     # Adam is scale invariant at step 1 except through eps: clip by 1e-3 must still change the dense update
     emb0, emb1 = m0.model.embed_tokens.weight, m1.model.embed_tokens.weight
     assert not torch.allclose(emb0, emb1)
+
+
+def test_step_halves_are_the_one_orchestration():
+    """Every placement steps through QGaLoreBase.step (no placement re-implements it), and the halves an engine
+    drives itself (DeepSpeed: its dense norm² added in shared_norm) equal step() with that norm² folded in."""
+    from qgalore_dist.optim.optimizer import QGaLoreBase
+    from qgalore_dist.parallel.deepspeed_sidecar import SidecarQGaLoreOptimizer
+    from qgalore_dist.parallel.row_sharded import RowShardedQGaLoreOptimizer
+    from qgalore_dist.parallel.sharded_optimizer import ShardedQGaLoreOptimizer
+
+    for cls in (QGaLoreOptimizer, ShardedQGaLoreOptimizer, SidecarQGaLoreOptimizer, RowShardedQGaLoreOptimizer):
+        for name in ("step", "begin_step", "shared_norm", "finish_step"):
+            # unwrapped: torch.optim.Optimizer patches a subclass's step with its hook wrapper on first use
+            assert inspect.unwrap(getattr(cls, name)) is inspect.unwrap(getattr(QGaLoreBase, name)), \
+                (cls.__name__, name)
+
+    base = quantized_model()
+    x = token_batches(1)[0]
+    norms = []
+    for extra in (0.0, 9.0):
+        m = copy.deepcopy(base)
+        opt = QGaLoreOptimizer(m, qconfig(), grad_clip=1e-3)
+        m(input_ids=x, labels=x).loss.backward()
+        share = opt.begin_step()
+        with pytest.raises(RuntimeError, match="twice"):
+            opt.begin_step()
+        norm, coef = opt.shared_norm(extra)
+        assert norm == pytest.approx((share + extra) ** 0.5, rel=1e-12)
+        assert opt.finish_step(coef).clip_coef == coef == pytest.approx(1e-3 / (norm + 1e-6))
+        with pytest.raises(RuntimeError, match="without begin_step"):
+            opt.finish_step()
+        norms.append(opt.last_step.grad_norm)
+    assert norms[1] ** 2 == pytest.approx(norms[0] ** 2 + 9.0, rel=1e-12)
 
 
 def test_rotate_moments_keeps_second_moment_non_negative():
