@@ -6,7 +6,9 @@ Every rank joins the default group once (:func:`qgalore_dist.parallel.launch_env
 ``RANK`` / ``WORLD_SIZE`` / ``MASTER_*``), then runs every scenario of ``OUT_DIR/scenarios.json`` in order through
 the real CLI path — ``parse_args(argv)`` → :class:`~qgalore_dist.train.engines.deepspeed.DeepSpeedEngine` →
 ``train`` — each with its own ds_config (ZeRO-1/2/3). After each scenario it records, per rank, the losses, this
-rank's SVD count and resident bytes (``OUT_DIR/<name>_r<R>.json``), and rank 0 writes the final model as float
+rank's SVD count and resident bytes, and each step's byte metrics (the side-car's ``comm_bytes``, DeepSpeed's
+``dense_comm_bytes`` — measured, where the ds_config enables its comms logger — and ``dense_comm_bytes_est``)
+(``OUT_DIR/<name>_r<R>.json``), and rank 0 writes the final model as float
 tensors (``<name>.pt``: projected matrices dequantised, ZeRO-3's rows and dense partitions gathered).
 Failures are recorded (``error``) instead of ending the process, so one broken scenario does not hide the rest.
 A scenario may give each rank its own argv (``rank_argv``: ranks started with different settings); the last one,
@@ -24,6 +26,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+_COMM_KEYS = ("comm_bytes", "dense_comm_bytes", "dense_comm_calls", "dense_comm_bytes_est")
 
 
 def _final_state(engine) -> dict[str, torch.Tensor] | None:
@@ -82,6 +86,14 @@ def run(out: Path, name: str, argv: list[str], rank: int) -> None:
                 return
             if name == "dies" and rank == 1:
                 _leave_at_backward(engine, 2, out, name, rank)
+            step_metrics, comm = engine.step_metrics, []
+
+            def recorded():  # the loop asks once per optimizer step
+                m = step_metrics()
+                comm.append({k: m[k] for k in _COMM_KEYS if k in m})
+                return m
+
+            engine.step_metrics = recorded
             result = train(args, engine)
         except (CheckpointError, UsageError) as exc:
             rec["user_error"] = f"{type(exc).__name__}: {exc}"
@@ -90,6 +102,7 @@ def run(out: Path, name: str, argv: list[str], rank: int) -> None:
             rec["seconds"] = time.monotonic() - t0
         else:
             rec.update(losses=result.losses, steps=result.steps, rank_svd_count=int(engine.sidecar.svd_count),
+                       step_comm=comm, last_ds_comm=engine.last_ds_comm,
                        memory=engine.memory_bytes(), gather_calls=getattr(engine.sidecar, "gather_calls", 0),
                        export_dir=result.export_dir, checkpoints=result.checkpoints)
             state = _final_state(engine)

@@ -13,6 +13,11 @@ settings the ds_configs below ask for), so the comparison isolates the distribut
   refused with ``CheckpointError``; ``--export`` writes a transformers model equal to the trained weights.
 * failures: ranks started with different settings are refused on every rank; a rank that leaves mid-training
   ends the other with one ``DistributedError`` line, at once (closed sockets), not after the timeout.
+* DeepSpeed's own bytes: the ZeRO-1/2/3 runs (and their accumulation runs) enable DeepSpeed's comms logger in
+  their ds_config; the measured ``dense_comm_bytes`` of every steady step equals, byte for byte, what DeepSpeed's
+  collectives must move for llama_tiny's dense parameters (none of the side-car's traffic among it): the formula
+  ``dense_comm_bytes_est`` + 8 bytes under ZeRO-1/2, within 0.02 % of it under ZeRO-3; a ds_config without the
+  logger reports no measured figure.
 
 Bad ds_configs (no ``"qgalore"`` block, contradictory batch sizes, fp16 on CPU, ``"auto"``, unknown keys, stage 0),
 flags contradicting the ds_config, and replicated-side-car settings under ZeRO-3 are checked in-process: ``main(argv)`` exits 2 with one ``error:`` line. No DeepSpeed op is compiled: the shm comm op
@@ -52,6 +57,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# DeepSpeed's own comms logger (its ds_config key): the engine then reports DeepSpeed's measured bytes per step
+LOGGER = {"comms_logger": {"enabled": True}}
+
+
 def ds_config(path: Path, stage: int, micro: int = MICRO, gas: int = 1, comm_mode: str = "lowrank",
               **extra) -> str:
     cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas, "gradient_clipping": CLIP,
@@ -65,7 +74,7 @@ def ds_config(path: Path, stage: int, micro: int = MICRO, gas: int = 1, comm_mod
 def _scenarios(out: Path) -> list[dict]:
     sc = []
     for s in STAGES:
-        cfg = ds_config(out / f"z{s}.json", s)
+        cfg = ds_config(out / f"z{s}.json", s, **LOGGER)
         sc.append({"name": f"z{s}", "argv": ["--ds_config", cfg, *COMMON, "--save-dir", str(out / f"ck_z{s}"),
                                               "--save-every", "3",
                                               *(["--export", str(out / f"export_z{s}"), "--export-dtype",
@@ -75,7 +84,7 @@ def _scenarios(out: Path) -> list[dict]:
                                                      "--save-dir", str(out / f"ck_z{s}_resumed")]})
         # full comm mode on the replicated side-car (ZeRO-1/2); ZeRO-3 has its own row-sharded traffic
         acc = ds_config(out / f"z{s}_accum.json", s, micro=MICRO // 2, gas=2,
-                        comm_mode="full" if s < 3 else "lowrank")
+                        comm_mode="full" if s < 3 else "lowrank", **LOGGER)
         sc.append({"name": f"z{s}_accum", "argv": ["--ds_config", acc, *COMMON]})
     sc.append({"name": "z3_start", "argv": ["--ds_config", str(out / "z3.json"), *_odd_args(out)]})
     sc.append({"name": "z3_vlorp", "argv": ["--ds_config", ds_config(out / "z3_vlorp.json", 3), *_vlorp_args(out)]})
@@ -310,6 +319,100 @@ def test_resume_reproduces_the_trajectory(run, stage):
     names = {p.name for p in ck.iterdir()}
     assert {"trainer.json", "qgalore_rank0.safetensors", "qgalore_rank1.safetensors"} <= names
     assert any(n.startswith("zero_pp_rank_1") or n.startswith("bf16_zero_pp_rank_1") for n in names), names
+
+
+def _deepspeed_bytes(stage: int, grad_accum: int, steady: bool = True) -> int:
+    """What DeepSpeed 0.19's collectives move through one rank's link (sent + received, the convention of
+    ``Collectives``) in one optimizer step of llama_tiny's dense parameters (fp32, N = 2), op by op:
+
+    * ZeRO-1/2: the whole gradient bucket all-reduced (``use_multi_rank_bucket_allreduce``), each rank keeping its
+      partition: ``2·⌊2(N−1)·P/N⌋`` — ZeRO-1 once per step, ZeRO-2 after every micro-batch; the updated partitions
+      all-gathered: ``2(N−1)·P/N``; a 4-byte overflow flag all-reduced;
+    * ZeRO-3, per micro-batch: the parameters above ``stage3_param_persistence_threshold`` (embeddings, lm_head)
+      gathered in forward and in backward, ``2 · 2(N−1)·chunk`` each, and the gradients reduce-scattered
+      (``2·⌊(N−1)·P/N⌋``); once per step the persistent ones (the norms) all-gathered after the update, and the
+      fp64 norm all-reduced. (The first steps record ZeRO-3's prefetch trace and gather a little more.)
+    """
+    from qgalore_dist.models import build_model, resolve_model_config
+    from qgalore_dist.nn.convert import DEFAULT_TARGET_MODULES, find_target_linears
+    from qgalore_dist.train.cli import parse_args
+    from qgalore_dist.train.loop import resolve_tokenizer
+
+    n = 2
+    args = parse_args(COMMON)
+    m = build_model(resolve_model_config(args.model, vocab_size=len(resolve_tokenizer(args))), meta=True)
+    projected = {id(mod.weight) for mod in find_target_linears(m, DEFAULT_TARGET_MODULES).values()}
+    dense = [p.numel() for p in m.parameters() if id(p) not in projected]
+    payload = 4 * sum(dense)
+    if stage in (1, 2):
+        reductions = grad_accum if stage == 2 else 1
+        return (reductions * 2 * (2 * (n - 1) * payload // n) + 2 * (n - 1) * payload // n
+                + 2 * (2 * (n - 1) * 4 // n))
+    assert steady
+    chunk = lambda numel: 4 * -(-numel // n)  # noqa: E731 - each rank's padded partition
+    gathered = sum(2 * 2 * (n - 1) * chunk(k) for k in dense if k > 100_000)
+    persistent = sum(2 * (n - 1) * chunk(k) for k in dense if k <= 100_000)
+    return grad_accum * (gathered + 2 * ((n - 1) * payload // n)) + persistent + 2 * (2 * (n - 1) * 8 // n)
+
+
+@pytest.mark.parametrize("stage, accum", [(1, False), (2, False), (3, False), (1, True), (2, True), (3, True)])
+def test_deepspeed_bytes_measured_by_its_comms_logger(run, stage, accum):
+    """The engine's ``dense_comm_bytes`` (DeepSpeed's comms logger, converted by ``logged_link_bytes``) is exactly
+    DeepSpeed's own traffic for the tiny model, on both ranks and every steady step: nothing of the side-car's
+    (its own group, ``comm_bytes``) and nothing of evaluation or the step-3 checkpoint save slips in."""
+    name = f"z{stage}_accum" if accum else f"z{stage}"
+    recs = _ok(run, name)
+    gas = 2 if accum else 1
+    want = _deepspeed_bytes(stage, gas)
+    for r, rec in enumerate(recs):
+        steps = rec["step_comm"]
+        assert len(steps) == STEPS
+        assert all(s["comm_bytes"] > 0 for s in steps)  # the side-car's, counted apart
+        # ZeRO-3's first steps record its prefetch trace and gather a little more (never less): steady from step 4
+        steady = steps if stage < 3 else steps[3:]
+        assert [s["dense_comm_bytes"] for s in steady] == [want] * len(steady), (r, steps)
+        assert all(want <= s["dense_comm_bytes"] <= 1.001 * want for s in steps), (r, steps)
+        for s in steps:
+            if stage < 3:  # the formula is DeepSpeed's traffic but for the 4-byte overflow flag's all-reduce
+                assert s["dense_comm_bytes"] == s["dense_comm_bytes_est"] + 8, (r, s)
+            else:  # ... and under ZeRO-3 but for the persistent norms, gathered once per step
+                assert s["dense_comm_bytes"] == pytest.approx(s["dense_comm_bytes_est"], rel=2e-4), (r, s)
+        by_op = rec["last_ds_comm"]["by_op"]
+        assert set(by_op) == ({"all_reduce", "all_gather_into_tensor"} if stage < 3 else
+                              {"all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor"}), by_op
+        assert all(v["unconverted_calls"] == 0 for v in by_op.values()), by_op
+
+
+def test_deepspeed_bytes_not_measured_without_the_logger(run):
+    """A ds_config without ``comms_logger`` (z3_vlorp, run after the ZeRO-3 runs that enabled it: the engine put
+    the process-wide logger back as it found it) reports the formula alone."""
+    for rec in _ok(run, "z3_vlorp"):
+        assert rec["step_comm"] and all("dense_comm_bytes" not in s and s["dense_comm_bytes_est"] > 0
+                                        for s in rec["step_comm"]), rec["step_comm"]
+        assert rec["last_ds_comm"] is None
+
+
+def test_logged_link_bytes_convention():
+    """The logger's message size is the op's input; link bytes follow ``Collectives``' counters."""
+    from qgalore_dist.parallel.collectives import all_reduce_bytes
+    from qgalore_dist.train.engines.deepspeed import dense_comm_bytes, logged_link_bytes
+
+    for n in (2, 4):
+        assert logged_link_bytes("all_reduce", 1000, n) == 2 * all_reduce_bytes(1000, n)
+        assert logged_link_bytes("all_gather_into_tensor", 250, n) == 2 * (n - 1) * 250  # 250 = this rank's chunk
+        assert logged_link_bytes("reduce_scatter_tensor", 1000, n) == 2 * (n - 1) * 1000 // n  # 1000 = whole input
+        assert logged_link_bytes("broadcast", 1000, n) == logged_link_bytes("reduce", 1000, n) == 1000
+        assert logged_link_bytes("barrier", 0, n) == 0
+        assert logged_link_bytes("some_future_op", 1000, n) is None
+    assert logged_link_bytes("all_reduce", 1000, 1) == 0
+    # the formula: ZeRO-1/2 all-reduce the buckets (3 ring passes), or reduce them to their owners (2 at N = 2)
+    one = 2 * 1 * 1000 * 4 // 2
+    assert dense_comm_bytes(1000, 4, 2, 2) == dense_comm_bytes(1000, 4, 2, 1) == 3 * one
+    assert dense_comm_bytes(1000, 4, 2, 2, bucket_allreduce=False) == 2 * one
+    # ZeRO-2 reduces after every micro-batch, ZeRO-1 at the boundary only, ZeRO-3 gathers and reduces per micro-batch
+    assert dense_comm_bytes(1000, 4, 2, 2, grad_accum=2) == 5 * one
+    assert dense_comm_bytes(1000, 4, 2, 1, grad_accum=2) == 3 * one
+    assert dense_comm_bytes(1000, 4, 2, 3, grad_accum=2) == 6 * one
 
 
 def test_corrupted_checkpoint_is_refused(run):
