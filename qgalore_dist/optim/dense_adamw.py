@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -58,7 +59,8 @@ def init_dense_state(p: torch.Tensor, state_bits: int = 32, block: int = 256, mi
 
 def dense_adamw_step(p: torch.Tensor, grad: torch.Tensor, st: DenseState, lr: float, betas: tuple[float, float],
                      eps: float, weight_decay: float, fused: bool = False, sr_key: tuple[int, int] | None = None,
-                     chunk_elems: int = 1 << 22, index_offset: int = 0) -> None:
+                     chunk_elems: int = 1 << 22, index_offset: int = 0,
+                     store_moment: Callable[[Blockwise8bit, torch.Tensor, int], None] | None = None) -> None:
     """In-place AdamW step of parameter ``p`` (any shape) with gradient ``grad`` (same shape).
 
     ``fused``: with 8-bit moments and a non-fp64 parameter, one compiled kernel (:func:`..quant.fused.
@@ -68,6 +70,10 @@ def dense_adamw_step(p: torch.Tensor, grad: torch.Tensor, st: DenseState, lr: fl
     ``sr_key``: a bf16-stored ``p`` is rounded stochastically with this key (:func:`..quant.bf16.
     stochastic_round_bf16`) instead of to nearest, so updates below half an ulp are not lost. ``index_offset``: the
     global element index of ``p``'s first element (a shard of a larger parameter draws that parameter's numbers).
+
+    ``store_moment(state, values, r0)``: how a chunk's new moment values (rows ``r0…`` of the [rows, cols] layout)
+    are stored — default ``state.from_float(values)``; a placement whose 8-bit blocks are split over ranks stores
+    them and keeps what it must re-encode once the blocks' scales are agreed (DeepSpeed's flat partitions).
 
     The parameter is stepped ``chunk_elems`` elements (whole rows of the [rows, cols] layout) at a time: the math is
     element-wise and the 8-bit blocks lie inside rows, so the result is the same as one pass, but the fp32
@@ -81,8 +87,8 @@ def dense_adamw_step(p: torch.Tensor, grad: torch.Tensor, st: DenseState, lr: fl
         raise ValueError("dense_adamw_step needs a contiguous parameter")
     p2 = p.data.view(rows, cols)
     g2 = grad.reshape(rows, cols)
-    use_fused = (fused and st.exp_avg.quantized and st.exp_avg_sq.quantized and p.dtype != torch.float64
-                 and st.exp_avg.block == st.exp_avg_sq.block)
+    use_fused = (fused and store_moment is None and st.exp_avg.quantized and st.exp_avg_sq.quantized
+                 and p.dtype != torch.float64 and st.exp_avg.block == st.exp_avg_sq.block)
     chunk = max(1, rows if rows * cols <= chunk_elems else chunk_elems // cols)  # 0 rows: an empty shard
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
@@ -108,5 +114,9 @@ def dense_adamw_step(p: torch.Tensor, grad: torch.Tensor, st: DenseState, lr: fl
         if weight_decay > 0:
             w.add_(w, alpha=-lr * weight_decay)
         store(w)
-        m8.from_float(m)
-        v8.from_float(v)
+        if store_moment is None:
+            m8.from_float(m)
+            v8.from_float(v)
+        else:
+            store_moment(m8, m, r0)
+            store_moment(v8, v, r0)

@@ -158,9 +158,19 @@ class Blockwise8bit:
         if not self.quantized:
             self.data.copy_(x.reshape(self.data.shape))
             return
+        self.encode(x, self.absmax_of(x))
+
+    def absmax_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The block scales ``from_float(x)`` would store: absmax [rows, G] of ``x`` (logical shape) in fp32. A
+        placement whose blocks are split over ranks takes the max of every rank's partial scales before
+        :meth:`encode` — the split from_float is how it reproduces the whole tensor's blocks."""
+        rows, cols = self._rows_cols()
+        return group_absmax(x.float().reshape(rows, cols), self.block)
+
+    def encode(self, x: torch.Tensor, absmax: torch.Tensor) -> None:
+        """Store ``x`` (logical shape) as codes under the given block scales (8-bit only)."""
         rows, cols = self._rows_cols()
         x2 = x.float().reshape(rows, cols)
-        absmax = group_absmax(x2, self.block)
         safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
         xg = to_groups(x2, self.block) / safe.unsqueeze(-1)
         idx = encode_unit(xg, *encode_tables(self.signed, x2.device))

@@ -348,7 +348,7 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
               train_batch_size=micro * gas * world_size,
               gradient_clipping=0.0,  # the shared norm clips both sides (FlatDenseAdamW + side-car)
-              zero_allow_untested_optimizer=True)  # FlatDenseAdamW is element-wise: any flat slice is fine
+              zero_allow_untested_optimizer=True)  # FlatDenseAdamW maps flat slices back to parameter rows
     ds.setdefault("steps_per_print", 1 << 30)
     if stage == 3:
         zo = ds.setdefault("zero_optimization", {})
@@ -602,6 +602,8 @@ class DeepSpeedEngine(DistributedEngine):
             if not self.ds_comm.active:
                 self.ds_comm = None
         self.module = self.ds.module
+        if isinstance(self.client, FlatDenseAdamW) and self.client.state_bits == 8:
+            self._bind_dense_fragments()
         self.optimizer = _JointOptimizer(self)
         # the loop's forward must go through DeepSpeed's engine, not the bare module: ZeRO-3 counts micro-batches
         # in DeepSpeedEngine.forward (clear_backward_seen_flag), and without it the second micro-batch's dense
@@ -613,6 +615,23 @@ class DeepSpeedEngine(DistributedEngine):
         (what came before — start-up, evaluation, checkpoints — is not this step's)."""
         if self.ds_comm is not None and self._micro == 0:
             self.ds_comm.restart()
+
+    def _bind_dense_fragments(self) -> None:
+        """8-bit dense moments on parameter rows, as on one device: map ZeRO's flat partitions back to parameter
+        elements and agree, once, on the blocks a partition boundary cuts (every rank's fragments gathered)."""
+        from ...parallel.deepspeed_sidecar import cut_groups, zero_fragments
+
+        index = {id(p): i for i, p in enumerate(p for p in self.module.parameters() if p.requires_grad)}
+        with self._guard("mapping ZeRO's partitions to parameter rows"):
+            mine = zero_fragments(self.ds.optimizer, self.stage, self.collectives.rank, index)
+            everyone: list = [None] * self.world_size
+            if self.world_size > 1:
+                dist.all_gather_object(everyone, [f for fs in mine.values() for f in fs], group=self.collectives.group)
+            else:
+                everyone = [[f for fs in mine.values() for f in fs]]
+        c = self.client
+        cuts = cut_groups(everyone, c.block, c.is_8bit)
+        c.bind_fragments(mine, cuts, lambda t: self.collectives.all_reduce([t], op="max"))
 
     @property
     def sharded_start(self) -> bool:  # type: ignore[override]
@@ -696,8 +715,10 @@ class DeepSpeedEngine(DistributedEngine):
         return self.collectives.device
 
     def _metric_all_reduce(self, t: torch.Tensor) -> None:
-        self.collectives.all_reduce([t])
-        self.collectives.reset_step()  # not optimizer traffic: keep it out of the next step's bytes
+        # on the side-car's group but past its counters: not optimizer traffic. (It used to go through Collectives
+        # and reset the step's counters after it; the loop's non-finite-loss check between each micro-batch's
+        # forward and backward then wiped the forward's ZeRO-3 INT8 gathers from comm_bytes.)
+        dist.all_reduce(t, group=self.collectives.group)
 
     def step_metrics(self) -> dict[str, Any]:
         c = self.sidecar.last_comm
