@@ -383,6 +383,25 @@ def test_deepspeed_bytes_measured_by_its_comms_logger(run, stage, accum):
         assert all(v["unconverted_calls"] == 0 for v in by_op.values()), by_op
 
 
+@pytest.mark.parametrize("name", ["z3", "z3_accum"])
+def test_zero3_sidecar_counts_both_int8_gathers(run, name):
+    """Every step's side-car ``comm_bytes`` holds the INT8 codes + scales gathered for forward and again for
+    backward (``2 · 2(N−1)/N · m·n·(1 + 4/g)`` per matrix and micro-batch, N = 2): the loop's metric all-reduce
+    between forward and backward (the non-finite-loss check) must not reset the step's counters."""
+    from qgalore_dist.models import build_model, resolve_model_config
+    from qgalore_dist.nn.convert import DEFAULT_TARGET_MODULES, find_target_linears
+    from qgalore_dist.train.cli import parse_args
+    from qgalore_dist.train.loop import resolve_tokenizer
+
+    args = parse_args(COMMON)
+    m = build_model(resolve_model_config(args.model, vocab_size=len(resolve_tokenizer(args))), meta=True)
+    shapes = [tuple(mod.weight.shape) for mod in find_target_linears(m, DEFAULT_TARGET_MODULES).values()]
+    gathers = sum(2 * (r * c + 4 * r * -(-c // 256)) for r, c in shapes)  # two passes, 2(N−1)/N = 1
+    gas = 2 if name.endswith("accum") else 1
+    for rec in _ok(run, name):
+        assert all(s["comm_bytes"] > gas * gathers for s in rec["step_comm"]), (gas * gathers, rec["step_comm"])
+
+
 def test_deepspeed_bytes_not_measured_without_the_logger(run):
     """A ds_config without ``comms_logger`` (z3_vlorp, run after the ZeRO-3 runs that enabled it: the engine put
     the process-wide logger back as it found it) reports the formula alone."""
