@@ -14,7 +14,8 @@ matrices: ZeRO holds and steps every trainable parameter — a LoRA model's froz
 (ZeRO-3 partitions and gathers it like any parameter) — with :class:`FlatTorchAdamW` (``torch.optim.AdamW``, the
 rule of adamw on every engine) or :class:`~qgalore_dist.parallel.deepspeed_sidecar.FlatDenseAdamW` with 8-bit
 moments, and :class:`DenseOnlySidecar` joining the ranks' partition norms into the clipping norm. ``--optimizer
-galore`` (float projected matrices) has no DeepSpeed side-car and is refused.
+galore`` (float projected matrices) runs under ZeRO-1/2 with the replicated side-car (its float weights stay out of
+ZeRO's partitions); under ZeRO-3 it is refused (DeepSpeed would flatten those weights).
 
 **The ds_config.** A DeepSpeed JSON with a ``"qgalore"`` block (DeepSpeed ignores unknown top-level keys). Three
 ship as package data in ``qgalore_dist/ds_configs/`` (``ds_configs/`` in a checkout links there): ``--ds_config
@@ -258,11 +259,11 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
                 continue
         _no_conflict(args, fname, value, f"{where} sets \"qgalore\".{key} = {json.dumps(q[key])}")
         setattr(args, fname, value)
-    if args.optimizer not in (*INT8_OPTIMIZERS, *DENSE_OPTIMIZERS):
+    if args.optimizer not in (*INT8_OPTIMIZERS, "galore", *DENSE_OPTIMIZERS):
         raise UsageError(f"the deepspeed engine trains {' / '.join(INT8_OPTIMIZERS)} (INT8 projected matrices "
-                         f"beside ZeRO) and {' / '.join(DENSE_OPTIMIZERS)} (every trainable parameter in ZeRO); "
-                         f"--optimizer {args.optimizer} (float projected matrices) has no DeepSpeed side-car yet: "
-                         "use --engine fsdp or ddp for it")
+                         f"beside ZeRO), galore (float projected matrices, ZeRO-1/2) and "
+                         f"{' / '.join(DENSE_OPTIMIZERS)} (every trainable parameter in ZeRO), not --optimizer "
+                         f"{args.optimizer}")
     proj_bits = q.get("proj_bits", 4)
     if proj_bits not in (4, 8):
         raise UsageError(f"{where}: \"qgalore\".proj_bits must be 4 or 8, got {proj_bits}")
@@ -304,6 +305,14 @@ def resolve_ds_config(args: TrainArgs, world_size: int, on_cpu: bool) -> DSSetti
         # clipping norm (a sum of each rank's dense norm² over ranks) would count them N times
         raise UsageError(f"{where}: zero_optimization.stage must be 1, 2 or 3, got {stage!r} (stage 0, DeepSpeed "
                          "without ZeRO, is not supported: use --engine ddp for plain data parallelism)")
+    if stage == 3 and args.optimizer == "galore":
+        # ZeRO-3 partitions every module parameter into flat slices before any client code sees it, and the float
+        # projected weights are parameters (qgalore's INT8 codes are buffers, which the row-sharded side-car
+        # partitions by rows itself); the row-sharded side-car has no float row source yet
+        raise UsageError(f"{where}: --optimizer galore (float projected matrices) runs under ZeRO-1/2 (replicated "
+                         "float weights, owner-only SVD); under ZeRO-3 DeepSpeed would partition those weights "
+                         "into flat slices, where no projection can run, and the row-sharded side-car shards INT8 "
+                         "rows only: use zero_optimization.stage 1 or 2, --optimizer qgalore, or --engine fsdp")
     if stage == 3:
         # ZeRO-3's side-car partitions the INT8 rows: no replicas to check, one traffic pattern of its own
         # (RowShardedQGaLoreOptimizer); a setting for the replicated side-car would silently do nothing
@@ -580,7 +589,9 @@ class DeepSpeedEngine(DistributedEngine):
                     self._build_sidecar(model, config, common)
             except ValueError as exc:
                 raise UsageError(f"cannot build the {args.optimizer} side-car: {exc}") from exc
-        dense = [p for p in model.parameters() if p.requires_grad]
+        # galore's float projected weights are parameters: the side-car's, never ZeRO's (it would flatten them)
+        projected = {id(pm.tensor()) for pm in getattr(self.sidecar, "matrices", ())}
+        dense = [p for p in model.parameters() if p.requires_grad and id(p) not in projected]
         if args.optimizer == "adamw":  # torch's rule, as --optimizer adamw (and LoRA's adapters) on every engine
             self.client = FlatTorchAdamW(dense, lr=args.lr, betas=(args.beta1, args.beta2), eps=ADAM_EPS,
                                          weight_decay=args.weight_decay, norm_fn=self._shared_norm)
