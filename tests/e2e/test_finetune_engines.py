@@ -239,9 +239,9 @@ def test_shipped_ds_configs_serve_lora_and_qgalore_fine_tuning(config) -> None:
 def test_deepspeed_dense_optimizer_rules(tmp_path) -> None:
     from qgalore_dist.errors import UsageError
 
-    def cfg(**block) -> str:
+    def cfg(stage: int = 2, **block) -> str:
         p = tmp_path / f"c{len(list(tmp_path.iterdir()))}.json"
-        p.write_text(json.dumps({"zero_optimization": {"stage": 2}, "qgalore": block}))
+        p.write_text(json.dumps({"zero_optimization": {"stage": stage}, "qgalore": block}))
         return str(p)
 
     args, s = _resolve(["--ds_config", cfg(optimizer="adamw8bit"), "--method", "lora"])
@@ -250,5 +250,7 @@ def test_deepspeed_dense_optimizer_rules(tmp_path) -> None:
     assert s.dense_state_bits == 32
     with pytest.raises(UsageError, match="adamw keeps 32-bit moments"):
         _resolve(["--ds_config", cfg(dense_state_bits=8), "--optimizer", "adamw"])
-    with pytest.raises(UsageError, match="float projected matrices"):
-        _resolve(["--ds_config", cfg(), "--optimizer", "galore"])
+    args, _ = _resolve(["--ds_config", cfg(), "--optimizer", "galore"])  # float projected matrices: ZeRO-1/2
+    assert args.optimizer == "galore"
+    with pytest.raises(UsageError, match="galore .float projected matrices. runs under ZeRO-1/2"):
+        _resolve(["--ds_config", cfg(stage=3), "--optimizer", "galore"])

@@ -123,6 +123,7 @@ from ...errors import DistributedError, UsageError
 from ...nn.int8_linear import QGaLoreLinear
 from ...nn.materialize import PendingModel
 from ...optim.norms import closure_loss
+from ...optim.optimizer import QGaLoreBase
 from ..args import FINETUNE_DEFAULTS, INT8_OPTIMIZERS, TrainArgs
 from .base import ResumePoint
 from .distributed import DistributedEngine, joining
@@ -955,7 +956,7 @@ class FlatTorchAdamW(torch.optim.AdamW):
                    if torch.is_tensor(t) and t.dim() > 0)
 
 
-class DenseOnlySidecar:
+class DenseOnlySidecar(QGaLoreBase):
     """The side-car of ``--optimizer adamw|adamw8bit`` (and ``--method lora``'s adapters): no projected matrices —
     ZeRO partitions, reduces and steps every trainable parameter through :class:`FlatDenseAdamW`, and this only
     turns the ranks' partition norms² into the global clipping norm (ZeRO partitions are disjoint: their sum is the
@@ -981,23 +982,19 @@ class DenseOnlySidecar:
             raise ValueError("the model has no trainable parameter")
         collectives.reset_step()
 
-    def begin_step(self) -> float:
-        return 0.0
+    # the optimizer's step halves (QGaLoreBase) with nothing projected: the norm share is DeepSpeed's dense one,
+    # added by its client optimizer through shared_norm
+    def _begin(self) -> tuple[list[float], None]:
+        return [0.0], None
 
-    def shared_norm(self, dense_local_sq: float) -> tuple[float, float]:
-        """Collective, inside DeepSpeed's step: Σ over ranks of their partitions' squared norms -> (norm, coef)."""
-        from ...optim.norms import clip_coef
+    def _apply(self, payload, coef: float) -> None:
+        pass
 
-        v = torch.tensor([dense_local_sq], dtype=torch.float64, device=self.collectives.device)
-        self.collectives.all_reduce([v])
-        norm = float(v[0]) ** 0.5
-        return norm, clip_coef(norm, self.grad_clip)
-
-    def finish_step(self, coef: float = 1.0) -> None:
+    def _after_step(self) -> None:
         self.last_comm = self.collectives.reset_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        pass
+        self._open = self._norm = None  # ZeRO holds the gradients; only an abandoned step is ours to drop
 
     def memory_bytes(self) -> dict[str, int]:
         return {}
