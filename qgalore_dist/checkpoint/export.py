@@ -345,6 +345,61 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def merge_lora_stream(pairs: Iterable[tuple[str, Any]], model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """``(name, tensor)`` pairs of a peft LoRA ``model``'s parameters, streamed in ``named_parameters`` order (an
+    engine gathering one tensor at a time; ``None`` values on ranks that receive nothing pass through), renamed to
+    the plain transformers names with every adapter merged in — ``W + scaling · B @ A``, the same operations as
+    peft's ``get_delta_weight`` in :func:`_plain_state`, so sharded engines export what one process would. A base
+    weight is held until its adapter's two matrices have arrived (one matrix and its small adapter at a time).
+    Pairs of a model without adapters pass through unchanged."""
+    layers = {name.removeprefix("module."): m for name, m in model.named_modules()
+              if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    if not layers:
+        yield from pairs
+        return
+    pending: dict[str, dict[str, Any]] = {}
+
+    def plain(key: str) -> str:
+        return key.removeprefix("module.").removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
+
+    for key, value in pairs:
+        k = key.removeprefix("module.")
+        module, _, leaf = k.rpartition(".")
+        if module.endswith(".base_layer") and leaf == "weight" and module[:-len(".base_layer")] in layers:
+            owner, slot = module[:-len(".base_layer")], "base"
+        elif ".lora_A." in k or ".lora_B." in k:
+            owner, slot = k.split(".lora_A." if ".lora_A." in k else ".lora_B.")[0], k.split(".lora_")[1][0]
+            if owner not in layers or len(layers[owner].active_adapters) != 1 or \
+                    not k.endswith(f".{layers[owner].active_adapters[0]}.weight"):
+                raise ValueError(f"{key}: only one active LoRA adapter per layer can be merged for export")
+        elif ".lora_" in k:
+            raise ValueError(f"{key}: this kind of adapter parameter cannot be merged for export")
+        else:
+            yield plain(key), value
+            continue
+        entry = pending.setdefault(owner, {})
+        entry[slot] = value
+        if len(entry) < 3:
+            continue
+        del pending[owner]
+        base, a, b = entry["base"], entry["A"], entry["B"]
+        if base is None:
+            yield plain(f"{owner}.base_layer.weight"), None
+            continue
+        if isinstance(base, tuple):
+            raise ValueError(f"{owner}: an INT8 base weight cannot take a merged LoRA adapter")
+        layer = layers[owner]
+        if b.device.type == "cpu" and b.dtype in (torch.float16, torch.bfloat16):  # peft's CPU cast
+            a, b = a.float(), b.float()
+        delta = b @ a
+        if getattr(layer, "fan_in_fan_out", False):
+            delta = delta.T
+        delta.mul_(layer.scaling[layer.active_adapters[0]])
+        yield plain(f"{owner}.base_layer.weight"), base.to(torch.float32) + delta.to(torch.float32)
+    if pending:
+        raise ValueError(f"LoRA layers without all of base weight, lora_A and lora_B: {sorted(pending)[:3]}")
+
+
 def export_model(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None,
                  dtype: torch.dtype = torch.bfloat16, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Export a live (possibly INT8, possibly LoRA-adapted) ``transformers`` model; the model itself is left

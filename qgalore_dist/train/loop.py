@@ -499,10 +499,6 @@ def _check_inputs(args: TrainArgs, engine: Engine) -> _Inputs:
     """Every check of the run's inputs on this rank, cheap ones first (flags, model spec, checkpoint hashes), then
     the tokenizer and data, then the model on the meta device; raises user errors, allocates and writes nothing.
     """
-    if args.method == "lora" and args.export and engine.sharded_start:
-        raise UsageError(f"--export with --method lora under --engine {engine.name} (sharded weights) is not "
-                         "supported yet: the adapters must be merged into weights no rank holds whole; save "
-                         "checkpoints (--save-dir) or export from --engine ddp / local / ZeRO-1/2")
     dtype = resolve_dtype(args.dtype, engine.device)
     if torch.finfo(dense_storage_dtype(args.dense_dtype, dtype)).bits > torch.finfo(dtype).bits:
         raise UsageError(f"--dense-dtype {args.dense_dtype} is wider than the compute dtype {dtype}: it must be "

@@ -65,6 +65,10 @@ def _torchrun(ws, argv: list[str]) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1", "QGALORE_CACHE": str(ws.cache)})
 
 
+def _export(path: Path) -> tuple[str, ...]:
+    return ("--export", str(path), "--export-dtype", "float32")
+
+
 def _ds_config(path: Path, stage: int) -> Path:
     zero = {"stage": stage, "overlap_comm": False}
     if stage == 3:
@@ -99,8 +103,9 @@ def jobs(ws) -> SimpleNamespace:
         gen = ("--eval-generate", str(N_GENERATE), "--max-new-tokens", "16")
         lora = ("--method", "lora", "--lora-r", "4", "--lr", "1e-2", "--max-steps", "3")
         lora64 = (*lora, "--dtype", "float64", "--grad-accum", "2")
-        local64 = ft(args(sft, *lora64, *gen, "--metrics-jsonl", str(out / "local64.jsonl")))
-        local32 = ft(args(sft, *lora, "--batch-size", "4"))
+        local64 = ft(args(sft, *lora64, *gen, "--metrics-jsonl", str(out / "local64.jsonl"),
+                          *_export(out / "x_local64")))
+        local32 = ft(args(sft, *lora, "--batch-size", "4", *_export(out / "x_local32")))
 
     z2, z3 = _ds_config(out / "z2.json", 2), _ds_config(out / "z3.json", 3)
 
@@ -109,9 +114,10 @@ def jobs(ws) -> SimpleNamespace:
 
     runs = {
         "fsdp_lora": launch("fsdp_lora", "--engine", "fsdp", *lora64, "--batch-size", "1",
-                            "--save-dir", str(out / "ck_fsdp_lora")),
+                            "--save-dir", str(out / "ck_fsdp_lora"), *_export(out / "x_fsdp_lora")),
         "zero2_lora": launch("zero2_lora", "--ds_config", str(z2), *lora, "--save-dir", str(out / "ck_zero2_lora")),
-        "zero3_lora": launch("zero3_lora", "--ds_config", str(z3), *lora, "--save-dir", str(out / "ck_zero3_lora")),
+        "zero3_lora": launch("zero3_lora", "--ds_config", str(z3), *lora, "--save-dir", str(out / "ck_zero3_lora"),
+                             *_export(out / "x_zero3_lora")),
         "zero2_qgalore": launch("zero2_qgalore", "--ds_config", str(z2), "--max-steps", "2", "--lr", "1e-3"),
         "zero3_qgalore": launch("zero3_qgalore", "--ds_config", str(z3), "--max-steps", "2", "--lr", "1e-3"),
     }
@@ -181,6 +187,27 @@ def test_deepspeed_lora_equals_one_process(jobs, name) -> None:
     train, _ = _ok(jobs, name)
     assert len(train) == 3
     assert [r["loss"] for r in train] == pytest.approx(jobs.local32.losses, rel=1e-5, abs=0)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name,ref,tol", [("fsdp_lora", "local64", 1e-6), ("zero3_lora", "local32", 1e-3)])
+def test_sharded_lora_export_merges_the_adapters(jobs, name, ref, tol) -> None:
+    """--export under the sharded engines merges each adapter into its base weight as the gathered stream passes:
+    the same plain-transformers tensors as the one-process run's export (fsdp: fp64 training, so equal up to the
+    float32 export's last bit; ZeRO-3: fp32 training, up to its reduction order), and it loads in transformers."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    _ok(jobs, name)
+    got = load_file(str(jobs.out / f"x_{name}" / "model.safetensors"))
+    want = load_file(str(jobs.out / f"x_{ref}" / "model.safetensors"))
+    assert set(got) == set(want) and not any("lora" in k for k in got)
+    start = load_file(str(jobs.sft / "model.safetensors"))
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w, rtol=tol, atol=tol * float(w.abs().max()), msg=k)
+    # the adapters are in: the merged projections moved away from the starting model
+    assert any(not torch.equal(got[k], start[k].to(got[k].dtype)) for k in got if k.endswith("q_proj.weight"))
+    AutoModelForCausalLM.from_pretrained(str(jobs.out / f"x_{name}"))
 
 
 @pytest.mark.dist

@@ -1015,10 +1015,12 @@ class DenseOnlySidecar(QGaLoreBase):
 
     def export(self, module: nn.Module, out_dir, tokenizer, is_main: bool, dtype: torch.dtype = torch.bfloat16):
         """ZeRO-3: one parameter gathered to the main rank at a time, written shard by shard."""
+        from ...checkpoint.export import merge_lora_stream
         from ...parallel.deepspeed_zero3 import export_gathered, gathered_state
 
-        return export_gathered(gathered_state(module, is_main), [], module.config, out_dir, tokenizer, is_main,
-                               dtype)
+        # --method lora: each adapter merged into its gathered base weight as the stream passes (plain names)
+        return export_gathered(merge_lora_stream(gathered_state(module, is_main), module), [], module.config,
+                               out_dir, tokenizer, is_main, dtype)
 
 
 class _ThroughEngine(nn.Module):

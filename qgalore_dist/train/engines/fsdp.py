@@ -510,14 +510,15 @@ class FSDPEngine(DistributedEngine):
         (rank 0 holds its share, one gathered matrix and the current <= 2 GB shard)."""
         from torch.distributed.tensor import DTensor
 
-        from ...checkpoint.export import DequantizedTensors, export_tensors
+        from ...checkpoint.export import DequantizedTensors, export_tensors, merge_lora_stream
         from ...quant.int8 import dequantize_rows
 
         expected = set(_model_state_keys(self.model.config))
         int8 = [n.removesuffix(".weight") for n, p in self.model.named_parameters()
                 if isinstance(p.to_local() if isinstance(p, DTensor) else p, Int8RowTensor)]
 
-        gathered = self._gathered()
+        # --method lora: each adapter merged into its gathered base weight as the stream passes (plain names)
+        gathered = merge_lora_stream(self._gathered(), self.model)
 
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
             for n, v in gathered:
