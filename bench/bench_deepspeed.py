@@ -336,7 +336,10 @@ def main(argv=None) -> None:
     out = Path(args.out or ROOT / "bench" / "out" / "deepspeed")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    # the same allocator settings for every configuration (as bench_startup): a fixed mmap threshold, so a freed
+    # transient (a gathered INT8 layer, a refresh's gathered gradients) goes back to the kernel instead of staying in
+    # glibc's heap and counting as resident (the default threshold grows after the first large free, up to 32 MB)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if Path("/sys/class/net/lo").exists():
