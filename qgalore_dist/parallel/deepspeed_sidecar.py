@@ -322,7 +322,9 @@ class FlatDenseAdamW(torch.optim.Optimizer):
         k = len(self._cut_slot)
         if not k:
             return
-        v = torch.zeros(2 * k, dtype=torch.float32)
+        # on the moments' device (a GPU under NCCL); a rank holding no cut block still joins the all-reduce
+        device = cut_rows[0][1].device if cut_rows else self.param_groups[0]["params"][0].device
+        v = torch.zeros(2 * k, dtype=torch.float32, device=device)
         scales = []
         for m8, x, f, row in cut_rows:
             sc = group_absmax(x.float(), self.block)  # [1, G]
