@@ -357,6 +357,12 @@ def merge_lora_stream(pairs: Iterable[tuple[str, Any]], model: nn.Module) -> Ite
     if not layers:
         yield from pairs
         return
+    # decided from the module types, which every rank has (a refusal on rank 0 alone would leave the others in
+    # the stream's gathers)
+    int8 = [n for n, m in layers.items() if not isinstance(getattr(m.base_layer, "weight", None), torch.Tensor)
+            or not m.base_layer.weight.is_floating_point()]
+    if int8:
+        raise ValueError(f"{int8[0]}: a LoRA adapter on an INT8 base weight cannot be merged for export")
     pending: dict[str, dict[str, Any]] = {}
 
     def plain(key: str) -> str:
@@ -386,15 +392,17 @@ def merge_lora_stream(pairs: Iterable[tuple[str, Any]], model: nn.Module) -> Ite
         if base is None:
             yield plain(f"{owner}.base_layer.weight"), None
             continue
-        if isinstance(base, tuple):
-            raise ValueError(f"{owner}: an INT8 base weight cannot take a merged LoRA adapter")
         layer = layers[owner]
-        if b.device.type == "cpu" and b.dtype in (torch.float16, torch.bfloat16):  # peft's CPU cast
+        dtype = b.dtype
+        cast = b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)  # peft's CPU cast, and back
+        if cast:
             a, b = a.float(), b.float()
         delta = b @ a
         if getattr(layer, "fan_in_fan_out", False):
             delta = delta.T
         delta.mul_(layer.scaling[layer.active_adapters[0]])
+        if cast:
+            delta = delta.to(dtype)
         yield plain(f"{owner}.base_layer.weight"), base.to(torch.float32) + delta.to(torch.float32)
     if pending:
         raise ValueError(f"LoRA layers without all of base weight, lora_A and lora_B: {sorted(pending)[:3]}")

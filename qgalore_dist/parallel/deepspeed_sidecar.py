@@ -271,8 +271,11 @@ class FlatDenseAdamW(torch.optim.Optimizer):
             norm, coef = self.norm_fn(local_sq)
         else:
             norm, coef = math.sqrt(local_sq), 1.0
-        self.last_step = StepResult(norm, coef)
         self.calls += 1
+        if not math.isfinite(norm):  # agreed on every rank (no cut-block all-reduce anywhere): nothing applied
+            self.last_step = StepResult(norm, 1.0, skipped=True)
+            return loss
+        self.last_step = StepResult(norm, coef)
         cut_rows: list = []  # (state rows view, padded row values, fragment, row) awaiting agreed block scales
         for group, p in live:
             g = p.grad if coef == 1.0 else p.grad * coef

@@ -53,10 +53,10 @@ whole step reproduces :class:`~qgalore_dist.optim.optimizer.QGaLoreOptimizer` (`
 summation order of the matmuls (≈1e-16), which practically never flips a rounding decision.
 
 **Clipping**: ``√(‖dense‖² + Σ‖R‖²)`` — the reference's definition — from one all-reduce of each rank's partial
-sums (right: the rows of R whose moments it holds; left: the owner's reduced R; dense: its shards' gradients;
-plus ``extra_sq``, e.g. the dense gradients an outer engine steps itself). Norm and clip factor are in
-:attr:`last_step` after ``step()``; an engine that must put its own step between the halves (DeepSpeed ZeRO-3)
-calls :meth:`~RowShardedQGaLoreOptimizer.begin_step` and :meth:`~RowShardedQGaLoreOptimizer.finish_step`.
+sums (right: the rows of R whose moments it holds; left: the owner's reduced R; dense: its shards' gradients).
+Norm and clip factor are in :attr:`last_step` after ``step()``; an engine that must put its own step between the
+halves (DeepSpeed ZeRO-3) calls ``begin_step``, ``shared_norm(extra_sq)`` (adding the norm² of what it steps
+itself) and ``finish_step`` — :class:`~qgalore_dist.optim.optimizer.QGaLoreBase`'s halves.
 
 **Dense parameters** (optional): ``(name, tensor)`` pairs whose local data and ``.grad`` are this rank's shards
 (a DTensor is read through ``to_local()``), already averaged; they are stepped by the element-wise

@@ -36,7 +36,7 @@ from ..checkpoint.export import EXPORT_DTYPES, quantized_modules
 from ..checkpoint.save_load import TRAINER_FILE, CheckpointError, capture_rng_state, restore_rng_state
 from ..checkpoint.save_root import SaveRootLock, choose_resume, clean_leftovers, prune_checkpoints
 from ..data import TokenBatcher, get_tokenizer, tokenizer_fingerprint
-from ..errors import DataError, DivergenceError, UsageError, UserError
+from ..errors import DataError, DistributedError, DivergenceError, UsageError, UserError
 from ..models import (
     build_model,
     enable_activation_checkpointing,
@@ -446,6 +446,13 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run | None:
         if engine.world_size == 1 or getattr(exc, "agreed", False):
             raise  # one process, or already agreed by a collective inside the checks (its peers have gone on)
         engine._agree(str(exc), type(exc), _CHECKING)  # raises on every rank
+        raise
+    except Exception as exc:  # not a user error (a bug, an I/O failure): still stop the peers, keep the traceback
+        if engine.world_size > 1 and not getattr(exc, "agreed", False) and not isinstance(exc, DistributedError):
+            try:
+                engine._agree(f"{type(exc).__name__}: {exc}", DistributedError, _CHECKING)
+            except DistributedError:
+                pass  # this rank raises its own exception, with its traceback
         raise
     engine._agree(None, UsageError, _CHECKING)  # healthy: one int all-reduce
     dtype, config, config_vocab, model_dir = inputs.dtype, inputs.config, inputs.config_vocab, inputs.model_dir

@@ -191,3 +191,17 @@ def test_unbound_8bit_state_is_refused_and_old_flat_checkpoints_are_named():
     opt.load_state_dict(sd)
     with pytest.raises(ValueError, match="flat partitions"):
         opt.load_state_dict({**sd, "format": FlatDenseAdamW.FORMAT})
+
+
+def test_non_finite_global_norm_applies_nothing():
+    """The global norm is agreed across ranks: when it is not finite, DeepSpeed's client optimizer applies
+    nothing (as every placement's finish_step skips) — no weight or moment moves, and no cut-block all-reduce."""
+    p = torch.ones(400)
+    opt = FlatDenseAdamW([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, state_bits=8,
+                         min_numel=MIN_NUMEL, norm_fn=lambda sq: (float("inf"), 1.0))
+    calls = []
+    opt.bind_fragments({id(p): [Fragment(0, 1, 400, 400, 0, 400, 0)]}, [(0, 0, 0)], calls.append)
+    p.grad = torch.full((400,), float("inf"))
+    opt.step()
+    assert opt.last_step.skipped and torch.equal(p, torch.ones(400)) and not calls
+    assert id(p) not in opt.dense or all(s.step == 0 for s in opt.dense[id(p)])

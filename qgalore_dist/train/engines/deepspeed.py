@@ -96,6 +96,7 @@ import copy
 import dataclasses
 import datetime
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -504,6 +505,7 @@ class DeepSpeedEngine(DistributedEngine):
     """ZeRO 1/2/3 for the dense parameters, the qgalore side-car for the projected ones (module docstring)."""
 
     name = "deepspeed"
+    _sidecar_params: frozenset | set = frozenset()  # ids of parameters the side-car steps (galore's float weights)
     # DeepSpeed owns the dense gradients' buffers and its micro-step counters: a step abandoned half-way (a
     # non-finite loss before some micro-batches' backward) would leave them out of step; the loop stops instead
     can_skip_steps = False
@@ -592,6 +594,7 @@ class DeepSpeedEngine(DistributedEngine):
                 raise UsageError(f"cannot build the {args.optimizer} side-car: {exc}") from exc
         # galore's float projected weights are parameters: the side-car's, never ZeRO's (it would flatten them)
         projected = {id(pm.tensor()) for pm in getattr(self.sidecar, "matrices", ())}
+        self._sidecar_params = projected  # counted by the side-car, moved by it: not ZeRO's (memory, bytes)
         dense = [p for p in model.parameters() if p.requires_grad and id(p) not in projected]
         if args.optimizer == "adamw":  # torch's rule, as --optimizer adamw (and LoRA's adapters) on every engine
             self.client = FlatTorchAdamW(dense, lr=args.lr, betas=(args.beta1, args.beta2), eps=ADAM_EPS,
@@ -750,7 +753,7 @@ class DeepSpeedEngine(DistributedEngine):
         n = self.world_size
         if n == 1:
             return 0
-        dense = [p for p in self.module.parameters() if p.requires_grad]
+        dense = [p for p in self.module.parameters() if p.requires_grad and id(p) not in self._sidecar_params]
         numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in dense)
         b = dense[0].element_size() if dense else 4
         zero = self.settings.ds_config.get("zero_optimization") or {}
@@ -774,6 +777,8 @@ class DeepSpeedEngine(DistributedEngine):
         out = {k: v for k, v in self.sidecar.memory_bytes().items() if k != "total"}
         dense_w = 0
         for p in self.module.parameters():
+            if id(p) in self._sidecar_params:  # galore's float projected weights: the side-car's projected_weights
+                continue
             t = getattr(p, "ds_tensor", None)
             dense_w += (t.numel() * t.element_size()) if t is not None else p.numel() * p.element_size()
         out["dense_weights"] = dense_w
@@ -942,8 +947,11 @@ class FlatTorchAdamW(torch.optim.AdamW):
         loss = closure_loss(closure)
         live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         norm, coef = self.norm_fn(sum(squared_norm(p.grad) for p in live))
-        self.last_step = StepResult(norm, coef)
         self.calls += 1
+        if not math.isfinite(norm):  # agreed on every rank: the side-car skips its half too (QGaLoreBase)
+            self.last_step = StepResult(norm, 1.0, skipped=True)
+            return loss
+        self.last_step = StepResult(norm, coef)
         if coef != 1.0:
             for p in live:
                 p.grad.mul_(coef)
