@@ -40,7 +40,6 @@ from torch import nn
 from ..config import QGaLoreConfig
 from ..optim.dense_adamw import DenseState, dense_adamw_step, init_dense_state
 from ..optim.norms import StepResult, closure_loss, squared_norm
-from ..quant.groups import group_absmax
 from ..quant.state8 import Blockwise8bit
 from .collectives import Collectives
 from .sharded_optimizer import ShardedQGaLoreOptimizer
@@ -330,7 +329,7 @@ class FlatDenseAdamW(torch.optim.Optimizer):
         v = torch.zeros(2 * k, dtype=torch.float32, device=device)
         scales = []
         for m8, x, f, row in cut_rows:
-            sc = group_absmax(x.float(), self.block)  # [1, G]
+            sc = m8.absmax_of(x)  # this rank's partial scales of the row's blocks [1, G]
             slots = [(gi, self._cut_slot.get((f.param, row, gi))) for gi in range(sc.shape[1])]
             slots = [(gi, k * (not m8.signed) + s) for gi, s in slots if s is not None]
             for gi, s in slots:
