@@ -44,7 +44,8 @@ from ..quant.state8 import Blockwise8bit
 from .collectives import Collectives
 from .sharded_optimizer import ShardedQGaLoreOptimizer
 
-__all__ = ["FlatDenseAdamW", "Fragment", "SidecarQGaLoreOptimizer", "cut_groups", "zero_fragments"]
+__all__ = ["FlatDenseAdamW", "Fragment", "SidecarQGaLoreOptimizer", "client_step_result", "cut_groups",
+           "zero_fragments"]
 
 
 class SidecarQGaLoreOptimizer(ShardedQGaLoreOptimizer):
@@ -186,6 +187,18 @@ def zero_fragments(ds_optimizer, stage: int, rank: int, index: dict[int, int]) -
     return out
 
 
+def client_step_result(norm_fn: Callable[[float], tuple[float, float]] | None,
+                       params: Sequence[torch.Tensor]) -> StepResult:
+    """The step of a DeepSpeed client optimizer (:class:`FlatDenseAdamW`, the engine's ``FlatTorchAdamW``):
+    ``norm_fn(Σ‖this rank's partition gradients‖²) -> (global norm, clip factor)`` — the engine's collective, which
+    adds the norm² into the side-car's :meth:`~qgalore_dist.optim.optimizer.QGaLoreBase.shared_norm` — or, without
+    one, the local norm and no clipping. A non-finite norm (the same on every rank) is a skipped step, as the
+    side-car's ``finish_step`` skips its half."""
+    local_sq = sum(squared_norm(p.grad) for p in params)
+    norm, coef = norm_fn(local_sq) if norm_fn is not None else (math.sqrt(local_sq), 1.0)
+    return StepResult(norm, coef) if math.isfinite(norm) else StepResult(norm, 1.0, skipped=True)
+
+
 class FlatDenseAdamW(torch.optim.Optimizer):
     """DeepSpeed's client optimizer for the dense parameters: :func:`dense_adamw_step` on each (flat) tensor.
 
@@ -265,16 +278,11 @@ class FlatDenseAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure_loss(closure)
         live = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        local_sq = sum(squared_norm(p.grad) for _, p in live)
-        if self.norm_fn is not None:
-            norm, coef = self.norm_fn(local_sq)
-        else:
-            norm, coef = math.sqrt(local_sq), 1.0
+        self.last_step = client_step_result(self.norm_fn, [p for _, p in live])
         self.calls += 1
-        if not math.isfinite(norm):  # agreed on every rank (no cut-block all-reduce anywhere): nothing applied
-            self.last_step = StepResult(norm, 1.0, skipped=True)
+        if self.last_step.skipped:  # agreed on every rank (no cut-block all-reduce anywhere): nothing applied
             return loss
-        self.last_step = StepResult(norm, coef)
+        coef = self.last_step.clip_coef
         cut_rows: list = []  # (state rows view, padded row values, fragment, row) awaiting agreed block scales
         for group, p in live:
             g = p.grad if coef == 1.0 else p.grad * coef

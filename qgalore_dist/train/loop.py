@@ -421,7 +421,6 @@ class _Inputs:
     config_vocab: int
     model_dir: Path
     from_checkpoint: bool
-    model_record: dict[str, Any] | None
     resume_dir: Path | None
     tokenizer: Any
     tok_fp: str
@@ -557,7 +556,7 @@ def _check_inputs(args: TrainArgs, engine: Engine) -> _Inputs:
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
                          f"{config.vocab_size}")
-    return _Inputs(dtype, config, config_vocab, model_dir, from_checkpoint, model_record, resume_dir, tokenizer,
+    return _Inputs(dtype, config, config_vocab, model_dir, from_checkpoint, resume_dir, tokenizer,
                    tok_fp, batcher, data_notes, pending)
 
 

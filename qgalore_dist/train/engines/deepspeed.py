@@ -96,7 +96,6 @@ import copy
 import dataclasses
 import datetime
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -942,19 +941,17 @@ class FlatTorchAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        from ...optim.norms import StepResult, squared_norm
+        from ...parallel.deepspeed_sidecar import client_step_result
 
         loss = closure_loss(closure)
         live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm, coef = self.norm_fn(sum(squared_norm(p.grad) for p in live))
+        self.last_step = client_step_result(self.norm_fn, live)
         self.calls += 1
-        if not math.isfinite(norm):  # agreed on every rank: the side-car skips its half too (QGaLoreBase)
-            self.last_step = StepResult(norm, 1.0, skipped=True)
+        if self.last_step.skipped:  # agreed on every rank: the side-car skips its half too
             return loss
-        self.last_step = StepResult(norm, coef)
-        if coef != 1.0:
+        if self.last_step.clip_coef != 1.0:
             for p in live:
-                p.grad.mul_(coef)
+                p.grad.mul_(self.last_step.clip_coef)
         super().step()
         return loss
 
