@@ -37,6 +37,7 @@ SEEDS = {"parity": 21, "accum": 22, "resume": 23, "toy": 24}
 OPTION_CONFIGS = {"projfactor_merge": dict(optimizer="projfactor", granularity=0.25),
                   "rademacher_fine_rotate": dict(granularity=4.0, projection="rademacher",
                                                  moments_on_refresh="rotate", granularity_fallback=True)}
+RESHARD_BATCH = 6  # global rows per step of the N -> M resume scenario: 3 per rank at N = 2, 2 at N = 3
 TOY_SHAPES = {"a": (1, 40), "b": (2, 2), "c": (4, 24), "d": (40, 6)}  # empty shards at N=2 / N=3
 
 
@@ -253,6 +254,31 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
             refused = f"{type(exc).__name__}: {exc}"
         return {"a": a["losses"], "b": b["losses"], "step": point.step, "files": files, "refused": refused}
 
+    def reshard(label, **kw):
+        """N -> M: this world saves after 3 steps and continues (the uninterrupted run); then it resumes the *other*
+        world's checkpoint (2 <-> 3 ranks) and continues from it. The global batch (6 rows) is the same at both."""
+        per_rank = RESHARD_BATCH // world
+        batches = global_batches(world, 5, SEEDS["resume"], per_rank=per_rank)
+        engine, model, opt = new_engine(cfg(**kw))
+        run_steps(engine, model, batches[:3], per_rank=per_rank)
+        mine = out_dir / f"reshard_{label}_w{world}"
+        engine.save_checkpoint(mine, 3, {"engine": "fsdp", "world_size": world, "optimizer_kind": "qgalore"}, None)
+        a = run_steps(engine, model, batches[3:], per_rank=per_rank)
+        save_full(engine, f"reshard_{label}_a")
+        other = out_dir / f"reshard_{label}_w{5 - world}" / "step_000003"
+        deadline = time.monotonic() + 300
+        while not (other / "trainer.json").is_file():  # published by rename: complete once it exists
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{other} never appeared")
+            time.sleep(0.2)
+        engine2, model2, opt2 = new_engine(cfg(**kw))
+        engine2.verify_checkpoint(other)
+        point = engine2.load_checkpoint(other)
+        b = run_steps(engine2, model2, batches[3:], per_rank=per_rank)
+        save_full(engine2, f"reshard_{label}_b")
+        return {"a": a["losses"], "b": b["losses"], "svd_a": a["svd_count"], "svd_b": b["svd_count"],
+                "step": point.step, "owned": sorted(opt2.owned)}
+
     def toy():
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -357,6 +383,8 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
     scenario("options", options)
     scenario("adamw8bit", adamw8bit)
     scenario("resume_options", lambda: resume("_options", **OPTION_CONFIGS["projfactor_merge"]))
+    scenario("reshard", lambda: reshard("qgalore"))
+    scenario("reshard_merge", lambda: reshard("merge", **OPTION_CONFIGS["projfactor_merge"]))
     scenario("same_args", same_args)
     scenario("dies", dies)
     record["timings"]["total_s"] = time.monotonic() - t0

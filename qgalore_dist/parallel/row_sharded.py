@@ -709,6 +709,122 @@ class RowShardedQGaLoreOptimizer(QGaLoreBase, torch.optim.Optimizer):
             "shard": {"rank": self.rank, "world_size": self.world_size, "owner": dict(self.plan.owner)},
         }
 
+    # --- checkpoints any engine and world size reads: this rank's share of the single-device state ---------
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """This rank's share of the single-device optimizer state — ``QGaLoreOptimizer.state_dict()``'s layout,
+        keyed by parameter name — and where each of its tensors lies in the whole one: ``(state, starts)``, where
+        ``starts`` mirrors ``state``'s dicts with ``(first index, axis)`` at every cut tensor (any other tensor is
+        whole). Owners give their matrices' meta and owner-held tensors (projector, left moments, the replicated
+        column factor) whole. Right-projected row state is cut: weight rows ``[r0, …)`` where it is laid out
+        like ``torch.chunk`` (:meth:`chunk_laid`), else the reshaped rows the rank holds ``[h_off, …)`` — the held
+        rows of all ranks partition the reshaped rows, so the pieces of any world size tile the whole tensor.
+        Dense state: rows of its ``[rows, cols]`` layout (dim 0 of fp32 moments); a 1-D parameter's 8-bit moments
+        are cut along their only row (axis 1)."""
+        projected, pstarts = {}, {}
+        for sh in self.shards:
+            st, geo, owner = self.mstate[sh.name], self.geometry[sh.name], sh.name in self.owned
+            if not owner and st.side != "right":
+                continue
+            d = st.state_dict()
+            tensors, where = {}, {}
+            for k, v in d["tensors"].items():
+                if st.side == "right" and _row_sharded_key(k) and k != "col_factor":
+                    tensors[k] = v
+                    where[k] = ((geo.r0 if self.chunk_laid(sh.name, k) else geo.h_off), 0)
+                elif owner:
+                    tensors[k] = v
+            projected[sh.name] = {"tensors": tensors, **({"meta": d["meta"]} if owner else {})}
+            pstarts[sh.name] = {"tensors": where}
+        dense = {n: st.state_dict() for n, st in self.dense_state.items()}
+        dstarts = {n: {"tensors": {k: self._dense_piece(n, k) for k in d["tensors"]}} for n, d in dense.items()}
+        state = {"format": REFERENCE_FORMAT, "config": self.config.to_dict(),
+                 "dense_state_bits": self.dense_state_bits,
+                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+                 "projected": projected, "dense": dense}
+        return state, {"projected": pstarts, "dense": dstarts}
+
+    def _dense_piece(self, name: str, key: str) -> tuple[int, int] | None:
+        """(first index, axis) of this rank's dense state tensor ``key`` of parameter ``name`` in the whole one."""
+        local = _local(dict(self.dense_named)[name])
+        off = int(self.dense_offsets.get(name, 0))  # global element offset of the local shard
+        if local.dim() == 0:
+            return None
+        if key.endswith(".data"):  # fp32 moments: the parameter's own shape, cut along dim 0
+            inner = max(1, local[0].numel()) if local.shape[0] else 1
+            return off // inner, 0
+        if local.dim() == 1:  # 8-bit moments of a 1-D parameter: one row [1, n], cut along it
+            return off, 1
+        cols = int(local.shape[-1])
+        return off // max(cols, 1), 0
+
+    def load_pieces(self, reader) -> None:
+        """Collective. Load this rank's share of a checkpoint of the single-device state written by any engine at
+        any world size (:meth:`checkpoint_state` here, ``QGaLoreOptimizer.state_dict()`` on one device, the
+        owners' states under ddp). ``reader``: a :class:`~qgalore_dist.checkpoint.pieces.PieceReader`. This rank
+        reads its rows of the row state and of the dense state, the whole state of the matrices it owns now, and
+        nothing else — bit for bit, except a 1-D parameter's 8-bit dense moments saved at another partition of
+        that parameter (:meth:`~qgalore_dist.checkpoint.pieces.PieceReader.block_row`)."""
+        self._load(lambda: self._state_from_pieces(reader))
+
+    def _state_from_pieces(self, reader) -> dict:
+        """This rank's :meth:`state_dict`, built from a checkpoint's pieces (see :meth:`load_pieces`)."""
+        tree = reader.merged_tree()
+        if not isinstance(tree, dict) or tree.get("format") != REFERENCE_FORMAT:
+            raise ValueError(f"not a Q-GaLore optimizer state (missing format tag {REFERENCE_FORMAT!r})")
+        saved = tree.get("projected") or {}
+        if set(saved) != set(self.mstate):
+            raise ValueError(f"optimizer state does not match this model's matrices (saved and built differ in "
+                             f"{sorted(set(saved) ^ set(self.mstate))[:3]})")
+        projected, rows = {}, {}
+        for sh in self.shards:
+            name, geo, st = sh.name, self.geometry[sh.name], self.mstate[sh.name]
+            e = saved[name]
+            if "meta" not in e:
+                raise ValueError(f"{name}: no rank saved its meta (an incomplete checkpoint)")
+            refs = {k: ref["__tensor__"] for k, ref in e["tensors"].items()}
+            row_keys = [k for k in refs if st.side == "right" and _row_sharded_key(k)]
+            if name in self.owned:
+                projected[name] = {"meta": e["meta"], "tensors": {k: reader.full(key) for k, key in refs.items()
+                                                                  if k not in row_keys}}
+            tensors = {}
+            for k in row_keys:
+                if k == "col_factor":
+                    tensors[k] = reader.full(refs[k])
+                elif self.chunk_laid(name, k):
+                    tensors[k] = reader.rows(refs[k], geo.r0, geo.rows)
+                else:
+                    tensors[k] = reader.rows(refs[k], geo.h_off, geo.h_rows)
+            rows[name] = {"row_offset": geo.r0, "rows": geo.rows, "held_offset": geo.h_off,
+                          "held_rows": geo.h_rows, "step": int(e["meta"]["step"]), "tensors": tensors}
+        dense = {}
+        block = self.config.state_block_size
+        for n, st in self.dense_state.items():
+            e = (tree.get("dense") or {}).get(n)
+            if e is None:
+                raise ValueError(f"optimizer state has no entry for dense parameter {n}")
+            refs = {k: ref["__tensor__"] for k, ref in e["tensors"].items()}
+            mine = st.state_dict()["tensors"]
+            if set(refs) != set(mine):
+                raise ValueError(f"{n}: saved dense state {sorted(refs)} does not fit this run's {sorted(mine)} "
+                                 "(another --dense-state-bits?)")
+            tensors = {}
+            for k, key in refs.items():
+                pos = self._dense_piece(n, k)
+                if pos is None:
+                    tensors[k] = reader.full(key)
+                elif pos[1] == 0:
+                    tensors[k] = reader.rows(key, pos[0], int(mine[k].shape[0]))
+                elif k.endswith(".codes"):  # a 1-D parameter's 8-bit moment: codes and scales together
+                    moment = k[:-len(".codes")]
+                    got = reader.block_row(key, refs[f"{moment}.absmax"], pos[0], int(mine[k].shape[1]),
+                                           moment == "exp_avg", block)
+                    tensors[k], tensors[f"{moment}.absmax"] = got["codes"], got["absmax"]
+            dense[n] = {"meta": e["meta"], "tensors": tensors}
+        sd = {k: tree[k] for k in ("config", "dense_state_bits", "param_groups")}
+        sd.update(format=STATE_FORMAT, projected=projected, rows=rows, dense=dense,
+                  shard={"rank": self.rank, "world_size": self.world_size, "owner": dict(self.plan.owner)})
+        return sd
+
     def chunk_laid(self, name: str, key: str) -> bool:
         """Whether ``state_dict()["rows"][name]["tensors"][key]`` is laid out like ``torch.chunk`` of the weight
         rows (its local row i is weight row ``r0 + i``), so an engine may save it as a row-sharded tensor of global
@@ -724,7 +840,11 @@ class RowShardedQGaLoreOptimizer(QGaLoreBase, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Collective. Load this rank's own shard (same world size and plan). A problem on any rank raises
         ``ValueError`` on every rank."""
-        self.collectives.agreed(lambda: self._load_local(state_dict), "optimizer state could not be loaded")
+        self._load(lambda: state_dict)
+
+    def _load(self, build: Callable[[], dict]) -> None:
+        """Collective: ``_load_local(build())`` agreed over ranks, then the projector replicas from the owners."""
+        self.collectives.agreed(lambda: self._load_local(build()), "optimizer state could not be loaded")
         # the gate schedule and the projector replicas come from the owners (no rotation: nothing changed)
         names = [s.name for s in self.shards]
         has = torch.tensor([int(self.mstate[n].basis is not None) if n in self.owned else 0 for n in names],

@@ -368,11 +368,36 @@ def test_dcp_checkpoint_resumes_bit_for_bit(run, world):
         assert rec["step"] == 3
         assert rec["a"] == rec["b"]
         assert "dcp/.metadata" in rec["files"] and "trainer.json" in rec["files"]
-        assert all(f"optim_rank{r:05d}.json" in rec["files"] for r in range(world))
+        assert all(f"optimizer_rank{r:05d}.{ext}" in rec["files"] for r in range(world) for ext in ("json",
+                                                                                               "safetensors"))
         assert rec["refused"] is not None and rec["refused"].startswith("CheckpointError"), rec["refused"]
     a = torch.load(run["dir"] / f"w{world}_resume_a.pt")
     b = torch.load(run["dir"] / f"w{world}_resume_b.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("world", W.WORLDS)
+@pytest.mark.parametrize("label", ["qgalore", "merge"])
+def test_checkpoint_resumes_at_another_world_size(run, world, label):
+    """N -> M (2 -> 3 and 3 -> 2): a checkpoint written by the other world, resumed here, continues exactly as the
+    other world's uninterrupted run (fp64: losses to 1e-10, every INT8 code and scale bit for bit) — each rank
+    reading only its rows. ``merge``: ProjFactor at granularity 1/4, whose moment rows straddle shard boundaries
+    differently at N = 2 and 3 (the held rows are re-cut); the 8-bit embedding state is re-cut by rows."""
+    other = 5 - world
+    scenario = "reshard" if label == "qgalore" else "reshard_merge"
+    uninterrupted = _records(run, other, scenario)[0]
+    for rec in _records(run, world, scenario):
+        assert rec["step"] == 3
+        assert rec["b"] == pytest.approx(uninterrupted["a"], abs=1e-10, rel=0)
+        assert rec["svd_b"][-1] == uninterrupted["svd_a"][-1]
+    a = torch.load(run["dir"] / f"w{other}_reshard_{label}_a.pt")
+    b = torch.load(run["dir"] / f"w{world}_reshard_{label}_b.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith(("_codes", "_scales")):
+            assert torch.equal(a[k], b[k]), k
+        elif "rotary" not in k:
+            assert torch.allclose(a[k], b[k], atol=1e-12, rtol=0), k
 
 
 @pytest.mark.parametrize("world", W.WORLDS)

@@ -18,17 +18,14 @@
   gradients (``grad_accum`` times the gradient traffic; each rank holds 1/N of the gradient); ``boundary`` calls
   ``set_requires_gradient_sync(False)`` before every micro-batch but the last, so FSDP2 keeps each rank's
   *unsharded* gradient of every parameter — the whole model's gradient per rank, fp32 — until the step.
-* Checkpoints (``<save-dir>/step_NNNNNN/``): ``dcp/`` written with ``torch.distributed.checkpoint`` — INT8 codes and
-  scales of every projected weight and the dense parameters as row-sharded DTensors (keyed by parameter name),
-  the row state laid out like ``torch.chunk`` of the weight rows as DTensors too (right-projected moment rows at
-  granularity 1, ProjFactor's row factor: ``RowShardedQGaLoreOptimizer.chunk_laid``), and every other optimizer
-  tensor (owners' projectors, gates, left moments, moments of VLoRP-reshaped rows, replicated column factors, dense
-  AdamW state) under ``optim.rank<R>.<parameter name>...`` from the rank that holds it — plus
-  ``optim_rank<R>.json`` (the rest of each rank's optimizer state), ``trainer_rank<R>.json`` (RNG), the tokenizer
+* Checkpoints (``<save-dir>/step_NNNNNN/``), resumable at **any** world size: ``dcp/`` written with
+  ``torch.distributed.checkpoint`` — INT8 codes and scales of every projected weight and the dense parameters as
+  row-sharded DTensors keyed by parameter name (DCP reshards them on load) —; ``optimizer_rank<R>.safetensors`` /
+  ``.json``, each rank's optimizer state as pieces of the whole single-device tensors
+  (:mod:`qgalore_dist.checkpoint.pieces`; where each piece lies: ``RowShardedQGaLoreOptimizer.checkpoint_state``), from
+  which a run at any world size reads its own rows (``load_pieces``); ``trainer_rank<R>.json`` (RNG), the tokenizer
   and ``trainer.json`` (run record + sha256 manifest of every file) written last. All ranks write into one
-  ``.tmp-<pid of rank 0>`` directory that rank 0 publishes by rename. Resuming (same world size) verifies every hash
-  first. :func:`~qgalore_dist.parallel.row_sharded.merge_row_sharded_state_dicts` joins the optimizer shards into one
-  single-device state.
+  ``.tmp-<pid of rank 0>`` directory that rank 0 publishes by rename. Resuming verifies every hash first.
 """
 
 from __future__ import annotations
@@ -44,7 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ...checkpoint.pieces import PieceReader, tensor_starts, write_pieces
 from ...checkpoint.save_load import (
+    SHARDS_KEY,
     TOKENIZER_DIR,
     CheckpointError,
     capture_rng_state,
@@ -56,7 +55,6 @@ from ...checkpoint.save_load import (
     publish_checkpoint,
     read_record,
     restore_rng_state,
-    unflatten_state,
     verify_files,
 )
 from ...errors import ModelSpecError, UsageError
@@ -74,11 +72,8 @@ from .distributed import DistributedEngine, joining, rank_backend
 __all__ = ["FSDPEngine"]
 
 DCP_DIR = "dcp"
-FORMAT = "qgalore_dist.fsdp_checkpoint/1"
-
-
-def _optim_json(rank: int) -> str:
-    return f"optim_rank{rank:05d}.json"
+FORMAT = "qgalore_dist.fsdp_checkpoint/2"  # /1: optimizer inside dcp/ under rank keys (same N only)
+OPTIM_STEM = "optimizer"  # optimizer_rank<R>.safetensors / .json: the one optimizer layout of every engine
 
 
 def _trainer_json(rank: int) -> str:
@@ -297,18 +292,24 @@ class FSDPEngine(DistributedEngine):
 
     def _verify(self, root: Path) -> dict[str, Any]:
         record = read_record(root)
+        if record.get("fsdp_format") == "qgalore_dist.fsdp_checkpoint/1":
+            raise CheckpointError(f"checkpoint {root} is in the first fsdp layout (optimizer state under rank keys "
+                                  "inside dcp/), which this version no longer reads: resume it with the release that "
+                                  "wrote it, or restart from its --export")
         if record.get("fsdp_format") != FORMAT:
             raise CheckpointError(f"checkpoint {root} was not written by --engine fsdp (resume it with the engine "
                                   f"that wrote it: {record.get('engine')})")
-        if record.get("world_size") != self.world_size:
-            raise CheckpointError(f"checkpoint {root} was written by {record.get('world_size')} ranks, this run has "
-                                  f"{self.world_size} (an fsdp checkpoint resumes at its own world size)")
+        if not isinstance(record.get("world_size"), int) or record["world_size"] < 1:
+            raise CheckpointError(f"checkpoint {root}: trainer.json has no valid world_size")
         verify_files(root, manifest_files(root, record,
                                           lambda files: any(f.startswith(DCP_DIR + "/") for f in files)))
         return record
 
-    def _dcp_state(self) -> tuple[dict[str, Any], Any]:
-        """The DCP state dict (model + optimizer tensors, all in place) and this rank's optimizer JSON tree."""
+    def _dcp_state(self) -> dict[str, Any]:
+        """The DCP state dict, all in place: the model (INT8 codes and scales, dense parameters — row-sharded
+        DTensors, which DCP reshards to any world size) and, for torch's AdamW baseline, its DTensor state. The
+        row-sharded optimizer's state goes to its own pieces (``optimizer_rank<R>.safetensors`` / ``.json``, read back
+        at any world size: :meth:`RowShardedQGaLoreOptimizer.load_pieces`)."""
         from torch.distributed.tensor import DTensor
 
         self._reshard()
@@ -327,27 +328,7 @@ class FSDPEngine(DistributedEngine):
 
             # torch AdamW over DTensors: DCP's own state-dict helpers key it by parameter name
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
-            return state, {}
-        opt = self.optimizer
-        osd = opt.state_dict()
-        # row state laid out like torch.chunk of the weight rows -> DTensors (global [m, ...]); everything else —
-        # moments of VLoRP-reshaped rows, replicated column factors — under this rank's keys: DCP places a DTensor
-        # shard by the global shape and torch.chunk, so any other layout would land in the wrong rows silently
-        rows_dt, dt_keys, local_rows = {}, {}, {}
-        for name, e in osd["rows"].items():
-            m = opt.mstate[name].shape[0]
-            dt_keys[name] = [k for k in e["tensors"] if opt.chunk_laid(name, k)]
-            for key in dt_keys[name]:
-                t = e["tensors"][key]
-                rows_dt[f"optim.rows.{name}.{key}"] = self._rows_dtensor(t, (m, *t.shape[1:]))
-            local_rows[name] = {k: v for k, v in e["tensors"].items() if k not in dt_keys[name]}
-        tree, tensors = flatten_state({k: v for k, v in osd.items() if k != "rows"})
-        rows_meta = {name: {k: v for k, v in e.items() if k != "tensors"} for name, e in osd["rows"].items()}
-        ltree, ltensors = flatten_state(local_rows, "leftrows")
-        tensors.update(ltensors)
-        mine = {f"optim.rank{self.rank}.{k}": v for k, v in tensors.items()}
-        state["optim"] = {**rows_dt, **mine}
-        return state, {"tree": tree, "rows_meta": rows_meta, "left_rows": ltree, "right_keys": dt_keys}
+        return state
 
     def _reshard(self) -> None:
         """Back to the sharded parameters: an evaluation forward (no backward) leaves the root gathered, and
@@ -388,9 +369,11 @@ class FSDPEngine(DistributedEngine):
                 error = f"cannot create {tmp}: {exc}"
         self._agree(error, CheckpointError, "creating the checkpoint directory")
         try:
-            state, tree = self._dcp_state()
-            dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
-            (tmp / _optim_json(self.rank)).write_text(json.dumps(tree), encoding="utf-8")
+            dcp.save(self._dcp_state(), checkpoint_id=str(tmp / DCP_DIR))
+            if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
+                state, starts = self.optimizer.checkpoint_state()
+                tree, tensors = flatten_state(state)
+                write_pieces(tmp, OPTIM_STEM, self.rank, tree, tensors, tensor_starts(tree, starts))
             (tmp / _trainer_json(self.rank)).write_text(json.dumps({"rng": capture_rng_state()}), encoding="utf-8")
             if self.is_main and tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
@@ -400,7 +383,8 @@ class FSDPEngine(DistributedEngine):
         self._agree(error, CheckpointError, "writing the checkpoint")
         if self.is_main:
             try:
-                finalize_checkpoint(tmp, step, {**trainer_state, "fsdp_format": FORMAT})
+                finalize_checkpoint(tmp, step, {**trainer_state, "fsdp_format": FORMAT,
+                                                SHARDS_KEY: self.world_size})
                 publish_checkpoint(tmp, final, int(tag))
             except Exception as exc:  # noqa: BLE001
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -412,60 +396,32 @@ class FSDPEngine(DistributedEngine):
         import torch.distributed.checkpoint as dcp
 
         root = Path(path)
-        error = None
+        error, rng = None, None
         try:
             record = self._verify(root)
-            tree = json.loads((root / _optim_json(self.rank)).read_text(encoding="utf-8"))
-            rng = json.loads((root / _trainer_json(self.rank)).read_text(encoding="utf-8"))["rng"]
-        except (CheckpointError, OSError, json.JSONDecodeError, KeyError) as exc:
+            saved_world = int(record["world_size"])
+            # RNG: per rank at the same world size; else rank 0's (every stream the step draws is keyed globally —
+            # stochastic rounding, random projections — so this only matters to user code drawing from torch)
+            mine = _trainer_json(self.rank if self.rank < saved_world and saved_world == self.world_size else 0)
+            rng = json.loads((root / mine).read_text(encoding="utf-8"))["rng"]
+        except (CheckpointError, OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             error = f"checkpoint {root}: {exc}"
         self._agree(error, CheckpointError, f"reading checkpoint {root}")
-        state, _ = self._dcp_state()  # destination tensors: the live ones, loaded in place
-        if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
-            # this rank's optimizer tensors, shaped as saved (the template above may lack not-yet-created ones)
-            mine = {}
-            for key, t in state["optim"].items():
-                if not key.startswith(f"optim.rank{self.rank}."):
-                    mine[key] = t
-            saved_keys = _tensor_keys(tree["tree"]) | _tensor_keys(tree["left_rows"])
-            meta = dcp.FileSystemReader(str(root / DCP_DIR)).read_metadata()
-            for k in saved_keys:
-                full = f"optim.rank{self.rank}.{k}"
-                md = meta.state_dict_metadata.get(f"optim.{full}")  # DCP flattens nested keys with "."
-                if md is None:
-                    error = f"checkpoint {root}: tensor {full} is missing"
-                    break
-                mine[full] = torch.empty(md.size, dtype=md.properties.dtype)
-            state["optim"] = mine
-        self._agree(error, CheckpointError, f"reading checkpoint {root}")
+        state = self._dcp_state()  # destination tensors: the live ones, loaded in place (DCP reshards them)
         try:
             dcp.load(state, checkpoint_id=str(root / DCP_DIR))
-            if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
-                prefix = f"optim.rank{self.rank}."
-                tensors = {k[len(prefix):]: v for k, v in state["optim"].items() if k.startswith(prefix)}
-                osd = unflatten_state(tree["tree"], tensors)
-                left = unflatten_state(tree["left_rows"], tensors)
-                rows = {}
-                for name, meta_e in tree["rows_meta"].items():
-                    t = dict(left.get(name, {}))  # this rank's own row tensors ("left_rows": any side)
-                    for key in tree["right_keys"].get(name, []):
-                        v = state["optim"][f"optim.rows.{name}.{key}"]
-                        t[key] = v.to_local() if hasattr(v, "to_local") else v
-                    rows[name] = {**meta_e, "tensors": t}
-                osd["rows"] = rows
-            else:
-                osd = state["optim"]
             error = None
         except Exception as exc:  # noqa: BLE001
             error = f"checkpoint {root} could not be loaded on rank {self.rank}: {exc}"
         self._agree(error, CheckpointError, f"loading checkpoint {root}")
         try:
             if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
-                self.optimizer.load_state_dict(osd)
+                with PieceReader(root, OPTIM_STEM, saved_world) as reader:
+                    self.optimizer.load_pieces(reader)  # collective; this rank reads its share only
             else:
                 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-                set_optimizer_state_dict(self.model, self.optimizer, osd)
+                set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {root}: optimizer state does not fit this run ({exc})") from exc
         restore_rng_state(rng)
@@ -543,20 +499,6 @@ class FSDPEngine(DistributedEngine):
     def memory_bytes(self) -> dict[str, int] | None:
         fn = getattr(self.optimizer, "memory_bytes", None)
         return fn() if fn is not None else None
-
-
-def _tensor_keys(tree: Any) -> set[str]:
-    out: set[str] = set()
-    if isinstance(tree, dict):
-        if set(tree) == {"__tensor__"}:
-            out.add(tree["__tensor__"])
-        else:
-            for v in tree.values():
-                out |= _tensor_keys(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            out |= _tensor_keys(v)
-    return out
 
 
 def _model_state_keys(config) -> list[str]:
