@@ -215,6 +215,13 @@ class LowRankAdamW:
         if c.projection in RANDOM_PROJECTIONS:
             return self._resample(st, grad)
         grad = to_granular(grad, st.proj_shape)
+        if not bool(torch.isfinite(grad).all()):
+            # a non-finite gradient (an overflow in backward): its projection, hence the step's global norm, is
+            # non-finite, so the step is skipped; the basis, moments and gate stay as they are and the refresh stays
+            # due. A first refresh still needs a basis to project with: a zero one (finite; 0 · NaN is NaN)
+            if st.basis is None:
+                st.basis = grad.new_zeros(basis_shape(*st.proj_shape, st.rank, st.side))
+            return None
         gen = None
         if c.projection == "rsvd":
             gen = torch.Generator(device="cpu")

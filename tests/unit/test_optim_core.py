@@ -191,6 +191,54 @@ def test_step_halves_are_the_one_orchestration():
     assert norms[1] ** 2 == pytest.approx(norms[0] ** 2 + 9.0, rel=1e-12)
 
 
+def _poisoned_run(batches, projection: str, poison: int | None, everywhere: bool):
+    model = tiny_llama(seed=0)
+    quantize_model(model, seed=0)
+    opt = QGaLoreOptimizer(model, QGaLoreConfig(rank=8, update_proj_gap=2, lr=1e-2, projection=projection),
+                           grad_clip=1.0, dense_state_bits=8)
+    skipped = []
+    for i, x in enumerate(batches):
+        loss = model(input_ids=x, labels=x).loss
+        (loss * float("nan") if i == poison and everywhere else loss).backward()
+        if i == poison and not everywhere:
+            lin = next(m for m in model.modules() if isinstance(m, QGaLoreLinear))
+            lin.weight_grad[1, 2] = float("nan")
+        opt.step()
+        skipped.append(opt.last_step.skipped)
+        opt.zero_grad()
+    return model, opt, skipped
+
+
+@pytest.mark.parametrize("projection", ["svd", "rsvd", "rademacher"])
+@pytest.mark.parametrize("bad_step", [0, 2])  # the first refresh, a later one (gap 2)
+def test_non_finite_gradients_at_a_refresh_are_a_step_never_taken(projection, bad_step):
+    """An overflow in backward on a refresh step (every gradient NaN): the step is skipped — no SVD of a
+    non-finite gradient (it raised before), bases, moments and gates untouched, the refreshes still due — so the
+    run then equals one that never saw that batch, bit for bit."""
+    xs = token_batches(5, batch=2, seed=3)
+    model, opt, skipped = _poisoned_run([*xs[:bad_step], xs[0], *xs[bad_step:]], projection, bad_step, True)
+    clean, clean_opt, _ = _poisoned_run(xs, projection, None, True)
+    assert skipped == [i == bad_step for i in range(len(xs) + 1)]
+    assert opt.svd_count == clean_opt.svd_count
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), clean.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+
+
+@pytest.mark.parametrize("bad_step", [0, 2])
+def test_one_non_finite_matrix_gradient_at_a_refresh_skips_and_refreshes_next_step(bad_step):
+    """Only one matrix's gradient is non-finite: the step is skipped; that matrix keeps its state and refreshes at
+    the next step (the others refreshed from the skipped batch's finite gradients: a new subspace, no update)."""
+    xs = token_batches(4, batch=2, seed=3)
+    model, opt, skipped = _poisoned_run(xs, "svd", bad_step, False)
+    assert skipped == [i == bad_step for i in range(len(xs))]
+    name = next(n for n, m in model.named_modules() if isinstance(m, QGaLoreLinear)) + ".weight"
+    st = opt.mstate[name]
+    # refreshed once per due step of its own (optimizer) step count, which a skipped step does not advance: the
+    # SVD of the non-finite gradient raised before; now the refresh waits for the next (finite) window
+    assert [r.step for r in st.history] == [0, 2]
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
 def test_rotate_moments_keeps_second_moment_non_negative():
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(30, 20, generator=gen) for _ in range(5)]
