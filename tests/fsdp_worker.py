@@ -38,6 +38,11 @@ OPTION_CONFIGS = {"projfactor_merge": dict(optimizer="projfactor", granularity=0
                   "rademacher_fine_rotate": dict(granularity=4.0, projection="rademacher",
                                                  moments_on_refresh="rotate", granularity_fallback=True)}
 RESHARD_BATCH = 6  # global rows per step of the N -> M resume scenario: 3 per rank at N = 2, 2 at N = 3
+RESHARD_CONFIGS = {"qgalore": {}, "merge": OPTION_CONFIGS["projfactor_merge"]}
+# one device vs N ranks: the same gradients up to the order of fp64 sums (6 rows in one mean vs N means of 6/N),
+# and an SVD refresh can lift last-bit differences to 1e-5 (measured: ProjFactor at 1/4, a refresh at step 4); the
+# engine-crossing runs refresh at step 0 only, so what they compare is the state a checkpoint carries
+CROSS_GAP = 100
 TOY_SHAPES = {"a": (1, 40), "b": (2, 2), "c": (4, 24), "d": (40, 6)}  # empty shards at N=2 / N=3
 
 
@@ -242,7 +247,7 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
         bad = ckdir / "damaged"
         if rank == 0:
             shutil.copytree(path, bad)
-            f = bad / "dcp" / f"__{world - 1}_0.distcp"
+            f = bad / f"model_rank{world - 1:05d}.safetensors"
             data = bytearray(f.read_bytes())
             data[len(data) // 2] ^= 0xFF
             f.write_bytes(bytes(data))
@@ -276,8 +281,73 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
         point = engine2.load_checkpoint(other)
         b = run_steps(engine2, model2, batches[3:], per_rank=per_rank)
         save_full(engine2, f"reshard_{label}_b")
-        return {"a": a["losses"], "b": b["losses"], "svd_a": a["svd_count"], "svd_b": b["svd_count"],
-                "step": point.step, "owned": sorted(opt2.owned)}
+        # the single-device engine's checkpoint (written by the test before the ranks started; no refresh after
+        # step 0, see CROSS_GAP), resumed here, saved again as this world's fsdp checkpoint (the test resumes that
+        # on one device), then continued
+        engine3, model3, _ = new_engine(cfg(**{**kw, "update_proj_gap": CROSS_GAP}))
+        engine3.load_checkpoint(out_dir / f"reshard_{label}_local" / "step_000003")
+        engine3.save_checkpoint(out_dir / f"cross_{label}_w{world}", 3,
+                                {"engine": "fsdp", "world_size": world, "optimizer_kind": "qgalore"}, None)
+        c = run_steps(engine3, model3, batches[3:], per_rank=per_rank)
+        save_full(engine3, f"reshard_{label}_c")
+        return {"a": a["losses"], "b": b["losses"], "c": c["losses"], "svd_a": a["svd_count"],
+                "svd_b": b["svd_count"], "svd_c": c["svd_count"], "step": point.step, "owned": sorted(opt2.owned)}
+
+    def ddp_cross(label, **kw):
+        """ddp <-> local <-> fsdp: the ddp engine resumes the single-device checkpoint and saves its own (owners'
+        matrices, rank 0's dense state); fsdp resumes the *other* world's ddp checkpoint, ddp the other world's
+        fsdp one — each continues as the single-device run does."""
+        import qgalore_dist.train.optimizers as topt
+        from qgalore_dist.train.engines.ddp import DDPEngine
+
+        config = cfg(**{**kw, "update_proj_gap": CROSS_GAP})
+        per_rank = RESHARD_BATCH // world
+        later = global_batches(world, 5, SEEDS["resume"], per_rank=per_rank)[3:]
+
+        def ddp_engine():
+            real = topt.qgalore_config
+            topt.qgalore_config = lambda args: config  # the parity config (its sizes are not all flags)
+            try:
+                engine = DDPEngine(engine_args(engine="ddp"), env, timeout)
+                model, _ = engine.prepare(make_model(), lambda m: None)
+            finally:
+                topt.qgalore_config = real
+            return engine, model
+
+        def steps(engine, model):
+            losses = []
+            for x in later:
+                engine.zero_grad()
+                loss = loss_fn(model, x[rank * per_rank:(rank + 1) * per_rank])
+                engine.backward(loss)
+                engine.step()
+                losses.append(engine.mean_over_ranks(float(loss)))
+            return losses
+
+        def wait_for(path):
+            deadline = time.monotonic() + 300
+            while not (path / "trainer.json").is_file():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} never appeared")
+                time.sleep(0.2)
+            return path
+
+        engine, model = ddp_engine()
+        engine.load_checkpoint(out_dir / f"reshard_{label}_local" / "step_000003")
+        engine.save_checkpoint(out_dir / f"ddp_{label}_w{world}", 3,
+                               {"engine": "ddp", "world_size": world, "optimizer_kind": "qgalore",
+                                "rng": None}, None)
+        from_local = steps(engine, model)
+        fs, fmodel, _ = new_engine(config)
+        fs.load_checkpoint(wait_for(out_dir / f"ddp_{label}_w{5 - world}" / "step_000003"))
+        fsdp_from_ddp = run_steps(fs, fmodel, later, per_rank=per_rank)["losses"]
+        save_full(fs, f"fsdp_from_ddp_{label}")
+        engine2, model2 = ddp_engine()
+        engine2.load_checkpoint(wait_for(out_dir / f"cross_{label}_w{5 - world}" / "step_000003"))
+        ddp_from_fsdp = steps(engine2, model2)
+        if rank == 0:
+            torch.save(model2.state_dict(), out_dir / f"w{world}_ddp_from_fsdp_{label}.pt")
+        return {"ddp_from_local": from_local, "fsdp_from_ddp": fsdp_from_ddp, "ddp_from_fsdp": ddp_from_fsdp}
 
     def toy():
         from torch.distributed.device_mesh import init_device_mesh
@@ -383,8 +453,10 @@ def _worker(out_dir: Path, torchrun_env: dict[str, str]) -> None:
     scenario("options", options)
     scenario("adamw8bit", adamw8bit)
     scenario("resume_options", lambda: resume("_options", **OPTION_CONFIGS["projfactor_merge"]))
-    scenario("reshard", lambda: reshard("qgalore"))
-    scenario("reshard_merge", lambda: reshard("merge", **OPTION_CONFIGS["projfactor_merge"]))
+    for label, kw in RESHARD_CONFIGS.items():
+        scenario(f"reshard_{label}", lambda label=label, kw=kw: reshard(label, **kw))
+    for label, kw in RESHARD_CONFIGS.items():
+        scenario(f"ddp_cross_{label}", lambda label=label, kw=kw: ddp_cross(label, **kw))
     scenario("same_args", same_args)
     scenario("dies", dies)
     record["timings"]["total_s"] = time.monotonic() - t0

@@ -1,17 +1,17 @@
 """One of our training checkpoints used as a model directory (``--model runs/x/step_000200``): fine-tune from your
 own run without exporting first.
 
-The checkpoint's ``model.safetensors`` holds INT8 codes + scales of the projected matrices and the dense tensors;
-``trainer.json`` the model config and which modules are INT8. It is read through the same streaming path as a
-Hugging Face directory (:func:`~qgalore_dist.nn.materialize.materialize` with a file-backed source): a module the
-new run also trains in INT8 takes the stored codes and scales as they are (no re-quantisation); one the new run
-keeps in float (another ``--optimizer`` or ``--target-modules``) gets the dequantised weight; a float weight the
-new run targets is quantised to nearest, as from a Hugging Face directory. Optimizer state, step and data position
-are *not* taken — that is ``--resume``.
+The checkpoint's model (``model.safetensors``, or an fsdp run's row pieces of it) holds INT8 codes + scales of the
+projected matrices and the dense tensors; ``trainer.json`` the model config and which modules are INT8. It is read
+through the same streaming path as a Hugging Face directory (:func:`~qgalore_dist.nn.materialize.materialize` with a
+file-backed source): a module the new run also trains in INT8 takes the stored codes and scales as they are (no
+re-quantisation); one the new run keeps in float (another ``--optimizer`` or ``--target-modules``) gets the
+dequantised weight; a float weight the new run targets is quantised to nearest, as from a Hugging Face directory.
+Optimizer state, step and data position are *not* taken — that is ``--resume``.
 
-Readable: the layout of the local and ddp engines (one ``model.safetensors``). Checkpoints of ``--engine fsdp``
-(``torch.distributed.checkpoint`` shards) and DeepSpeed (``global_stepN``) are refused with the command that turns
-them into a model directory (``--export``), until one checkpoint format serves every engine.
+Readable: the checkpoints of the local, ddp and fsdp engines (one ``model.safetensors``, or every fsdp rank's row
+pieces of it: :mod:`.pieces`). DeepSpeed checkpoints (``global_stepN``) are refused with the command that turns
+them into a model directory (``--export``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from ..models.pretrained import SafetensorsCheckpoint, SafetensorsSource, _expec
 from ..nn.layout import prepare_int8_layout
 from ..nn.materialize import ParamSource
 from ..quant.int8 import dequantize_rows
-from .save_load import MODEL_FILE, TOKENIZER_DIR, TRAINER_FILE, CheckpointError, verify_checkpoint
+from .pieces import PieceReader
+from .save_load import MODEL_SHARDS_KEY, TOKENIZER_DIR, TRAINER_FILE, CheckpointError, model_files, verify_checkpoint
 
 __all__ = ["Int8CheckpointTensors", "checkpoint_model_config", "checkpoint_model_record", "checkpoint_source",
            "checkpoint_tokenizer_dir", "is_checkpoint"]
@@ -47,9 +48,9 @@ def checkpoint_model_record(root: str | Path) -> dict:
     try:
         return verify_checkpoint(root)
     except CheckpointError as exc:
-        if not (root / MODEL_FILE).is_file():
-            raise ModelSpecError(f"--model {root}: a checkpoint of --engine fsdp or deepspeed cannot be read as a "
-                                 "model yet; export it first (--export) and pass the export") from exc
+        if (root / "qgalore_rank0.safetensors").is_file() or root.name.startswith("global_step"):
+            raise ModelSpecError(f"--model {root}: a checkpoint of --engine deepspeed cannot be read as a model "
+                                 "yet; export it first (--export) and pass the export") from exc
         raise ModelSpecError(f"--model {root}: {exc}") from exc
 
 
@@ -76,9 +77,27 @@ class Int8CheckpointTensors(SafetensorsCheckpoint):
     ``<name>.weight`` [m, n] is its codes × scales (rows on request), its codes and scales are also readable as
     they are (:meth:`int8`)."""
 
-    def __init__(self, root: str | Path, quantized: Mapping[str, int]):
-        super().__init__(root)
+    def __init__(self, root: str | Path, quantized: Mapping[str, int], record: Mapping | None = None):
         self.quantized = {f"{n}.weight": int(g) for n, g in quantized.items()}
+        self._pieces = None
+        if record is None or record.get(MODEL_SHARDS_KEY) is None:
+            super().__init__(root)
+            return
+        # an fsdp checkpoint: every rank's rows of each tensor (:mod:`.pieces`), read through the same interface
+        self._pieces = PieceReader(Path(root).expanduser(), files=model_files(record))
+        self.directory = Path(root).expanduser()
+        self.files, self.index, self._absent = [], None, {}
+        self._where = {k: self.directory / model_files(record)[0][0] for k in self._pieces.keys()}
+        self._shape = {k: self._pieces.shape(k) for k in self._pieces.keys()}
+        self._renamed, self._fused = self._legacy_names()
+
+    def _slice(self, name: str, index: tuple[slice, ...] | None) -> torch.Tensor:
+        if self._pieces is None:
+            return super()._slice(name, index)
+        if index is None:
+            return self._pieces.full(name)
+        lo, hi, _ = index[0].indices(self._shape[name][0])
+        return self._pieces.rows(name, lo, hi - lo)[(slice(None), *index[1:])]
 
     def __contains__(self, name: str) -> bool:
         return name in self.quantized or super().__contains__(name)
@@ -118,7 +137,7 @@ def checkpoint_source(root: str | Path, record: Mapping, model: nn.Module) -> Pa
     saved_targets = (record.get("args") or {}).get("target_modules")
     if saved_targets:  # the checkpoint stores GPT-2 Conv1D / MoE experts in the layout its run trained them in
         prepare_int8_layout(model, tuple(t.strip() for t in str(saved_targets).split(",") if t.strip()))
-    tensors = Int8CheckpointTensors(root, record.get("quantized_modules") or {})
+    tensors = Int8CheckpointTensors(root, record.get("quantized_modules") or {}, record)
     aliases = _tied_aliases(model)
     try:
         tensors.check(_expected_tensors(model, aliases))

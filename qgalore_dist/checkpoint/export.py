@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PretrainedConfig
@@ -40,7 +39,8 @@ from ..errors import UsageError
 from ..nn.int8_linear import QGaLoreLinear
 from ..nn.layout import int8_layout, to_transformers_layout
 from ..quant.int8 import dequantize_rows
-from .save_load import MODEL_FILE, TRAINER_FILE, CheckpointError, verify_checkpoint
+from .pieces import PieceReader
+from .save_load import MODEL_FILE, TRAINER_FILE, CheckpointError, model_files, verify_checkpoint
 
 __all__ = ["DequantizedTensors", "EXPORT_MARKER", "MAX_SHARD_BYTES", "check_export_target", "dequantized_state_dict",
            "export_checkpoint", "export_model", "export_state", "export_tensors", "iter_dequantized", "main",
@@ -417,16 +417,17 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: A
 
 
 class _MappedState(Mapping[str, torch.Tensor]):
-    """A safetensors file as a read-only mapping, each tensor read (from the memory map) when asked for."""
+    """A checkpoint's model (:class:`.pieces.PieceReader`: one ``model.safetensors`` or every rank's pieces) as a
+    read-only mapping, each tensor read (joined from the memory maps) when asked for."""
 
-    def __init__(self, handle):
-        self._h = handle
-        self._keys = list(handle.keys())
+    def __init__(self, reader):
+        self._r = reader
+        self._keys = reader.keys()
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
             raise KeyError(key)
-        return self._h.get_tensor(key)
+        return self._r.full(key)
 
     def __iter__(self):
         return iter(self._keys)
@@ -452,8 +453,8 @@ def export_checkpoint(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-    with safe_open(str(root / MODEL_FILE), framework="pt") as fh:
-        return export_state(_MappedState(fh), config, quantized, out_dir, tokenizer, dtype,
+    with PieceReader(root, files=model_files(record)) as reader:
+        return export_state(_MappedState(reader), config, quantized, out_dir, tokenizer, dtype,
                             max_shard_bytes=max_shard_bytes, source=str(root))
 
 

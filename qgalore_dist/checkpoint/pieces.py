@@ -81,16 +81,22 @@ class PieceReader:
 
     ``files``: explicit ``[(tensor file, JSON file), ...]`` instead of the stem's — a JSON file that is a bare
     :func:`.save_load.flatten_state` tree (the layout before pieces: a single-device or data-parallel optimizer
-    state) is read as one rank holding every tensor of its file whole."""
+    state) is read as one rank holding every tensor of its file whole; no JSON file (None): a plain safetensors
+    file of whole tensors (``model.safetensors``)."""
 
     def __init__(self, root: Path, stem: str = "", ranks: int = 1, device: str | torch.device = "cpu",
-                 files: list[tuple[str, str]] | None = None) -> None:
+                 files: list[tuple[str, str | None]] | None = None) -> None:
         self.root, self.device = Path(root), device
         self.files = files if files is not None else [piece_files(stem, r) for r in range(int(ranks))]
         self.trees: list[Any] = []
         self._where: dict[str, list[tuple[int, int | None, int]]] = {}  # key -> [(rank, start, axis)]
         self._open: dict[int, Any] = {}
         for r, (tfile, jfile) in enumerate(self.files):
+            if jfile is None:  # a plain safetensors file (a whole model.safetensors): every tensor whole
+                self.trees.append({k: {"__tensor__": k} for k in self._file(r).keys()})
+                for key in self._file(r).keys():
+                    self._where.setdefault(key, []).append((r, None, 0))
+                continue
             jpath = self.root / jfile
             try:
                 record = json.loads(jpath.read_text(encoding="utf-8"))
@@ -112,6 +118,22 @@ class PieceReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def keys(self) -> list[str]:
+        """Every tensor key any rank saved."""
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The whole tensor's shape."""
+        ax = self.axis(key)
+        where = self._pieces(key)
+        shape = self._shape(where[0][0], key)
+        if ax is not None:
+            shape[ax] = max(p0 + plen for _, p0, plen in self.pieces(key, ax))
+        return tuple(shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _DTYPES[self._file(self._pieces(key)[0][0]).get_slice(key).get_dtype()]
 
     def close(self) -> None:
         self._open.clear()  # a released safe_open handle unmaps its file

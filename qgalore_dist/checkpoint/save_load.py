@@ -1,20 +1,29 @@
-"""Atomic, self-verifying training checkpoints.
+"""Atomic, self-verifying training checkpoints — one layout for the local, ddp and fsdp engines, resumable by any
+of them at any world size.
 
 Layout of ``<save-dir>/step_000010/``::
 
-    model.safetensors      model.state_dict(): INT8 codes + scales of projected weights, dense weights
-    optimizer.safetensors  every tensor of optimizer.state_dict(), under dotted keys
-    optimizer.json         the rest of optimizer.state_dict() (numbers, strings, nesting), tensors as references
-    tokenizer/             the tokenizer (so a checkpoint exports on its own)
-    trainer.json           format + version, step, RNG states, data position, scheduler, run arguments,
-                           model config, and the manifest: sha256 + size of every file, name/dtype/shape of
-                           every tensor
+    model.safetensors              local / ddp: model.state_dict() — INT8 codes + scales, dense weights
+    model_rank00000.safetensors    fsdp instead: each rank's rows of those tensors, and where they lie (.json;
+    model_rank00000.json             :mod:`.pieces`)
+    optimizer_rank00000.safetensors  each writing rank's share of the *single-device* optimizer state, keyed by
+    optimizer_rank00000.json         parameter name, and where each cut tensor lies in the whole one
+                                     (:mod:`.pieces`): one rank on one device; under ddp every owner its matrices
+                                     (rank 0 the replicated dense state); under fsdp every rank its rows
+    trainer_rank00000.json         each rank's RNG state (distributed engines)
+    tokenizer/                     the tokenizer (so a checkpoint exports on its own)
+    trainer.json                   format + version, step, RNG state, data position (a global sample index),
+                                   scheduler, run arguments, model config, ``optimizer_shards`` / ``model_shards``
+                                   (ranks that wrote pieces) and the manifest: sha256 + size of every file,
+                                   name/dtype/shape of every tensor
 
-A data-parallel (``ddp``) checkpoint keeps the layout with the optimizer sharded by rank: instead of
-``optimizer.safetensors`` / ``optimizer.json`` it holds ``optimizer_rank00000.safetensors`` / ``.json`` ... one pair
-per rank (each rank's owned matrices, keyed by parameter name; ``trainer.json`` records ``optimizer_shards``), and
-``trainer_rank00000.json`` ... (each rank's RNG state). :func:`load_checkpoint` merges the shards, so such a checkpoint
-also resumes on one device or at another world size. The pieces (:func:`write_state`, :func:`finalize_checkpoint`,
+Any engine reads any of these at any world size: each rank takes what the plan of *its* run gives it
+(:func:`load_checkpoint` on one device; ``ShardedQGaLoreOptimizer`` the matrices it owns;
+``RowShardedQGaLoreOptimizer.load_pieces`` its rows). Checkpoints written before the per-rank pieces (one
+``optimizer.safetensors`` / ``.json``, or ddp's per-rank shards) load through the same reader; the deepspeed engine
+keeps DeepSpeed's own layout, and ``--engine fsdp --optimizer adamw`` keeps torch AdamW's state in ``dcp/``
+(``torch.distributed.checkpoint``, which reshards it) — the one optimizer state no other engine reads. Nothing of
+ours is pickled. The pieces (:func:`write_state`, :func:`write_optimizer`, :func:`finalize_checkpoint`,
 :func:`publish_checkpoint`) are public so an engine whose ranks write into one temporary directory can reuse them.
 
 A checkpoint is written to ``<dir>.tmp-<pid>`` and renamed into place only when complete, so a crash never
@@ -38,7 +47,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 
@@ -59,16 +68,19 @@ __all__ = [
     "load_checkpoint",
     "load_model_state",
     "optimizer_shard_files",
+    "model_files",
+    "model_shard_files",
+    "optimizer_files",
     "publish_checkpoint",
-    "read_optimizer_shards",
+    "read_model_state",
     "read_record",
-    "read_state",
     "restore_rng_state",
     "save_checkpoint",
     "trainer_shard_file",
     "unflatten_state",
     "verify_checkpoint",
     "verify_files",
+    "write_optimizer",
     "write_state",
 ]
 
@@ -79,7 +91,12 @@ OPTIM_TENSORS_FILE = "optimizer.safetensors"
 OPTIM_JSON_FILE = "optimizer.json"
 TRAINER_FILE = "trainer.json"
 TOKENIZER_DIR = "tokenizer"
+OPTIM_STEM = "optimizer"
+MODEL_STEM = "model"
+MODEL_SHARDS_KEY = "model_shards"  # trainer.json: ranks that wrote model pieces (absent: one model.safetensors)
 SHARDS_KEY = "optimizer_shards"  # trainer.json: number of per-rank optimizer shards (absent: one optimizer file)
+DCP_DIR = "dcp"  # --engine fsdp --optimizer adamw: torch AdamW's state as row-sharded DTensors
+FSDP_LAYOUT = "qgalore_dist.fsdp_checkpoint/2"  # trainer.json "fsdp_format" of an fsdp checkpoint this build reads
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -89,8 +106,13 @@ def checkpoint_name(step: int) -> str:
 
 
 def optimizer_shard_files(rank: int) -> tuple[str, str]:
-    """(tensor file, JSON file) of rank ``rank``'s optimizer shard: ``optimizer_rank00001.safetensors`` / ``.json``."""
-    return f"optimizer_rank{rank:05d}.safetensors", f"optimizer_rank{rank:05d}.json"
+    """(tensor file, JSON file) of rank ``rank``'s optimizer pieces: ``optimizer_rank00001.safetensors`` / ``.json``."""
+    return f"{OPTIM_STEM}_rank{rank:05d}.safetensors", f"{OPTIM_STEM}_rank{rank:05d}.json"
+
+
+def model_shard_files(rank: int) -> tuple[str, str]:
+    """(tensor file, JSON file) of rank ``rank``'s model pieces: ``model_rank00001.safetensors`` / ``.json``."""
+    return f"{MODEL_STEM}_rank{rank:05d}.safetensors", f"{MODEL_STEM}_rank{rank:05d}.json"
 
 
 def trainer_shard_file(rank: int) -> str:
@@ -255,6 +277,16 @@ def write_state(directory: Path, state: Mapping[str, Any], tensors_file: str, js
         (directory / json_file).write_text(json.dumps(tree), encoding="utf-8")
 
 
+def write_optimizer(directory: Path, rank: int, state: Any, starts: Any = None) -> None:
+    """Rank ``rank``'s optimizer pieces (``optimizer_rank<R>.safetensors`` / ``.json``): its share of the
+    single-device state, ``starts`` saying where each cut tensor lies (None: every tensor whole) — the one
+    optimizer layout of every engine but deepspeed (:mod:`.pieces`)."""
+    from .pieces import tensor_starts, write_pieces
+
+    tree, tensors = flatten_state(state)
+    write_pieces(directory, OPTIM_STEM, rank, tree, tensors, tensor_starts(tree, starts or {}))
+
+
 def finalize_checkpoint(tmp: Path, step: int, trainer_state: Mapping[str, Any]) -> None:
     """Write ``trainer.json`` (format tag, ``step``, ``trainer_state`` and the manifest of every file already in
     ``tmp``) last, then flush everything to disk."""
@@ -297,10 +329,10 @@ def save_checkpoint(save_dir: str | os.PathLike[str], step: int, *, model_state:
     tmp.mkdir()
     try:
         write_state(tmp, model_state, MODEL_FILE)
-        write_state(tmp, optimizer_state, OPTIM_TENSORS_FILE, OPTIM_JSON_FILE)
+        write_optimizer(tmp, 0, optimizer_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        finalize_checkpoint(tmp, step, trainer_state)
+        finalize_checkpoint(tmp, step, {**trainer_state, SHARDS_KEY: 1})
         publish_checkpoint(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -387,15 +419,29 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if record.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {root}: format version {record.get('version')!r} is not supported "
                               f"(this build reads version {CHECKPOINT_VERSION})")
+    fsdp = record.get("fsdp_format")
+    if fsdp is not None and fsdp != FSDP_LAYOUT:
+        raise CheckpointError(f"checkpoint {root} is in an earlier --engine fsdp layout ({fsdp}: optimizer state "
+                              "under rank keys inside dcp/, resumable at its own world size only), which this "
+                              "version no longer reads: resume it with the release that wrote it, or restart "
+                              "from its export")
     shards = record.get(SHARDS_KEY)
     if shards is None:
-        optim_files = [OPTIM_TENSORS_FILE]
+        # the layout before per-rank pieces: one optimizer file; fsdp's torch AdamW keeps its state in dcp/
+        optim_files = [] if fsdp is not None else [OPTIM_TENSORS_FILE]
     elif isinstance(shards, int) and not isinstance(shards, bool) and shards >= 1:
         optim_files = [f for r in range(shards) for f in optimizer_shard_files(r)]
     else:
         raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has an invalid {SHARDS_KEY} ({shards!r})")
-    verify_files(root, manifest_files(root, record,
-                                      lambda files: all(f in files for f in (MODEL_FILE, *optim_files))))
+    if fsdp is not None and shards is None:
+        optim_files.append(f"{DCP_DIR}/.metadata")
+    model_shards = record.get(MODEL_SHARDS_KEY)
+    if model_shards is not None and not (isinstance(model_shards, int) and not isinstance(model_shards, bool)
+                                         and model_shards >= 1):
+        raise CheckpointError(f"checkpoint {root}: {TRAINER_FILE} has an invalid {MODEL_SHARDS_KEY} "
+                              f"({model_shards!r})")
+    need = [f for pair in model_files(record) for f in pair if f is not None] + optim_files
+    verify_files(root, manifest_files(root, record, lambda files: all(f in files for f in need)))
     return record
 
 
@@ -405,6 +451,7 @@ def load_model_state(model: "torch.nn.Module", state: Mapping[str, torch.Tensor]
     another model raises :class:`CheckpointError` naming the first difference instead of torch's multi-line error.
     ``where`` names the state in that message (e.g. ``"checkpoint runs/x/step_000010"``)."""
     own = model.state_dict()
+    state = _with_aliases(model, state)
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
         raise CheckpointError(f"{where} does not match this model: missing {missing[:3]}, unexpected {extra[:3]}")
@@ -413,6 +460,26 @@ def load_model_state(model: "torch.nn.Module", state: Mapping[str, torch.Tensor]
             raise CheckpointError(f"{where} does not match this model: {k} has shape {tuple(state[k].shape)}, the "
                                   f"model {tuple(v.shape)}")
     model.load_state_dict(state, strict=True, assign=assign)
+
+
+def _with_aliases(model: "torch.nn.Module", state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` plus the names it lacks that are another name of a tensor it has (tied embeddings: an fsdp
+    checkpoint stores each parameter once, ``model.state_dict()`` names it twice) and the buffers it lacks (an fsdp
+    checkpoint stores parameters only; the buffers of the supported architectures are computed, never trained)."""
+    out = dict(state)
+    by_tensor: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(v), []).append(k)
+    for names in by_tensor.values():
+        have = [k for k in names if k in out]
+        for k in names:
+            if have and k not in out:
+                out[k] = out[have[0]]
+    own_buffers = dict(model.named_buffers())
+    for k in set(model.state_dict()) - set(out):
+        if k in own_buffers:
+            out[k] = own_buffers[k]
+    return out
 
 
 @dataclass
@@ -434,38 +501,46 @@ class Checkpoint:
         return p if p.is_dir() else None
 
 
-def read_state(root: Path, tensors_file: str, json_file: str, device: str | torch.device = "cpu") -> Any:
-    """Inverse of :func:`write_state` (with a JSON file) for a verified checkpoint directory ``root``."""
-    tensors = load_file(str(root / tensors_file), device=str(device))
-    try:
-        tree = json.loads((root / json_file).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {root}: {json_file} is unreadable ({exc})") from exc
-    return unflatten_state(tree, tensors)
+def model_files(record: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+    """(tensor file, JSON file or None) of the model in a verified checkpoint: every rank's pieces (fsdp), or one
+    whole ``model.safetensors`` (local, ddp) — both read by :class:`.pieces.PieceReader`."""
+    shards = record.get(MODEL_SHARDS_KEY)
+    return [(MODEL_FILE, None)] if shards is None else [model_shard_files(r) for r in range(int(shards))]
 
 
-def read_optimizer_shards(root: Path, shards: int, device: str | torch.device = "cpu") -> list[Any]:
-    """Every rank's optimizer shard of a data-parallel checkpoint (verified), in rank order."""
-    return [read_state(root, *optimizer_shard_files(r), device=device) for r in range(shards)]
+def read_model_state(root: Path, record: Mapping[str, Any], device: str | torch.device = "cpu"
+                     ) -> dict[str, torch.Tensor]:
+    """The whole model state of a verified checkpoint of any engine but deepspeed, keyed as ``model.state_dict()``
+    names it (INT8 weights as ``<module>.weight_codes`` / ``_scales``): the model pieces joined."""
+    from .pieces import PieceReader  # pieces reads this module's codec
+
+    with PieceReader(root, files=model_files(record), device=str(device)) as reader:
+        return {k: reader.full(k) for k in reader.keys()}
+
+
+def optimizer_files(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(tensor file, JSON file) of every rank's optimizer pieces in a verified checkpoint (one file pair before
+    per-rank pieces; none where the optimizer lives in ``dcp/``: fsdp's torch AdamW)."""
+    shards = record.get(SHARDS_KEY)
+    if shards is not None:
+        return [optimizer_shard_files(r) for r in range(int(shards))]
+    return [] if record.get("fsdp_format") is not None else [(OPTIM_TENSORS_FILE, OPTIM_JSON_FILE)]
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
-    """Verify (:func:`verify_checkpoint`) and read a checkpoint; tensors land on ``device``.
+    """Verify (:func:`verify_checkpoint`) and read a checkpoint of any engine but deepspeed, at any world size;
+    tensors land on ``device``. The optimizer state is the single-device one (every rank's pieces joined: each
+    matrix from its owner, row pieces concatenated; keyed by parameter name), which loads into the single-device
+    optimizer or a sharded one at any world size."""
+    from .pieces import PieceReader, read_full_state  # pieces reads this module's codec
 
-    The optimizer shards of a data-parallel checkpoint are merged into one state (each matrix from its owner,
-    keyed by parameter name), which loads into the single-device optimizer or a sharded one at any world size."""
     root = Path(ckpt_dir)
     trainer = verify_checkpoint(root)
-    dev = str(device)
-    model_state = load_file(str(root / MODEL_FILE), device=dev)
-    shards = trainer.get(SHARDS_KEY)
-    if shards is None:
-        optimizer_state = read_state(root, OPTIM_TENSORS_FILE, OPTIM_JSON_FILE, device=dev)
-    else:
-        from ..parallel.sharded_optimizer import merge_state_dicts  # deferred: only sharded checkpoints need it
-
-        try:
-            optimizer_state = merge_state_dicts(read_optimizer_shards(root, shards, device=dev))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint {root}: optimizer shards do not merge ({exc})") from exc
+    files = optimizer_files(trainer)
+    if not files:
+        raise CheckpointError(f"checkpoint {root} holds --engine fsdp's torch AdamW state inside {DCP_DIR}/, which "
+                              "resumes under --engine fsdp only")
+    model_state = read_model_state(root, trainer, device)
+    with PieceReader(root, files=files, device=str(device)) as reader:
+        optimizer_state = read_full_state(reader)
     return Checkpoint(root, trainer, model_state, optimizer_state)

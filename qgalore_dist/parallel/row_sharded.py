@@ -91,7 +91,7 @@ from ..quant.state8 import Blockwise8bit
 from .collectives import Collectives, CommCounters
 from .plan import OwnershipPlan, make_plan, plan_options
 
-__all__ = ["RowGeometry", "RowShard", "RowShardedQGaLoreOptimizer", "chunk_rows", "merge_row_sharded_state_dicts",
+__all__ = ["RowGeometry", "RowShard", "RowShardedQGaLoreOptimizer", "chunk_rows",
            "STATE_FORMAT"]
 
 STATE_FORMAT = "qgalore_dist.row_sharded/1"
@@ -679,8 +679,8 @@ class RowShardedQGaLoreOptimizer(QGaLoreBase, torch.optim.Optimizer):
         ``projected[name]`` — owner only: the rule state (gate, step, whole projector; left: the moments and
         factors); ``rows[name]`` — every rank, right projection: its rows of the row-sharded state (moment rows
         of the reshaped rows it holds, ProjFactor's row factor rows) and the replicated column factor;
-        ``dense[name]`` — this rank's dense shard state. :func:`merge_row_sharded_state_dicts` joins all ranks'
-        into a single-device ``QGaLoreOptimizer`` state."""
+        ``dense[name]`` — this rank's dense shard state. Checkpoints take :meth:`checkpoint_state` instead (this
+        rank's share of the single-device state), which any world size reads."""
         rows = {}
         projected = {}
         for s in self.shards:
@@ -861,8 +861,8 @@ class RowShardedQGaLoreOptimizer(QGaLoreBase, torch.optim.Optimizer):
         shard = sd.get("shard", {})
         if shard.get("world_size") != self.world_size or shard.get("rank") != self.rank:
             raise ValueError(f"this state is rank {shard.get('rank')} of {shard.get('world_size')}, this process "
-                             f"is rank {self.rank} of {self.world_size} (this placement resumes at the same world "
-                             "size; merge_row_sharded_state_dicts gives a single-device state)")
+                             f"is rank {self.rank} of {self.world_size} (load_state_dict takes this rank's own "
+                             "state; load_pieces reads a checkpoint of any world size)")
         if dict(shard.get("owner", {})) != dict(self.plan.owner):
             raise ValueError("the saved ownership plan differs from this run's")
         missing = sorted(self.owned - set(sd["projected"]))
@@ -898,42 +898,3 @@ def _load_row_tensors(st: MatrixState, tensors: Mapping[str, torch.Tensor]) -> N
     if isinstance(st, ProjFactorState):
         st.row_factor.copy_(tensors["row_factor"])
         st.col_factor.copy_(tensors["col_factor"])
-
-
-def merge_row_sharded_state_dicts(shards: Iterable[Mapping]) -> dict:
-    """All ranks' :meth:`RowShardedQGaLoreOptimizer.state_dict` -> one single-device ``QGaLoreOptimizer`` state
-    (keyed by parameter name): owners' rule state, right-projected row-sharded state concatenated in rank order
-    (moment rows of the reshaped rows each rank holds — a partition of them —, row factor rows; 8-bit blocks lie
-    inside rows, so codes and scales concatenate exactly), the replicated column factor from the first rank.
-    Dense state is taken from the first shard when ranks hold it whole; sharded dense state needs the engine's
-    offsets and is concatenated along dim 0."""
-    shards = sorted(shards, key=lambda sd: sd["shard"]["rank"])
-    if not shards:
-        raise ValueError("merge_row_sharded_state_dicts needs at least one shard")
-    for sd in shards:
-        if sd.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a row-sharded optimizer state (missing format tag {STATE_FORMAT!r})")
-    projected: dict[str, dict] = {}
-    for sd in shards:
-        for name, st in sd["projected"].items():
-            if name in projected:
-                raise ValueError(f"{name} appears in two shards: pass each rank's state_dict() once")
-            projected[name] = {"tensors": dict(st["tensors"]), "meta": dict(st["meta"])}
-    for name, st in projected.items():
-        pieces = [sd["rows"][name]["tensors"] for sd in shards]
-        for key in pieces[0]:
-            if key == "col_factor":  # replicated
-                st["tensors"][key] = pieces[0][key]
-            elif _row_sharded_key(key):
-                st["tensors"][key] = torch.cat([p[key] for p in pieces])
-    dense: dict[str, dict] = {}
-    for name in shards[0]["dense"]:
-        parts = [sd["dense"][name] for sd in shards]
-        if len(parts) == 1:
-            dense[name] = parts[0]
-            continue
-        dense[name] = {"meta": parts[0]["meta"],
-                       "tensors": {k: torch.cat([p["tensors"][k] for p in parts]) for k in parts[0]["tensors"]}}
-    out = {k: v for k, v in shards[0].items() if k not in ("projected", "rows", "dense", "shard", "format")}
-    out.update({"format": REFERENCE_FORMAT, "projected": projected, "dense": dense})
-    return out

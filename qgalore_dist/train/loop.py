@@ -410,6 +410,7 @@ class _Run:
     original: Path | None = None  # a pretrained directory quantised on load: its float model is evaluated too
     data_notes: list[str] = field(default_factory=list)  # what reading the data did (truncated / skipped examples)
     schedule_note: str = ""  # a resumed run whose schedule settings changed
+    reshard_note: str = ""  # a resumed run on another engine or world size
 
 
 @dataclass
@@ -498,7 +499,28 @@ def _prepare(args: TrainArgs, engine: Engine) -> _Run | None:
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {resume_dir}: trainer state does not fit this run ({exc})") from exc
         run.schedule_note = _recompute_schedule(args, scheduler, fresh_base, ckpt.trainer.get("args", {}))
+        run.reshard_note = _reshard_note(args, engine, ckpt.trainer)
     return run
+
+
+def _reshard_note(args: TrainArgs, engine: Engine, record: dict[str, Any]) -> str:
+    """A line when a checkpoint resumes on another engine or world size (every rank takes its share of the saved
+    state), saying whether the global batch — the one thing that keeps the trajectory — is the same."""
+    saved_engine, saved_world = record.get("engine"), record.get("world_size")
+    if saved_engine == engine.name and saved_world == engine.world_size:
+        return ""
+    saved = record.get("args") or {}
+    try:
+        before = int(saved["batch_size"]) * int(saved["grad_accum"]) * int(saved_world)
+    except (KeyError, TypeError, ValueError):
+        before = None
+    now = args.batch_size * args.grad_accum * engine.world_size
+    line = (f"resuming a checkpoint of --engine {saved_engine} on {saved_world} rank(s) with --engine {engine.name} "
+            f"on {engine.world_size}")
+    if before is None or before == now:
+        return line + f" (global batch {now} sequences per step, as saved)"
+    return line + (f"; the global batch changes from {before} to {now} sequences per step (--batch-size × "
+                   "--grad-accum × ranks: keep it to continue the same trajectory)")
 
 
 def _check_inputs(args: TrainArgs, engine: Engine) -> _Inputs:
@@ -622,7 +644,7 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
         f"data {batcher.stream.source}: {batcher.n_windows} train / {batcher.n_val_windows()} val windows"
         + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir is not None else "")
         + (" | no checkpoint to resume, starting fresh" if args.resume == "auto" and resume_dir is None else ""))
-    for line in run.data_notes + ([run.schedule_note] if run.schedule_note else []):
+    for line in run.data_notes + [note for note in (run.schedule_note, run.reshard_note) if note]:
         progress.note(line)
     mem = engine.memory_bytes()
     if mem:
@@ -728,7 +750,7 @@ def _train(args: TrainArgs, engine: Engine, t_start: float) -> TrainResult:
                         raise DivergenceError(f"step {step + 1}: non-finite loss ({loss_sum}); --engine "
                                               f"{engine.name} cannot skip a step, so the run stops here (the last "
                                               "checkpoint is kept)")
-                    engine.skip_step()
+                    engine.skip_step(loss)
                     grad_norm = None
                 else:
                     grad_norm = engine.step()

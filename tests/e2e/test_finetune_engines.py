@@ -142,11 +142,11 @@ def _plain(name: str) -> str:
 def _checkpoint_model(jobs, name: str) -> dict[str, torch.Tensor]:
     """The whole model state of a run's last checkpoint, read offline (peft's names)."""
     root = jobs.out / f"ck_{name}"
-    if name.startswith("fsdp"):
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    if name.startswith("fsdp"):  # every rank's row pieces joined
+        from qgalore_dist.checkpoint.save_load import read_model_state, verify_checkpoint
 
-        dcp_to_torch_save(str(root / "step_000003" / "dcp"), str(jobs.out / f"{name}.pt"))
-        return torch.load(str(jobs.out / f"{name}.pt"), weights_only=False)["model"]
+        ckpt = root / "step_000003"
+        return read_model_state(ckpt, verify_checkpoint(ckpt))
     if name.startswith("zero2"):
         return torch.load(str(root / "global_step3" / "mp_rank_00_model_states.pt"), map_location="cpu",
                           weights_only=False)["module"]

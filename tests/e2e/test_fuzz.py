@@ -447,7 +447,7 @@ CASES = [
     C("resume-missing-weights", lambda f: ["--optimizer", "adamw", "--resume",
                                            f.ckpt_copy("ck", _remove("model.safetensors"))], "is missing"),
     C("resume-garbage-optimizer-state", lambda f: ["--optimizer", "adamw", "--resume",
-                                                   f.ckpt_copy("ck", _write("optimizer.safetensors", b"junk"))],
+                                                   f.ckpt_copy("ck", _write("optimizer_rank00000.safetensors", b"junk"))],
       "is corrupted"),
     C("resume-malformed-trainer-json", lambda f: ["--optimizer", "adamw", "--resume",
                                                   f.ckpt_copy("ck", _write("trainer.json", b"{"))],

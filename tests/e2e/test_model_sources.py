@@ -79,9 +79,9 @@ def test_our_checkpoint_is_a_model_directory(ws, hf, tmp_path) -> None:
     assert load_checkpoint(ckpt).step == 3  # untouched
 
 
-@pytest.mark.parametrize("case", ["pickle-only", "fsdp-layout", "damaged-checkpoint"])
+@pytest.mark.parametrize("case", ["pickle-only", "deepspeed-layout", "damaged-checkpoint"])
 def test_model_directories_that_cannot_be_read(ws, hf, tmp_path, capsys, case) -> None:
-    d = tmp_path / case
+    d = tmp_path / ("global_step1" if case == "deepspeed-layout" else case)
     if case == "pickle-only":
         d.mkdir()
         shutil.copy(hf / "config.json", d / "config.json")
@@ -92,7 +92,7 @@ def test_model_directories_that_cannot_be_read(ws, hf, tmp_path, capsys, case) -
         main(args(ws, "--model", "llama_tiny", "--tokenizer", str(hf), "--max-steps", "1", "--save-dir",
                   str(run)))
         shutil.copytree(run / "step_000001", d)
-        if case == "fsdp-layout":
+        if case == "deepspeed-layout":  # DeepSpeed's global_stepN: what our reader cannot take as a model
             (d / "model.safetensors").unlink()
             fragment = "export it first"
         else:

@@ -215,3 +215,23 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path: Path) -> None:
             pytest.fail("the worker kept running after its launcher died")
         time.sleep(0.1)
     assert "the launcher of this rank 0 of 1" in Path(f"{base}.err").read_text()
+
+
+def test_a_checkpoint_resumes_on_another_engine_and_says_so(ws, tmp_path: Path, capsys) -> None:
+    """A ddp checkpoint (here one process) resumed with --engine local: the start-up says which engine and world
+    size wrote it and that the global batch is the saved one; the continued losses equal the uninterrupted run's
+    (the same arithmetic on one device)."""
+    full = main(args(ws, "--engine", "ddp", "--max-steps", "3", "--save-dir", str(tmp_path / "a"),
+                     "--save-every", "2"))
+    capsys.readouterr()
+    resumed = main(args(ws, "--engine", "local", "--max-steps", "3", "--resume", str(tmp_path / "a" / "step_000002"),
+                        "--save-dir", str(tmp_path / "b")))
+    out = capsys.readouterr()
+    err = out.out + out.err
+    assert "resuming a checkpoint of --engine ddp on 1 rank(s) with --engine local on 1 (global batch 2 " \
+           "sequences per step, as saved)" in err
+    assert resumed.losses == full.losses[2:]
+    main(args(ws, "--engine", "local", "--batch-size", "4", "--max-steps", "3", "--resume",
+              str(tmp_path / "a" / "step_000002"), "--save-dir", str(tmp_path / "c")))
+    out = capsys.readouterr()
+    assert "the global batch changes from 2 to 4 sequences per step" in out.out + out.err

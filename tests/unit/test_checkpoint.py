@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import tiny_llama, token_batches
 
+import qgalore_dist.checkpoint.pieces as pieces
 import qgalore_dist.checkpoint.save_load as save_load
 from qgalore_dist import QGaLoreConfig, QGaLoreOptimizer, quantize_model
 from qgalore_dist.checkpoint import (
@@ -99,8 +100,8 @@ def test_save_load_roundtrip_restores_optimizer_exactly(tmp_path: Path, trained)
     model, opt = trained
     path = _save(tmp_path, 2, model, opt)
     assert path == tmp_path / "step_000002"
-    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "optimizer.json", "optimizer.safetensors",
-                                                      "trainer.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "optimizer_rank00000.json",
+                                                      "optimizer_rank00000.safetensors", "trainer.json"]
     ckpt = load_checkpoint(path)
     assert ckpt.step == 2 and ckpt.trainer["tokens_seen"] == 123
     assert set(ckpt.model_state) == set(model.state_dict())
@@ -120,6 +121,23 @@ def test_save_load_roundtrip_restores_optimizer_exactly(tmp_path: Path, trained)
     assert tree_b == flatten_state(opt.state_dict())[0]
 
 
+def test_checkpoint_of_the_layout_before_pieces_still_loads(tmp_path: Path, trained) -> None:
+    """A checkpoint written before per-rank pieces — one ``optimizer.safetensors`` / ``.json`` (a bare tree), no
+    ``optimizer_shards`` in trainer.json — loads to the same optimizer state through the same reader."""
+    model, opt = trained
+    tmp = tmp_path / "step_000002.tmp"
+    tmp.mkdir()
+    save_load.write_state(tmp, {k: v.detach() for k, v in model.state_dict().items()}, "model.safetensors")
+    save_load.write_state(tmp, opt.state_dict(), "optimizer.safetensors", "optimizer.json")
+    save_load.finalize_checkpoint(tmp, 2, {"tokens_seen": 1})
+    save_load.publish_checkpoint(tmp, tmp_path / "step_000002")
+    ckpt = load_checkpoint(tmp_path / "step_000002")
+    _, a = flatten_state(opt.state_dict())
+    tree_b, b = flatten_state(ckpt.optimizer_state)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert tree_b == flatten_state(opt.state_dict())[0]
+
+
 def test_verify_detects_corruption(tmp_path: Path, trained) -> None:
     model, opt = trained
     good = _save(tmp_path / "good", 1, model, opt)
@@ -131,10 +149,11 @@ def test_verify_detects_corruption(tmp_path: Path, trained) -> None:
         return dst
 
     flipped = variant("flipped")
-    raw = bytearray((flipped / "optimizer.safetensors").read_bytes())
+    raw = bytearray((flipped / "optimizer_rank00000.safetensors").read_bytes())
     raw[len(raw) // 2] ^= 0x01
-    (flipped / "optimizer.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="corrupted: optimizer.safetensors does not match its sha256"):
+    (flipped / "optimizer_rank00000.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError,
+                       match="corrupted: optimizer_rank00000.safetensors does not match its sha256"):
         verify_checkpoint(flipped)
 
     truncated = variant("truncated")
@@ -144,8 +163,8 @@ def test_verify_detects_corruption(tmp_path: Path, trained) -> None:
         verify_checkpoint(truncated)
 
     missing = variant("missing")
-    (missing / "optimizer.json").unlink()
-    with pytest.raises(CheckpointError, match="optimizer.json is missing"):
+    (missing / "optimizer_rank00000.json").unlink()
+    with pytest.raises(CheckpointError, match="optimizer_rank00000.json is missing"):
         verify_checkpoint(missing)
 
     garbage = variant("garbage")
@@ -168,19 +187,19 @@ def test_failed_save_leaves_existing_checkpoint_untouched(tmp_path: Path, traine
     model, opt = trained
     path = _save(tmp_path, 5, model, opt)
     before = _digest(tmp_path)
-    real = save_load.save_file
+    real = pieces.save_file
 
     def failing(tensors, filename, metadata=None):
-        if filename.endswith("optimizer.safetensors"):
+        if filename.endswith("optimizer_rank00000.safetensors"):
             raise OSError("disk full")
         return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(save_load, "save_file", failing)
+    monkeypatch.setattr(pieces, "save_file", failing)
     with pytest.raises(OSError, match="disk full"):
         _save(tmp_path, 5, model, opt)  # same step: would replace the existing checkpoint
     assert _digest(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000005"]  # no temp directory left behind
-    monkeypatch.setattr(save_load, "save_file", real)
+    monkeypatch.setattr(pieces, "save_file", real)
 
     # a successful save of the same step replaces it atomically and leaves no side directories
     _save(tmp_path, 5, model, opt, note="second")

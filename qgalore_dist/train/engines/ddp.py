@@ -17,13 +17,14 @@ is the mean over ranks, ``svd_count`` is the job's total (each refresh counted o
 ``comm_bytes`` this rank's optimizer traffic of the step (sent + received).
 
 Checkpoints (``<save-dir>/step_NNNNNN/``, :mod:`qgalore_dist.checkpoint.save_load`'s format): rank 0 writes the
-(replicated) model once, the tokenizer and ``trainer.json``; every rank writes its optimizer shard
-(``optimizer_rankRRRRR.safetensors`` + ``.json``: its owned matrices keyed by parameter name, plus the replicated
-dense state) and ``trainer_rankRRRRR.json`` (its RNG). All ranks write into one ``step_NNNNNN.tmp-<pid of rank
+(replicated) model once, the tokenizer and ``trainer.json``; every rank writes its share of the single-device
+optimizer state (``optimizer_rankRRRRR.safetensors`` + ``.json``, :mod:`qgalore_dist.checkpoint.pieces`: its owned
+matrices keyed by parameter name; rank 0 also the replicated dense state) and ``trainer_rankRRRRR.json`` (its
+RNG). All ranks write into one ``step_NNNNNN.tmp-<pid of rank
 0>`` directory, meet at a barrier, rank 0 writes the manifest, verifies and renames it into place, and a second
-barrier releases everyone. Resuming verifies every hash on every rank; at the same world size each rank reads its
-own shard, at another one (or from a single-device checkpoint) the shards are merged and each rank takes the
-matrices the recomputed ownership plan gives it. Any failure on any rank raises on every rank (one all-reduced
+barrier releases everyone. Resuming verifies every hash on every rank; each rank reads the matrices the ownership
+plan of this run gives it, from a checkpoint of any engine but deepspeed at any world size (an fsdp checkpoint's
+model rows and optimizer pieces are joined). Any failure on any rank raises on every rank (one all-reduced
 flag), so a corrupted checkpoint ends every rank with ``CheckpointError`` (exit 2) and nothing is overwritten.
 
 Failure behaviour: every collective runs under ``--dist-timeout``; a rank that dies (its sockets close) or hangs
@@ -43,13 +44,11 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
 
+from ...checkpoint.pieces import PieceReader, read_full_state
 from ...checkpoint.save_load import (
     MODEL_FILE,
-    OPTIM_JSON_FILE,
-    OPTIM_TENSORS_FILE,
     SHARDS_KEY,
     TOKENIZER_DIR,
     CheckpointError,
@@ -57,12 +56,12 @@ from ...checkpoint.save_load import (
     finalize_checkpoint,
     list_checkpoints,
     load_model_state,
-    optimizer_shard_files,
+    optimizer_files,
     publish_checkpoint,
-    read_optimizer_shards,
-    read_state,
+    read_model_state,
     trainer_shard_file,
     verify_checkpoint,
+    write_optimizer,
     write_state,
 )
 from ...errors import DistributedError, UsageError
@@ -70,7 +69,7 @@ from ...nn.int8_linear import QGaLoreLinear
 from ...parallel.collectives import Collectives, all_reduce_bytes
 from ...parallel.launch_env import DistEnv, init_distributed
 from ...parallel.replicas import ReplicaMismatch
-from ...parallel.sharded_optimizer import ShardedQGaLoreOptimizer, merge_state_dicts
+from ...parallel.sharded_optimizer import ShardedQGaLoreOptimizer
 from ..args import INT8_OPTIMIZERS, LOWRANK_OPTIMIZERS, TrainArgs
 from .base import ResumePoint
 from .distributed import DistributedEngine, joining, rank_backend
@@ -244,14 +243,16 @@ class DDPEngine(DistributedEngine):
         self._agree(error, CheckpointError, f"saving checkpoint {final}")
         try:
             try:
-                if self.sharded:
-                    write_state(tmp, self.optimizer.state_dict(), *optimizer_shard_files(self.rank))
+                if self.sharded:  # its matrices' state; the replicated dense state once, from rank 0
+                    state = {k: v for k, v in self.optimizer.state_dict().items()
+                             if k != "shard" and (k != "dense" or self.is_main)}
+                    write_optimizer(tmp, self.rank, state)
                 (tmp / trainer_shard_file(self.rank)).write_text(
                     json.dumps({"rank": self.rank, "rng": trainer_state["rng"]}), encoding="utf-8")
                 if self.is_main:
                     write_state(tmp, {k: v.detach() for k, v in self.model.state_dict().items()}, MODEL_FILE)
                     if not self.sharded:  # baselines: the optimizer state is replicated — stored once
-                        write_state(tmp, self.optimizer.state_dict(), OPTIM_TENSORS_FILE, OPTIM_JSON_FILE)
+                        write_optimizer(tmp, 0, self.optimizer.state_dict())
                     if tokenizer is not None:
                         tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             except (OSError, ValueError, TypeError) as exc:
@@ -260,8 +261,7 @@ class DDPEngine(DistributedEngine):
             if self.is_main:
                 try:
                     record = dict(trainer_state, ranks=self.world_size)
-                    if self.sharded:
-                        record[SHARDS_KEY] = self.world_size
+                    record[SHARDS_KEY] = self.world_size if self.sharded else 1
                     finalize_checkpoint(tmp, step, record)
                     verify_checkpoint(tmp)
                     publish_checkpoint(tmp, final, tag)
@@ -275,27 +275,21 @@ class DDPEngine(DistributedEngine):
         return final
 
     def _read_optimizer_state(self, root: Path, record: dict[str, Any]) -> dict[str, Any]:
-        """This rank's optimizer state: its own shard when the checkpoint's ownership is this run's, else the
-        merge of every shard (another world size), else the single optimizer file (single-device / baseline)."""
-        shards = record.get(SHARDS_KEY)
-        if shards is None:
-            return read_state(root, OPTIM_TENSORS_FILE, OPTIM_JSON_FILE)
-        if not self.sharded:
-            raise CheckpointError(f"checkpoint {root} holds sharded Q-GaLore optimizer state, this run uses "
-                                  f"--optimizer {self.args.optimizer}")
-        if shards == self.world_size:
-            own = read_state(root, *optimizer_shard_files(self.rank))
-            if dict(own.get("shard", {}).get("owner", {})) == dict(self.optimizer.plan.owner):
-                return own
-        return merge_state_dicts(read_optimizer_shards(root, shards))
+        """The single-device optimizer state from any engine's checkpoint at any world size — of the Q-GaLore
+        optimizer, only the matrices this rank owns (the rest it never reads)."""
+        files = optimizer_files(record)
+        if not files:
+            raise CheckpointError(f"checkpoint {root} holds --engine fsdp's torch AdamW state inside its dcp/, which "
+                                  "resumes under --engine fsdp only")
+        with PieceReader(root, files=files, device=str(self.device)) as reader:
+            return read_full_state(reader, projected=set(self.optimizer.owned) if self.sharded else None)
 
     def load_checkpoint(self, path: Path) -> ResumePoint:
         root = Path(path)
         error, record, opt_state = None, None, None
         try:
             record = verify_checkpoint(root)
-            load_model_state(self.model, load_file(str(root / MODEL_FILE), device=str(self.device)),
-                             f"checkpoint {root}")
+            load_model_state(self.model, read_model_state(root, record, self.device), f"checkpoint {root}")
             opt_state = self._read_optimizer_state(root, record)
             mine = root / trainer_shard_file(self.rank)
             if self.rank < int(record.get("ranks", 1)) and mine.is_file():

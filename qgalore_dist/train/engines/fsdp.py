@@ -41,21 +41,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ...checkpoint.pieces import PieceReader, tensor_starts, write_pieces
+from ...checkpoint.pieces import PieceReader, write_pieces
 from ...checkpoint.save_load import (
+    DCP_DIR,
+    FSDP_LAYOUT,
+    MODEL_SHARDS_KEY,
+    MODEL_STEM,
     SHARDS_KEY,
     TOKENIZER_DIR,
     CheckpointError,
     capture_rng_state,
     checkpoint_name,
     finalize_checkpoint,
-    flatten_state,
     list_checkpoints,
-    manifest_files,
+    model_files,
+    optimizer_files,
     publish_checkpoint,
-    read_record,
     restore_rng_state,
-    verify_files,
+    trainer_shard_file,
+    verify_checkpoint,
+    write_optimizer,
 )
 from ...errors import ModelSpecError, UsageError
 from ...models.arch import decoder_layer_modules
@@ -71,13 +76,6 @@ from .distributed import DistributedEngine, joining, rank_backend
 
 __all__ = ["FSDPEngine"]
 
-DCP_DIR = "dcp"
-FORMAT = "qgalore_dist.fsdp_checkpoint/2"  # /1: optimizer inside dcp/ under rank keys (same N only)
-OPTIM_STEM = "optimizer"  # optimizer_rank<R>.safetensors / .json: the one optimizer layout of every engine
-
-
-def _trainer_json(rank: int) -> str:
-    return f"trainer_rank{rank:05d}.json"
 
 
 class FSDPEngine(DistributedEngine):
@@ -291,59 +289,76 @@ class FSDPEngine(DistributedEngine):
         return record
 
     def _verify(self, root: Path) -> dict[str, Any]:
-        record = read_record(root)
-        if record.get("fsdp_format") == "qgalore_dist.fsdp_checkpoint/1":
-            raise CheckpointError(f"checkpoint {root} is in the first fsdp layout (optimizer state under rank keys "
-                                  "inside dcp/), which this version no longer reads: resume it with the release that "
-                                  "wrote it, or restart from its --export")
-        if record.get("fsdp_format") != FORMAT:
-            raise CheckpointError(f"checkpoint {root} was not written by --engine fsdp (resume it with the engine "
-                                  f"that wrote it: {record.get('engine')})")
-        if not isinstance(record.get("world_size"), int) or record["world_size"] < 1:
-            raise CheckpointError(f"checkpoint {root}: trainer.json has no valid world_size")
-        verify_files(root, manifest_files(root, record,
-                                          lambda files: any(f.startswith(DCP_DIR + "/") for f in files)))
+        """Any checkpoint of the local, ddp or fsdp engine at any world size (hashes checked)."""
+        record = verify_checkpoint(root)
+        placed = self.args.optimizer in LOWRANK_OPTIMIZERS or self.args.optimizer == "adamw8bit"
+        if not placed and (record.get("fsdp_format") is None or SHARDS_KEY in record):
+            raise CheckpointError(f"checkpoint {root}: --optimizer {self.args.optimizer} under --engine fsdp keeps "
+                                  f"torch AdamW's state in {DCP_DIR}/ and resumes only its own fsdp checkpoints "
+                                  f"(this one was written by --engine {record.get('engine')})")
         return record
 
-    def _dcp_state(self) -> dict[str, Any]:
-        """The DCP state dict, all in place: the model (INT8 codes and scales, dense parameters — row-sharded
-        DTensors, which DCP reshards to any world size) and, for torch's AdamW baseline, its DTensor state. The
-        row-sharded optimizer's state goes to its own pieces (``optimizer_rank<R>.safetensors`` / ``.json``, read back
-        at any world size: :meth:`RowShardedQGaLoreOptimizer.load_pieces`)."""
+    def _model_pieces(self) -> Iterator[tuple[str, torch.Tensor, Int8RowTensor | None, int]]:
+        """``(state name, this rank's tensor, INT8 holder or None, global rows)`` of every model tensor this rank
+        holds: INT8 weights as ``<name>_codes`` / ``_scales`` (as ``model.state_dict()`` names them on one device),
+        dense parameters as their local row shard (FSDP2 splits dim 0 like ``torch.chunk``)."""
         from torch.distributed.tensor import DTensor
 
         self._reshard()
-        model_sd: dict[str, Any] = {}
         for n, p in self.model.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
+            m = int(p.shape[0]) if p.dim() else 1
             if isinstance(local, Int8RowTensor):
-                m, k = int(p.shape[0]), int(p.shape[1])
-                model_sd[f"{n}_codes"] = self._rows_dtensor(local.codes, (m, k))
-                model_sd[f"{n}_scales"] = self._rows_dtensor(local.scales, (m, local.scales.shape[1]))
+                yield f"{n}_codes", local.codes, local, m
+                yield f"{n}_scales", local.scales, local, m
             else:
-                model_sd[n] = p
-        state: dict[str, Any] = {"model": model_sd}
-        if not isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+                yield n, local.data if isinstance(local, nn.Parameter) else local, None, m
 
-            # torch AdamW over DTensors: DCP's own state-dict helpers key it by parameter name
-            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
-        return state
+    def _row0(self, m: int) -> int:
+        return sum(chunk_rows(m, self.world_size)[:self.rank])
+
+    def _write_model(self, directory: Path) -> None:
+        """This rank's rows of every model tensor as pieces of the whole (:mod:`...checkpoint.pieces`), rank 0 the
+        persistent buffers — the model layout any engine reads at any world size."""
+        tensors, starts = {}, {}
+        for name, t, _, m in self._model_pieces():
+            tensors[name] = t.detach()
+            starts[name] = (self._row0(m), 0) if t.dim() else None
+        if self.is_main:
+            keys = set(self.model.state_dict())
+            for n, b in self.model.named_buffers():
+                if n in keys:
+                    tensors[n], starts[n] = b.detach(), None
+        write_pieces(directory, MODEL_STEM, self.rank, {k: {"__tensor__": k} for k in tensors}, tensors, starts)
+
+    def _load_model(self, reader) -> None:
+        """This rank's rows of every parameter and the buffers from any engine's model (``reader``: the
+        checkpoint's model pieces, or its whole ``model.safetensors``): only these rows are read."""
+        with torch.no_grad():
+            for name, t, _, m in self._model_pieces():
+                got = reader.rows(name, self._row0(m), int(t.shape[0])) if t.dim() else reader.full(name)
+                if tuple(got.shape) != tuple(t.shape):
+                    raise CheckpointError(f"{reader.root}: {name} has {tuple(got.shape)} for this rank's rows, "
+                                          f"the model {tuple(t.shape)}")
+                t.copy_(got)
+            have = set(reader.keys())
+            for n, b in self.model.named_buffers():
+                if n in have:
+                    b.copy_(reader.full(n))
+
+    def _dcp_optimizer(self) -> dict[str, Any]:
+        """torch AdamW's state over the DTensors (``--optimizer adamw``), keyed by parameter name by DCP's own
+        helper: saved and loaded with ``torch.distributed.checkpoint``, which reshards it."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        self._reshard()
+        return {"optim": get_optimizer_state_dict(self.model, self.optimizer)}
 
     def _reshard(self) -> None:
         """Back to the sharded parameters: an evaluation forward (no backward) leaves the root gathered, and
         checkpoints / exports must see the row-sharded DTensors."""
         for m in self.fsdp_modules:
             m.reshard()
-
-    def _rows_dtensor(self, local: torch.Tensor, global_shape: tuple[int, ...]):
-        from torch.distributed.tensor import DTensor, Shard
-
-        if self.mesh is None:  # one rank: the local rows are the whole tensor
-            return local
-        stride = tuple(int(torch.tensor(global_shape[i + 1:]).prod()) for i in range(len(global_shape)))
-        return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=torch.Size(global_shape),
-                                  stride=stride)
 
     def save_checkpoint(self, save_dir: str | Path, step: int, trainer_state: dict[str, Any],
                         tokenizer: Any) -> Path:
@@ -369,12 +384,12 @@ class FSDPEngine(DistributedEngine):
                 error = f"cannot create {tmp}: {exc}"
         self._agree(error, CheckpointError, "creating the checkpoint directory")
         try:
-            dcp.save(self._dcp_state(), checkpoint_id=str(tmp / DCP_DIR))
+            self._write_model(tmp)
             if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
-                state, starts = self.optimizer.checkpoint_state()
-                tree, tensors = flatten_state(state)
-                write_pieces(tmp, OPTIM_STEM, self.rank, tree, tensors, tensor_starts(tree, starts))
-            (tmp / _trainer_json(self.rank)).write_text(json.dumps({"rng": capture_rng_state()}), encoding="utf-8")
+                write_optimizer(tmp, self.rank, *self.optimizer.checkpoint_state())
+            else:
+                dcp.save(self._dcp_optimizer(), checkpoint_id=str(tmp / DCP_DIR))
+            (tmp / trainer_shard_file(self.rank)).write_text(json.dumps({"rng": capture_rng_state()}), encoding="utf-8")
             if self.is_main and tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             error = None
@@ -383,8 +398,10 @@ class FSDPEngine(DistributedEngine):
         self._agree(error, CheckpointError, "writing the checkpoint")
         if self.is_main:
             try:
-                finalize_checkpoint(tmp, step, {**trainer_state, "fsdp_format": FORMAT,
-                                                SHARDS_KEY: self.world_size})
+                record = {**trainer_state, "fsdp_format": FSDP_LAYOUT, MODEL_SHARDS_KEY: self.world_size}
+                if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
+                    record[SHARDS_KEY] = self.world_size
+                finalize_checkpoint(tmp, step, record)
                 publish_checkpoint(tmp, final, int(tag))
             except Exception as exc:  # noqa: BLE001
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -399,24 +416,27 @@ class FSDPEngine(DistributedEngine):
         error, rng = None, None
         try:
             record = self._verify(root)
-            saved_world = int(record["world_size"])
-            # RNG: per rank at the same world size; else rank 0's (every stream the step draws is keyed globally —
-            # stochastic rounding, random projections — so this only matters to user code drawing from torch)
-            mine = _trainer_json(self.rank if self.rank < saved_world and saved_world == self.world_size else 0)
-            rng = json.loads((root / mine).read_text(encoding="utf-8"))["rng"]
+            # RNG: per rank at the same world size; else the main rank's (every stream the step draws is keyed
+            # globally — stochastic rounding, random projections — so this only matters to user code)
+            mine = root / trainer_shard_file(self.rank)
+            same = record.get("world_size") == self.world_size and mine.is_file()
+            rng = json.loads(mine.read_text(encoding="utf-8"))["rng"] if same else record.get("rng")
         except (CheckpointError, OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             error = f"checkpoint {root}: {exc}"
         self._agree(error, CheckpointError, f"reading checkpoint {root}")
-        state = self._dcp_state()  # destination tensors: the live ones, loaded in place (DCP reshards them)
         try:
-            dcp.load(state, checkpoint_id=str(root / DCP_DIR))
+            with PieceReader(root, files=model_files(record)) as reader:
+                self._load_model(reader)
+            if not isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
+                state = self._dcp_optimizer()  # destination: the live tensors, loaded in place (DCP reshards them)
+                dcp.load(state, checkpoint_id=str(root / DCP_DIR))
             error = None
         except Exception as exc:  # noqa: BLE001
             error = f"checkpoint {root} could not be loaded on rank {self.rank}: {exc}"
         self._agree(error, CheckpointError, f"loading checkpoint {root}")
         try:
             if isinstance(self.optimizer, RowShardedQGaLoreOptimizer):
-                with PieceReader(root, OPTIM_STEM, saved_world) as reader:
+                with PieceReader(root, files=optimizer_files(record)) as reader:
                     self.optimizer.load_pieces(reader)  # collective; this rank reads its share only
             else:
                 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -424,7 +444,8 @@ class FSDPEngine(DistributedEngine):
                 set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {root}: optimizer state does not fit this run ({exc})") from exc
-        restore_rng_state(rng)
+        if rng is not None:
+            restore_rng_state(rng)
         return ResumePoint(int(record["step"]), record)
 
     # --- export ----------------------------------------------------------------------------------------------
