@@ -60,7 +60,7 @@ def _leave_at_backward(engine, n: int, out: Path, name: str, rank: int) -> None:
 
 def run(out: Path, name: str, argv: list[str], rank: int) -> None:
     from qgalore_dist.checkpoint.save_load import CheckpointError
-    from qgalore_dist.errors import DistributedError, UsageError
+    from qgalore_dist.errors import DistributedError, DivergenceError, UsageError
     from qgalore_dist.train.cli import parse_args
     from qgalore_dist.train.engines import make_engine
     from qgalore_dist.train.loop import train
@@ -97,6 +97,8 @@ def run(out: Path, name: str, argv: list[str], rank: int) -> None:
             result = train(args, engine)
         except (CheckpointError, UsageError) as exc:
             rec["user_error"] = f"{type(exc).__name__}: {exc}"
+        except DivergenceError as exc:
+            rec["diverged"] = str(exc)
         except DistributedError as exc:
             rec["dist_error"] = str(exc)
             rec["seconds"] = time.monotonic() - t0

@@ -93,6 +93,12 @@ def _scenarios(out: Path) -> list[dict]:
                                                      "--save-every", "3"]})
     sc.append({"name": "z3_dense8_resume", "argv": ["--ds_config", str(out / "z3_dense8.json"), *COMMON, "--resume",
                                                     str(out / "ck_z3_dense8" / "global_step3")]})
+    # --lr 1e30: the loss turns non-finite; DeepSpeed steps on (its counters advance) but nothing is applied,
+    # until --max-skipped-steps in a row stop the run
+    for s in (2, 3):
+        sc.append({"name": f"z{s}_diverge", "argv": ["--ds_config", str(out / f"z{s}.json"), *COMMON, "--lr", "1e30",
+                                                     "--max-skipped-steps", "2", "--metrics-jsonl",
+                                                     str(out / f"z{s}_diverge.jsonl")]})
     sc.append({"name": "z2_galore", "argv": ["--ds_config", ds_config(out / "z2_galore.json", 2), *COMMON,
                                              "--optimizer", "galore"]})
     sc.append({"name": "z3_start", "argv": ["--ds_config", str(out / "z3.json"), *_odd_args(out)]})
@@ -471,6 +477,21 @@ def test_logged_link_bytes_convention():
     assert dense_comm_bytes(1000, 4, 2, 2, grad_accum=2) == 5 * one
     assert dense_comm_bytes(1000, 4, 2, 1, grad_accum=2) == 3 * one
     assert dense_comm_bytes(1000, 4, 2, 3, grad_accum=2) == 6 * one
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_non_finite_loss_skips_steps_then_stops(run, stage):
+    """--lr 1e30 under ZeRO-2/3: once the loss is non-finite every step is skipped on every rank while DeepSpeed's
+    own step still runs (the client optimizer and the side-car both skip); --max-skipped-steps 2 in a row end the
+    run with DivergenceError (exit 3), the weights as of the last applied step."""
+    recs = run["recs"][f"z{stage}_diverge"]
+    for rec in recs:
+        assert "error" not in rec, rec["error"]
+        assert "training diverged: 2 steps in a row" in rec.get("diverged", ""), rec
+    train = [json.loads(x) for x in (run["dir"] / f"z{stage}_diverge.jsonl").read_text().splitlines()
+             if json.loads(x)["event"] == "train"]
+    assert [bool(r.get("skipped")) for r in train] == [False] * (len(train) - 2) + [True, True]
+    assert train[-1]["skipped"] == "non-finite loss" and train[-1]["grad_norm"] is None
 
 
 def test_corrupted_checkpoint_is_refused(run):

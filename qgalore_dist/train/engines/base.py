@@ -64,9 +64,10 @@ class Engine:
     #: whether :meth:`skip_step` can drop a step whose loss was not finite (the loop stops the run otherwise)
     can_skip_steps = True
 
-    def skip_step(self) -> None:
-        """Drop the step in progress — its loss was not finite on some rank, so the remaining micro-batches were
-        not run backward — with no update applied: the gradients accumulated so far are discarded."""
+    def skip_step(self, loss: torch.Tensor | None = None) -> None:
+        """Drop the step in progress — its loss (``loss``: this rank's, of the micro-batch where the check failed)
+        was not finite on some rank, so that and the remaining micro-batches were not run backward — with no
+        update applied: the gradients accumulated so far are discarded."""
         self.zero_grad()
 
     def mean_over_ranks(self, value: float) -> float:

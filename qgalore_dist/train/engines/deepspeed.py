@@ -122,7 +122,7 @@ from ...config import QGaLoreConfig
 from ...errors import DistributedError, UsageError
 from ...nn.int8_linear import QGaLoreLinear
 from ...nn.materialize import PendingModel
-from ...optim.norms import closure_loss
+from ...optim.norms import StepResult, closure_loss
 from ...optim.optimizer import QGaLoreBase
 from ..args import FINETUNE_DEFAULTS, INT8_OPTIMIZERS, TrainArgs
 from .base import ResumePoint
@@ -507,7 +507,7 @@ class DeepSpeedEngine(DistributedEngine):
     _sidecar_params: frozenset | set = frozenset()  # ids of parameters the side-car steps (galore's float weights)
     # DeepSpeed owns the dense gradients' buffers and its micro-step counters: a step abandoned half-way (a
     # non-finite loss before some micro-batches' backward) would leave them out of step; the loop stops instead
-    can_skip_steps = False
+    can_skip_steps = True
 
     def __init__(self, args: TrainArgs, settings: DSSettings, denv, owns_group: bool) -> None:
         self.args = args
@@ -700,7 +700,7 @@ class DeepSpeedEngine(DistributedEngine):
         self.optimizer.step()
         return self.optimizer.last_step.grad_norm
 
-    def _step(self) -> float | None:
+    def _step(self, skipping: bool = False) -> float | None:
         if self._micro != self.args.grad_accum:
             raise RuntimeError(f"step() after {self._micro} micro-batches; gradient_accumulation_steps is "
                                f"{self.args.grad_accum}")
@@ -710,7 +710,12 @@ class DeepSpeedEngine(DistributedEngine):
         with self._guard("optimizer step"):
             self.sidecar.begin_step()
             self.ds.step()
-            if self.client.calls != calls + 1:
+            if skipping and self.client.calls == calls:
+                # ZeRO-1/2 saw the non-finite gradients itself (its overflow check, agreed over ranks) and skipped
+                # its optimizer: the side-car's norm is non-finite all the same, on every rank
+                _, self._coef = self.sidecar.shared_norm(float("nan"))
+                self.client.last_step = StepResult(float("nan"), 1.0, skipped=True)
+            elif self.client.calls != calls + 1:
                 raise RuntimeError(f"DeepSpeed called the dense optimizer {self.client.calls - calls} times in one "
                                    "step (expected once: fp16 overflow skips or ZeRO-3 sub-groups would break the "
                                    "shared clipping norm)")
@@ -719,6 +724,23 @@ class DeepSpeedEngine(DistributedEngine):
             self.last_ds_comm = self.ds_comm.take()
         self._micro = 0
         return self.client.last_step.grad_norm
+
+    def skip_step(self, loss: torch.Tensor | None = None) -> None:
+        """A non-finite loss at some micro-batch of the window (on some rank): DeepSpeed still steps — its step
+        counters and LR scheduler advance and its window closes, as a DeepSpeed user expects — but nothing is
+        applied. That micro-batch's backward (of ``loss × NaN``, on every rank) closes the window early, so every
+        gradient is non-finite; the agreed norm is then non-finite and both the dense client optimizer and the
+        side-car skip (no update, no moment change; a refresh due on the step leaves basis and gate as they are)."""
+        if loss is None:
+            raise RuntimeError("DeepSpeed's skip_step needs the micro-batch's loss (its backward closes the window)")
+        self._micro = self.args.grad_accum
+        self.ds.set_gradient_accumulation_boundary(True)
+        with self._guard("backward of a skipped step"):
+            self.ds.backward(loss * float("nan"), scale_wrt_gas=False)
+        norm = self._step(skipping=True)
+        side = getattr(self.sidecar, "opt", self.sidecar)  # ZeRO-3's side-car steps its row-sharded optimizer
+        if not self.client.last_step.skipped or not side.last_step.skipped:
+            raise RuntimeError(f"a step with a non-finite loss was not skipped (norm {norm})")
 
     def zero_grad(self) -> None:
         # DeepSpeed zeroes its gradients at the end of its own step
