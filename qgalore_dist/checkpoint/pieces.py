@@ -285,18 +285,18 @@ def read_full_state(reader: PieceReader, projected: set[str] | None = None) -> d
                 got = reader.block_row(c["__tensor__"], a["__tensor__"], 0, n, signed, block)
                 tensors[c["__tensor__"]], tensors[a["__tensor__"]] = got["codes"], got["absmax"]
 
-    def walk(node: Any) -> None:
+    # an explicit stack, not a recursive closure: a closure that calls itself is a reference cycle, which would keep
+    # every tensor read here alive until the next garbage collection (115 MiB at llama_130m)
+    stack = [tree]
+    while stack:
+        node = stack.pop()
         if isinstance(node, dict) and set(node) == {"__tensor__"}:
             if node["__tensor__"] not in tensors:
                 tensors[node["__tensor__"]] = reader.full(node["__tensor__"])
         elif isinstance(node, dict):
-            for v in node.values():
-                walk(v)
+            stack.extend(node.values())
         elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(tree)
+            stack.extend(node)
     return unflatten_state(tree, tensors)
 
 

@@ -133,40 +133,43 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tens
     (safetensors refuses strided views) and tensors sharing storage are copied (safetensors refuses aliases).
     """
     tensors: dict[str, torch.Tensor] = {}
-    seen_storage: set[int] = set()
+    # a module-level recursion, not a closure calling itself: that would be a reference cycle keeping every tensor
+    # (on a GPU: every host copy) alive until the next garbage collection
+    return _encode(obj, prefix, tensors, set()), tensors
 
-    def enc(x: Any, path: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            if path in tensors:
-                raise ValueError(f"state key {path!r} occurs twice (mixed int/str keys that print alike)")
-            t = x.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            ptr = t.untyped_storage().data_ptr() if t.numel() else 0
-            if ptr and ptr in seen_storage:
-                t = t.clone()
-            elif ptr:
-                seen_storage.add(ptr)
-            tensors[path] = t.contiguous()
-            return {_TENSOR: path}
-        if isinstance(x, Mapping):
-            keys = list(x.keys())
-            plain = all(isinstance(k, str) and not (k.startswith("__") and k.endswith("__")) for k in keys)
-            if plain:
-                return {k: enc(v, f"{path}.{k}" if path else k) for k, v in x.items()}
-            for k in keys:
-                if isinstance(k, bool) or not isinstance(k, (str, int)):
-                    raise TypeError(f"state key {k!r} at {path or '<root>'!r}: only str and int keys are storable")
-            return {_ITEMS: [[k, enc(v, f"{path}.{k}" if path else str(k))] for k, v in x.items()]}
-        if isinstance(x, tuple):
-            return {_TUPLE: [enc(v, f"{path}.{i}") for i, v in enumerate(x)]}
-        if isinstance(x, list):
-            return [enc(v, f"{path}.{i}") for i, v in enumerate(x)]
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        raise TypeError(f"state value at {path or '<root>'!r} has unsupported type {type(x).__name__}")
 
-    return enc(obj, prefix), tensors
+def _encode(x: Any, path: str, tensors: dict[str, torch.Tensor], seen_storage: set[int]) -> Any:
+    """:func:`flatten_state`'s recursion: ``x`` at ``path`` as a JSON-able tree, its tensors added to ``tensors``."""
+    if isinstance(x, torch.Tensor):
+        if path in tensors:
+            raise ValueError(f"state key {path!r} occurs twice (mixed int/str keys that print alike)")
+        t = x.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        if ptr and ptr in seen_storage:
+            t = t.clone()
+        elif ptr:
+            seen_storage.add(ptr)
+        tensors[path] = t.contiguous()
+        return {_TENSOR: path}
+    if isinstance(x, Mapping):
+        keys = list(x.keys())
+        plain = all(isinstance(k, str) and not (k.startswith("__") and k.endswith("__")) for k in keys)
+        if plain:
+            return {k: _encode(v, f"{path}.{k}" if path else k, tensors, seen_storage) for k, v in x.items()}
+        for k in keys:
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                raise TypeError(f"state key {k!r} at {path or '<root>'!r}: only str and int keys are storable")
+        return {_ITEMS: [[k, _encode(v, f"{path}.{k}" if path else str(k), tensors, seen_storage)]
+                         for k, v in x.items()]}
+    if isinstance(x, tuple):
+        return {_TUPLE: [_encode(v, f"{path}.{i}", tensors, seen_storage) for i, v in enumerate(x)]}
+    if isinstance(x, list):
+        return [_encode(v, f"{path}.{i}", tensors, seen_storage) for i, v in enumerate(x)]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"state value at {path or '<root>'!r} has unsupported type {type(x).__name__}")
 
 
 def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -477,7 +480,7 @@ def _with_aliases(model: "torch.nn.Module", state: Mapping[str, torch.Tensor]) -
                 out[k] = out[have[0]]
     own_buffers = dict(model.named_buffers())
     for k in set(model.state_dict()) - set(out):
-        if k in own_buffers:
+        if k in own_buffers and not k.endswith(("_codes", "_scales")):  # INT8 weights are trained: never filled
             out[k] = own_buffers[k]
     return out
 

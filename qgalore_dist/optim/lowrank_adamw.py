@@ -75,6 +75,7 @@ class MatrixState:
     history: list[RefreshRecord] = field(default_factory=list)
     granularity: float = 1.0
     rule_name: str = "adamw"  # which rule's state this is (optim/rules.py): checkpoints of another are refused
+    refresh_skipped: bool = False  # the last due refresh met a non-finite gradient: basis kept, moments not moved
 
     @property
     def proj_shape(self) -> tuple[int, int]:
@@ -215,12 +216,15 @@ class LowRankAdamW:
         if c.projection in RANDOM_PROJECTIONS:
             return self._resample(st, grad)
         grad = to_granular(grad, st.proj_shape)
-        if not bool(torch.isfinite(grad).all()):
+        st.refresh_skipped = not bool(torch.isfinite(grad).all())
+        if st.refresh_skipped:
             # a non-finite gradient (an overflow in backward): its projection, hence the step's global norm, is
             # non-finite, so the step is skipped; the basis, moments and gate stay as they are and the refresh stays
-            # due. A first refresh still needs a basis to project with: a zero one (finite; 0 · NaN is NaN)
+            # due (``refresh_skipped`` tells a placement's replicas not to rotate their moment rows either). A first
+            # refresh still needs a basis to project with: a zero one, stored as every basis is (0 · NaN is NaN)
             if st.basis is None:
-                st.basis = grad.new_zeros(basis_shape(*st.proj_shape, st.rank, st.side))
+                st.basis = self._stored_basis(torch.zeros(basis_shape(*st.proj_shape, st.rank, st.side),
+                                                          dtype=torch.float32, device=grad.device))
             return None
         gen = None
         if c.projection == "rsvd":
@@ -233,10 +237,7 @@ class LowRankAdamW:
         if st.basis is not None:
             old = st.basis_float(new.dtype)
             similarity = subspace_similarity(old, new, st.side, c.similarity)
-        if c.quantize and c.proj_bits == 4:
-            st.basis = Int4Matrix.quantize(new, c.proj_group_size)
-        else:
-            st.basis = new
+        st.basis = self._stored_basis(new)
         if old is not None:
             # into the basis as stored (INT4-rounded): what every projection uses from now on, and what a rank
             # that only receives the stored basis can rotate its own moment rows with, identically
@@ -245,6 +246,11 @@ class LowRankAdamW:
         st.gate.record(st.step, similarity, offset=st.refresh_offset if first else 0)
         st.history.append(RefreshRecord(st.step, st.name, similarity, st.gate.interval))
         return similarity
+
+    def _stored_basis(self, new: torch.Tensor) -> torch.Tensor | Int4Matrix:
+        """A computed basis as the state keeps it: INT4 (Q-GaLore) or as computed (the float reference mode)."""
+        c = self.config
+        return Int4Matrix.quantize(new, c.proj_group_size) if c.quantize and c.proj_bits == 4 else new
 
     def _resample(self, st: MatrixState, grad: torch.Tensor | None) -> None:
         """Random projection: draw the basis keyed by (seed, this step, name) — a pure function of the step, so

@@ -612,7 +612,9 @@ class RowShardedQGaLoreOptimizer(QGaLoreBase, torch.optim.Optimizer):
             h = torch.zeros(4, dtype=torch.int64)
             if n in self.owned:
                 st = self.mstate[n]
-                h[0], h[1], h[3] = st.gate.next_refresh, st.gate.interval, st.basis is not None
+                # [3]: 0 no basis, 1 a new basis, 2 the basis kept (a refresh skipped on a non-finite gradient)
+                h[0], h[1] = st.gate.next_refresh, st.gate.interval
+                h[3] = 0 if st.basis is None else (2 if st.refresh_skipped else 1)
                 if kind == "random" and st.basis is not None:
                     h[2] = st.basis.step
             headers[n] = h
@@ -635,7 +637,7 @@ class RowShardedQGaLoreOptimizer(QGaLoreBase, torch.optim.Optimizer):
             st.gate.next_refresh, st.gate.interval = int(h[0]), int(h[1])
             if not int(h[3]):
                 continue
-            old = st.basis_float() if carry and st.basis is not None else None
+            old = st.basis_float() if carry and st.basis is not None and int(h[3]) == 1 else None
             self.rule.basis_from_tensors(st, payload.get(n, []), int(h[2]), self._shard[n].local_tensor().device)
             if old is not None:
                 self.rule.carry_moments(st, old, st.basis_float())
@@ -750,8 +752,7 @@ class RowShardedQGaLoreOptimizer(QGaLoreBase, torch.optim.Optimizer):
         if local.dim() == 0:
             return None
         if key.endswith(".data"):  # fp32 moments: the parameter's own shape, cut along dim 0
-            inner = max(1, local[0].numel()) if local.shape[0] else 1
-            return off // inner, 0
+            return off // (math.prod(local.shape[1:]) or 1), 0
         if local.dim() == 1:  # 8-bit moments of a 1-D parameter: one row [1, n], cut along it
             return off, 1
         cols = int(local.shape[-1])

@@ -621,6 +621,51 @@ def test_world_size_1_reproduces_single_device():
     assert opt.svd_count == ref.svd_count
 
 
+@pytest.mark.parametrize("bad_step", [0, 2])
+def test_row_sharded_non_finite_refresh_is_a_step_never_taken(bad_step):
+    """The row-sharded placement (its projector sync included: INT4 bases, moments rotated on refresh) meets every
+    gradient NaN at the first / a later refresh: the step is skipped and the run then equals one that never saw
+    that batch, bit for bit (a zero placeholder basis of the wrong kind used to break the sync)."""
+    def run(batches, poison):
+        torch.manual_seed(0)
+        model = make_model()
+        cfg = W.cfg(moments_on_refresh="rotate", update_proj_gap=2)
+        pms = collect_projected(model, cfg)
+        shards = [RowShard(pm.name, pm.shape, [pm.shape[0]], pm.module.int8_weight) for pm in pms]
+        dense = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = RowShardedQGaLoreOptimizer(shards, cfg, Collectives(), dense=dense, dense_state_bits=8,
+                                         grad_clip=W.CLIP, stagger_refresh=True)
+        skipped = []
+        for i, x in enumerate(batches):
+            loss = loss_fn(model, x)
+            (loss * float("nan") if i == poison else loss).backward()
+            opt.step(grads={pm.name: pm.module.weight_grad for pm in pms})
+            skipped.append(opt.last_step.skipped)
+            for pm in pms:
+                pm.module.weight_grad = None
+            opt.zero_grad()
+        return model, skipped
+
+    xs = global_batches(1, 4, 5)
+    model, skipped = run([*xs[:bad_step], xs[0], *xs[bad_step:]], bad_step)
+    clean, _ = run(xs, None)
+    assert skipped == [i == bad_step for i in range(len(xs) + 1)]
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), clean.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+
+
+def test_dense_state_piece_of_an_empty_shard_starts_at_its_row():
+    """An fsdp rank holding no rows of a [2, 5] parameter (its shard starts at element 10): its fp32 moments are
+    rows [2, 2) of the whole, its 8-bit ones rows [2, 2) of the [rows, cols] layout."""
+    from qgalore_dist.parallel.row_sharded import RowShardedQGaLoreOptimizer as Opt
+
+    empty = torch.nn.Parameter(torch.zeros(0, 5, dtype=torch.float64))
+    opt = Opt([], W.cfg(), Collectives(), dense=[("w", empty)], dense_shapes={"w": (2, 5)},
+              dense_offsets={"w": 10})
+    assert opt._dense_piece("w", "exp_avg.data") == (2, 0)
+    assert opt._dense_piece("w", "exp_avg.codes") == (2, 0)
+
+
 def test_chunk_rows_matches_torch_chunk():
     for m in range(0, 12):
         for n in range(1, 5):

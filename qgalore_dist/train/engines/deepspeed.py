@@ -710,9 +710,10 @@ class DeepSpeedEngine(DistributedEngine):
         with self._guard("optimizer step"):
             self.sidecar.begin_step()
             self.ds.step()
-            if skipping and self.client.calls == calls:
-                # ZeRO-1/2 saw the non-finite gradients itself (its overflow check, agreed over ranks) and skipped
-                # its optimizer: the side-car's norm is non-finite all the same, on every rank
+            if self.client.calls == calls and (skipping or getattr(self.ds.optimizer, "overflow", False)):
+                # ZeRO-1/2 saw non-finite gradients itself (its overflow check — DeepSpeed 0.19 runs it for every
+                # dtype but bf16 — agreed over ranks) and skipped the client optimizer: the side-car's norm is
+                # non-finite all the same, on every rank
                 _, self._coef = self.sidecar.shared_norm(float("nan"))
                 self.client.last_step = StepResult(float("nan"), 1.0, skipped=True)
             elif self.client.calls != calls + 1:
