@@ -133,24 +133,31 @@ def pretrained_dir(model: str) -> Path:
     return d
 
 
-def launch(name: str, engine: str, world: int, model: str, rank: int, step: bool) -> list[dict]:
-    spec = {"name": name, "engine": engine, "model": model, "rank": rank, "out": str(OUT), "step": step,
-            "ds_config": _ds_config(OUT / f"{name}.ds.json", rank)}
+def launch_ranks(script: Path, out: Path, name: str, spec: dict, world: int, torchrun: bool = True) -> list[dict]:
+    """Run ``script --worker SPEC`` as ``world`` ranks under torchrun (or one plain process) and return the
+    ``{out}/{name}_r<R>.json`` records its ranks write."""
     # the same allocator settings for every configuration: a fixed mmap threshold, so a freed transient (a
     # matrix's fp32 rows, a gathered gradient) goes back to the kernel instead of staying in glibc's heap and
     # counting as resident (the default threshold grows after the first large free, up to 32 MB)
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MALLOC_MMAP_THRESHOLD_="65536",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(_free_port()), str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    for f in OUT.glob(f"{name}_r*.json"):
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+            str(_free_port())] if torchrun else [sys.executable]
+    cmd = [*head, str(script), "--worker", json.dumps(spec)]
+    for f in out.glob(f"{name}_r*.json"):
         f.unlink()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=OUT)
-    recs = [json.loads(f.read_text()) for f in sorted(OUT.glob(f"{name}_r*.json"))]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out)
+    recs = [json.loads(f.read_text()) for f in sorted(out.glob(f"{name}_r*.json"))]
     if p.returncode != 0 or len(recs) != world:
         raise RuntimeError(f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return recs
+
+
+def launch(name: str, engine: str, world: int, model: str, rank: int, step: bool) -> list[dict]:
+    spec = {"name": name, "engine": engine, "model": model, "rank": rank, "out": str(OUT), "step": step,
+            "ds_config": _ds_config(OUT / f"{name}.ds.json", rank)}
+    return launch_ranks(Path(__file__).resolve(), OUT, name, spec, world)
 
 
 def formula_bytes(model: str, world: int, rank: int, engine: str) -> dict[str, int]:
